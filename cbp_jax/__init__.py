@@ -1,1 +1,38 @@
-"""cbp_jax: Continual Backpropagation and plasticity tools for JAX, Optax and Flax."""
+"""cbp_jax: Continual Backpropagation and plasticity tools for JAX, Optax and Flax.
+
+The data path of one training step:
+  params -> activations (`activations`) -> utility (`utility`)
+  -> reset (`reset`) -> updates (`transform.cbp`).
+"""
+
+from cbp_jax import initializers
+from cbp_jax import models
+from cbp_jax.activations import apply_with_activations
+from cbp_jax.activations import collect_activations
+from cbp_jax.activations import sow_activation
+from cbp_jax.graph import Consumer
+from cbp_jax.graph import graph_from_params
+from cbp_jax.graph import Layer
+from cbp_jax.graph import LayerGraph
+from cbp_jax.transform import cbp
+from cbp_jax.transform import CbpState
+from cbp_jax.transform import reset_batch_stats
+from cbp_jax.transform import unit_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_with_activations",
+    "cbp",
+    "CbpState",
+    "collect_activations",
+    "Consumer",
+    "graph_from_params",
+    "initializers",
+    "Layer",
+    "LayerGraph",
+    "models",
+    "reset_batch_stats",
+    "sow_activation",
+    "unit_stats",
+]

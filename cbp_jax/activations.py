@@ -1,0 +1,84 @@
+"""Getting each hidden layer's post-activation output out of a model.
+
+`cbp` needs ``activations = {layer_name: h}``. A model records ``h`` by
+sowing it on the *producing* module (the Dense/Conv whose kernel makes the
+units), so the record's path is the layer's default name in the graph:
+
+* linen: ``cbp_jax.sow_activation(dense, h)`` inside ``__call__`` (where
+  ``dense`` is the bound submodule), then `apply_with_activations`, or
+  ``model.apply(variables, x, mutable=["activations"])`` and
+  `collect_activations` on the returned collection;
+* nnx: ``cbp_jax.sow_activation(self.linear, h)``, then
+  ``collect_activations(nnx.pop(model, nnx.Intermediate))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import linen as nn
+from flax import nnx
+
+from cbp_jax import tree_paths
+
+COLLECTION = "activations"
+RECORD = "post_activation"
+
+
+def sow_activation(module: nn.Module | nnx.Module, h: jax.Array) -> jax.Array:
+  """Records ``h`` as the output of the units that ``module`` produces.
+
+  Args:
+    module: the producing linen (bound) or nnx module.
+    h: its post-activation output, units on the last axis.
+
+  Returns:
+    ``h``, so the call can sit inline.
+  """
+  if isinstance(module, nn.Module):
+    module.sow(COLLECTION, RECORD, h)
+  elif isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, RECORD, h)
+  else:
+    raise ValueError(
+        f"sow_activation needs a flax linen or nnx module, got {type(module).__name__}")
+  return h
+
+
+def collect_activations(records: Any) -> dict[str, jax.Array]:
+  """Turns sown records into ``{layer_name: h}``.
+
+  Args:
+    records: the ``"activations"`` collection of a linen apply, or the state
+      popped from an nnx model with ``nnx.pop(model, nnx.Intermediate)``.
+
+  Returns:
+    A dict from the producing module's path (e.g. ``"Dense_0"``,
+    ``"layers/0"``) to the most recent recorded output.
+  """
+  found: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(records)[0]:
+    keys = [tree_paths.key_to_str(k) for k in path]
+    if RECORD in keys:
+      # Later sows append to a tuple; flatten order keeps the newest last.
+      found["/".join(keys[:keys.index(RECORD)])] = leaf
+  return found
+
+
+def apply_with_activations(
+    model: nn.Module, params: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, dict[str, jax.Array]]:
+  """Runs a linen model and returns ``(output, activations)``.
+
+  Args:
+    model: a linen module that calls `sow_activation`.
+    params: its ``params`` collection.
+    *args: inputs of ``model.apply``.
+    **kwargs: keyword inputs of ``model.apply``.
+
+  Returns:
+    The model's output and ``{layer_name: h}``.
+  """
+  out, state = model.apply({"params": params}, *args, mutable=[COLLECTION], **kwargs)
+  return out, collect_activations(state.get(COLLECTION, {}))

@@ -1,0 +1,247 @@
+"""The one reset kernel: reinitialise selected units by editing *updates*.
+
+Shared by CBP (units chosen by low utility) and ReDo (units chosen by a
+dormancy score). A selection names at most ``K`` units per layer, ``K``
+static; empty slots hold the index ``width`` (out of range), and every
+scatter uses ``mode="drop"``, so no shape depends on how many units are
+replaced.
+
+The kernel edits the optimizer's *updates* rather than the parameters, so
+that ``optax.apply_updates(params, updates)`` lands on the reset values while
+every untouched entry keeps exactly the update it had (bitwise the same
+result as without the reset). Per replaced unit ``i`` of a layer (SPEC 7):
+
+1. each consumer's bias absorbs ``sum w_out[.., i, :] * f_hat_i`` (optional);
+2. outgoing weights become 0 (``update = -param``, exact in floating point);
+3. incoming weights are redrawn from the initial distribution, the bias and a
+   norm's offset become 0 and a norm's scale 1.
+
+Steps run in that order for all layers, so where a kernel both reads layer
+``l`` and produces layer ``l + 1`` a redrawn column wins, as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cbp_jax import initializers
+from cbp_jax.graph import ResolvedLayer
+from cbp_jax.utility import unit_axis_view
+
+
+class Selection(NamedTuple):
+  """Units of one layer to replace: ``indices`` of static length ``K``.
+
+  Slots holding ``width`` (out of range) are empty.
+  """
+  indices: jax.Array
+
+  def mask(self, width: int) -> jax.Array:
+    """Boolean ``(width,)`` mask of the selected units."""
+    return jnp.zeros((width,), bool).at[self.indices].set(True, mode="drop")
+
+  def count(self, width: int) -> jax.Array:
+    return jnp.sum(self.indices < width).astype(jnp.int32)
+
+
+def select_lowest(
+    scores: jax.Array, eligible: jax.Array, count: jax.Array, max_count: int
+) -> Selection:
+  """Selects the ``count`` eligible units of lowest score (at most ``max_count``).
+
+  Non-finite scores are never selected. Ties go to the lower index.
+
+  Args:
+    scores: ``(n,)`` per-unit scores.
+    eligible: ``(n,)`` bool, units that may be selected.
+    count: how many to select (traced int); fewer if fewer are eligible.
+    max_count: static bound ``K`` on ``count``.
+
+  Returns:
+    The `Selection`.
+  """
+  width = scores.shape[0]
+  candidate = eligible & jnp.isfinite(scores)
+  keyed = jnp.where(candidate, -scores.astype(jnp.float32), -jnp.inf)
+  _, idx = jax.lax.top_k(keyed, max_count)
+  slot = jnp.arange(max_count)
+  valid = (slot < count) & candidate[idx]
+  return Selection(jnp.where(valid, idx, width).astype(jnp.int32))
+
+
+def _set_along(x: jax.Array, axis: int, idx: jax.Array, values: jax.Array) -> jax.Array:
+  axis %= x.ndim
+  return x.at[(slice(None),) * axis + (idx,)].set(values.astype(x.dtype), mode="drop")
+
+
+def _take_along(x: jax.Array, axis: int, idx: jax.Array) -> jax.Array:
+  # Empty slots are clipped here and dropped by the matching `_set_along`.
+  return jnp.take(x, idx, axis=axis, mode="clip")
+
+
+def consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
+  """Inputs (axis -2 entries) of a consumer that read the selected units."""
+  i = selection.indices[None, :]
+  p = jnp.arange(positions)[:, None]
+  j = p * width + i if layout == "channels_last" else i * positions + p
+  return jnp.where(i < width, j, width * positions).reshape(-1)
+
+
+def touched_slices(
+    layers: Sequence[ResolvedLayer], selections: dict[str, Selection]
+) -> dict[int, list[tuple[int, jax.Array]]]:
+  """Per parameter leaf, the ``(axis, indices)`` slices the reset rewrites.
+
+  These are the entries whose optimizer statistics must restart too: the
+  incoming kernel columns, bias, norm parameters and outgoing kernel rows.
+  Consumer biases are only shifted, so their statistics stay.
+  """
+  touched: dict[int, list[tuple[int, jax.Array]]] = {}
+  for layer in layers:
+    sel = selections[layer.layer.name]
+    for leaf in (layer.kernel, layer.bias, layer.norm_scale, layer.norm_offset):
+      if leaf is not None:
+        touched.setdefault(leaf, []).append((-1, sel.indices))
+    for c in layer.consumers:
+      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      touched.setdefault(c.kernel, []).append((-2, rows))
+  return touched
+
+
+def reset_units(
+    updates: Any,
+    params: Any,
+    layers: Sequence[ResolvedLayer],
+    selections: dict[str, Selection],
+    key: jax.Array,
+    *,
+    init: str,
+    mean_activation: dict[str, jax.Array] | None = None,
+) -> Any:
+  """Rewrites ``updates`` so that applying them resets the selected units.
+
+  Args:
+    updates: the optimizer's updates (same structure as ``params``).
+    params: parameters before the step.
+    layers: the resolved layer graph (`cbp_jax.graph.resolve`).
+    selections: per layer name, the units to replace.
+    key: PRNG key for the new incoming weights.
+    init: initial distribution (`cbp_jax.initializers.INITS`).
+    mean_activation: per layer, bias-corrected mean activation ``f_hat``; when
+      given, consumers' biases absorb the replaced units' mean contribution
+      (computed with the post-step outgoing weights).
+
+  Returns:
+    The new updates.
+  """
+  p = jax.tree.leaves(params)
+  u_leaves, treedef = jax.tree.flatten(updates)
+  if len(u_leaves) != len(p):
+    raise ValueError(
+        f"updates have {len(u_leaves)} leaves but params have {len(p)}; they "
+        "must share one structure")
+  u = list(u_leaves)
+
+  def post(i):
+    return p[i] + u_leaves[i]  # Post-step value, from the untouched updates.
+
+  if mean_activation is not None:
+    for layer in layers:
+      sel = selections[layer.layer.name]
+      f_hat = jnp.take(mean_activation[layer.layer.name], sel.indices, mode="fill", fill_value=0.0)
+      for c in layer.consumers:
+        if c.bias is None:
+          continue
+        view = unit_axis_view(post(c.kernel), layer.width, c.layout)  # (rest, n, out)
+        w = jnp.take(view, sel.indices, axis=1, mode="fill", fill_value=0).astype(jnp.float32)
+        delta = jnp.einsum("rko,k->o", w, f_hat)
+        u[c.bias] = u[c.bias] + delta.astype(u[c.bias].dtype)
+
+  for layer in layers:
+    sel = selections[layer.layer.name]
+    for c in layer.consumers:
+      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      u[c.kernel] = _set_along(u[c.kernel], -2, rows, -_take_along(p[c.kernel], -2, rows))
+
+  for n, layer in enumerate(layers):
+    sel = selections[layer.layer.name]
+    idx = sel.indices
+    k = p[layer.kernel]
+    b = initializers.bound(init, layer.fan_in, layer.fan_out, layer.layer.activation)
+    fresh = jax.random.uniform(
+        jax.random.fold_in(key, n), k.shape[:-1] + idx.shape, jnp.float32, -b, b)
+    u[layer.kernel] = _set_along(
+        u[layer.kernel], -1, idx, fresh.astype(k.dtype) - _take_along(k, -1, idx))
+    for leaf, target in ((layer.bias, 0.0), (layer.norm_offset, 0.0), (layer.norm_scale, 1.0)):
+      if leaf is not None:
+        u[leaf] = _set_along(u[leaf], -1, idx, target - _take_along(p[leaf], -1, idx))
+  return jax.tree.unflatten(treedef, u)
+
+
+def state_param_leaves(inner: optax.GradientTransformation, state: Any, params: Any) -> dict[int, int]:
+  """Maps leaves of ``inner``'s state that mirror parameters to param leaves.
+
+  Uses `optax.tree_utils.tree_map_params`, so it works for any optimizer whose
+  state holds parameter-shaped trees (moments, traces, accumulators).
+
+  Returns:
+    ``{state_leaf_position: param_leaf_position}``.
+  """
+  state_leaves, state_def = jax.tree.flatten(state)
+  param_def = jax.tree.structure(params)
+  positions = jax.tree.unflatten(state_def, range(len(state_leaves)))
+  param_ids = jax.tree.unflatten(param_def, range(param_def.num_leaves))
+  mapping: dict[int, int] = {}
+
+  def record(state_pos, param_id):
+    mapping[state_pos] = param_id
+    return state_pos
+
+  try:
+    optax.tree_utils.tree_map_params(inner, record, positions, param_ids)
+  except Exception as e:  # Any failure means we cannot locate its statistics.
+    raise ValueError(
+        "cbp(optimizer=...) cannot locate the per-parameter statistics of this "
+        f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
+  return mapping
+
+
+def reset_optimizer_state(
+    inner: optax.GradientTransformation,
+    state: Any,
+    new_params: Any,
+    touched: dict[int, list[tuple[int, jax.Array]]],
+) -> Any:
+  """Restarts the statistics of the touched entries in ``inner``'s state.
+
+  Each touched entry gets the value a freshly initialised optimizer holds
+  for the new parameters (zeros for moments; whatever ``init`` gives
+  otherwise, e.g. schedule-free's ``z``). State leaves whose shape differs
+  from their parameter's (factored statistics) are left as they are.
+
+  Args:
+    inner: the wrapped optimizer.
+    state: its state.
+    new_params: parameters after the reset.
+    touched: `touched_slices` of the reset.
+
+  Returns:
+    The new state.
+  """
+  mapping = state_param_leaves(inner, state, new_params)
+  leaves, treedef = jax.tree.flatten(state)
+  fresh = jax.tree.leaves(inner.init(new_params))
+  params = jax.tree.leaves(new_params)
+  out = list(leaves)
+  for pos, pid in mapping.items():
+    if pid not in touched or getattr(leaves[pos], "shape", None) != params[pid].shape:
+      continue
+    s = leaves[pos]
+    for axis, idx in touched[pid]:
+      s = _set_along(s, axis, idx, _take_along(fresh[pos], axis, idx))
+    out[pos] = s
+  return jax.tree.unflatten(treedef, out)

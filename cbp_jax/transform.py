@@ -1,0 +1,387 @@
+"""`cbp()`: Continual Backpropagation as an Optax gradient transformation.
+
+One step, as data flows (SPEC "Per step"):
+  updates (from the optimizer) + params -> post-step weights
+  activations -> per-unit statistics and utility        (`utility.py`)
+  utility, age -> how many and which units to replace    (this module)
+  selection -> rewritten updates (+ optimizer statistics) (`reset.py`)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from cbp_jax import graph as graph_lib
+from cbp_jax import initializers
+from cbp_jax import reset as reset_lib
+from cbp_jax import tree_paths
+from cbp_jax import utility as utility_lib
+
+COUNT_BASES = ("eligible", "layer")
+
+
+class CbpState(NamedTuple):
+  """State of `cbp`: O(units) beyond the wrapped optimizer's own state.
+
+  Attributes:
+    statistics: per layer, running utility, mean activation and age.
+    pending: per layer, accumulated fraction of a replacement still owed.
+    replaced_total: per layer, units replaced so far (int32).
+    last_replaced: per layer, boolean mask of the units replaced at the last
+      step (e.g. for `reset_batch_stats`).
+    nonfinite: unit-steps whose statistics were not finite and were skipped.
+    decay_rate: the decay rate, kept for bias correction in `unit_stats`.
+    key: PRNG key for reinitialisation and probabilistic counts.
+    inner_state: the wrapped optimizer's state (``optimizer=`` form), else
+      ``optax.EmptyState()``.
+  """
+  statistics: dict[str, utility_lib.UnitStatistics]
+  pending: dict[str, jax.Array]
+  replaced_total: dict[str, jax.Array]
+  last_replaced: dict[str, jax.Array]
+  nonfinite: jax.Array
+  decay_rate: jax.Array
+  key: jax.Array
+  inner_state: optax.OptState
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
+  if not _is_concrete(value):
+    return  # Traced (e.g. a vmapped sweep): cannot be checked here.
+  v = jnp.asarray(value)
+  if v.ndim != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
+  v = float(v)
+  ok = low <= v < high if high_open else low <= v <= high
+  if not ok or math.isnan(v):
+    bracket = ")" if high_open else "]"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _as_key(key: Any) -> jax.Array:
+  if isinstance(key, int):
+    return jax.random.key(key)
+  return key
+
+
+def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
+  """Static bound on replacements per step and layer (the ``top_k`` size).
+
+  With a concrete rate, ``floor(pending + rate * n)`` with ``pending < 1`` is
+  at most ``ceil(rate * n)``; the +1 only adds slack.
+  """
+  if user_bound is not None:
+    return min(width, user_bound)
+  if _is_concrete(rate):
+    return min(width, max(1, math.ceil(float(rate) * width) + 1))
+  return width
+
+
+def cbp(
+    graph: graph_lib.LayerGraph,
+    *,
+    key: jax.Array | int,
+    replacement_rate: float | jax.Array = 1e-4,
+    maturity_threshold: int | jax.Array = 100,
+    decay_rate: float | jax.Array = 0.99,
+    utility: str = "contribution",
+    init: str = "kaiming",
+    accumulate: bool = True,
+    count_basis: str = "eligible",
+    next_bias_correction: bool = True,
+    optimizer: optax.GradientTransformation | None = None,
+    max_replacements_per_step: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Continual Backpropagation (Dohare et al., Nature 2024).
+
+  Tracks a running utility per hidden unit and, every step, reinitialises a
+  small fraction of mature, low-utility units: incoming weights redrawn from
+  the initial distribution, outgoing weights zeroed (the network's function
+  does not jump), consumers' biases absorbing the unit's mean contribution.
+
+  Two forms:
+
+  * last in a chain, ``optax.chain(optax.sgd(lr), cbp(graph, ...))``: the
+    reset acts on the chain's updates. Earlier transforms' statistics (e.g.
+    Adam's moments) of replaced units are *not* reset; use the second form
+    for stateful optimizers.
+  * wrapping, ``cbp(graph, ..., optimizer=optax.adam(lr))``: additionally
+    restarts the wrapped optimizer's per-parameter statistics of every
+    replaced parameter entry, for any optax optimizer (found with
+    `optax.tree_utils.tree_map_params`; reset to what a fresh ``init`` gives).
+
+  ``update`` needs ``params`` and the keyword extra argument ``activations``:
+  a dict mapping each layer name to its post-activation output, units on the
+  last axis (see `cbp_jax.collect_activations`). Statistics and the reset use
+  the weights *after* this step's update, as in the reference.
+
+  Args:
+    graph: the hidden layers (`cbp_jax.graph_from_params` or `LayerGraph`).
+    key: PRNG key (or int seed) for new weights and probabilistic counts.
+    replacement_rate: fraction of units replaced per step, in [0, 1]. May be
+      a traced value (vmapped sweeps); then set ``max_replacements_per_step``
+      or the static bound becomes the layer width.
+    maturity_threshold: a unit is eligible once ``age > maturity_threshold``.
+    decay_rate: decay of the running averages, in [0, 1).
+    utility: one of ``"contribution"``, ``"adaptable_contribution"``,
+      ``"zero_contribution"``, ``"adaptation"``, ``"weight"``,
+      ``"feature_by_input"``, ``"random"``.
+    init: distribution of new incoming weights: ``"kaiming"``, ``"default"``,
+      ``"xavier"`` or ``"lecun"`` (uniform; see `cbp_jax.initializers`).
+    accumulate: True accumulates fractional replacements and replaces
+      ``floor`` of the total (exact long-run counts); False replaces one unit
+      with probability ``rate * base`` when that is below 1.
+    count_basis: ``"eligible"``: ``rate * n_eligible`` per step (the MLP
+      reference); ``"layer"``: ``rate * n`` once any unit is eligible (the
+      conv references).
+    next_bias_correction: consumers' biases absorb ``w_out * f_hat`` of
+      replaced units, as the paper intends (default). False reproduces the
+      reference code, where this correction is a no-op.
+    optimizer: optional optimizer to wrap (second form above).
+    max_replacements_per_step: static bound on replacements per layer and
+      step; the default derives it from a concrete rate. Replacements beyond
+      it carry over to later steps in accumulate mode.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `CbpState`.
+
+  Example:
+    >>> model = cbp_jax.models.MLP(hidden=(16, 16), outputs=1)
+    >>> x = jnp.ones((4, 8))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tx = cbp_jax.cbp(cbp_jax.graph_from_params(params), key=1,
+    ...                  optimizer=optax.adam(1e-3), maturity_threshold=10)
+    >>> state = tx.init(params)
+    >>> def loss(p):
+    ...   y, acts = cbp_jax.apply_with_activations(model, p, x)
+    ...   return jnp.mean(y ** 2), acts
+    >>> (l, acts), g = jax.value_and_grad(loss, has_aux=True)(params)
+    >>> updates, state = tx.update(g, state, params, activations=acts)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  if not isinstance(graph, graph_lib.LayerGraph):
+    raise ValueError(
+        f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
+  _check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
+  _check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
+  if _is_concrete(maturity_threshold) and float(maturity_threshold) < 0:
+    raise ValueError(f"maturity_threshold must be >= 0, got {maturity_threshold}")
+  if utility not in utility_lib.UTILITIES:
+    raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
+  if init not in initializers.INITS:
+    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  if count_basis not in COUNT_BASES:
+    raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
+  if max_replacements_per_step is not None and (
+      not isinstance(max_replacements_per_step, int) or max_replacements_per_step < 1):
+    raise ValueError(
+        "max_replacements_per_step must be a positive int, got "
+        f"{max_replacements_per_step!r}")
+  key = _as_key(key)
+  inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
+
+  def init_fn(params):
+    layers, _, _ = graph_lib.resolve(graph, params)
+    if inner is not None:
+      inner_state = inner.init(params)
+      reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
+    else:
+      inner_state = optax.EmptyState()
+    names = [layer.layer.name for layer in layers]
+    return CbpState(
+        statistics={l.layer.name: utility_lib.init_statistics(l.width) for l in layers},
+        pending={n: jnp.zeros((), jnp.float32) for n in names},
+        replaced_total={n: jnp.zeros((), jnp.int32) for n in names},
+        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
+        nonfinite=jnp.zeros((), jnp.int32),
+        decay_rate=jnp.asarray(decay_rate, jnp.float32),
+        key=key,
+        inner_state=inner_state)
+
+  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+    if params is None:
+      raise ValueError("cbp: update needs params (tx.update(grads, state, params, activations=...))")
+    layers, p, _ = graph_lib.resolve(graph, params)
+    _check_activations(layers, activations)
+    if inner is not None:
+      updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    else:
+      inner_state = state.inner_state
+    u = jax.tree.leaves(updates)
+    chex.assert_equal(len(u), len(p))
+
+    key, reinit_key, *layer_keys = jax.random.split(state.key, 2 + len(layers))
+    statistics, pending, selections, f_hats = {}, {}, {}, {}
+    nonfinite = state.nonfinite
+    for layer, layer_key in zip(layers, layer_keys):
+      name = layer.layer.name
+      post_kernel = p[layer.kernel] + u[layer.kernel]
+      out_mag = utility_lib.outgoing_magnitude(
+          [(p[c.kernel] + u[c.kernel], c.layout) for c in layer.consumers], layer.width)
+      in_mag = utility_lib.incoming_magnitude(post_kernel)
+      util_key, count_key = jax.random.split(layer_key)
+      stats, corrected, f_hat, bad = utility_lib.update_statistics(
+          state.statistics[name], activations[name], out_mag, in_mag,
+          decay=decay_rate, utility=utility, key=util_key)
+      nonfinite = nonfinite + bad
+      eligible = stats.age > maturity_threshold
+      count, pending[name] = _replacement_count(
+          eligible, state.pending[name], count_key, layer.width)
+      bound = _max_per_step(replacement_rate, layer.width, max_replacements_per_step)
+      selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
+      statistics[name], f_hats[name] = stats, f_hat
+
+    def reset(operands):
+      updates, inner_state = operands
+      new_updates = reset_lib.reset_units(
+          updates, params, layers, selections, reinit_key, init=init,
+          mean_activation=f_hats if next_bias_correction else None)
+      if inner is not None:
+        new_params = optax.apply_updates(params, new_updates)
+        touched = reset_lib.touched_slices(layers, selections)
+        inner_state = reset_lib.reset_optimizer_state(inner, inner_state, new_params, touched)
+      return new_updates, inner_state
+
+    any_replaced = jnp.any(jnp.stack([s.count(l.width) > 0 for s, l in
+                                      zip(selections.values(), layers)]))
+    # Most steps replace nothing: skip the O(params) rewrite on those.
+    updates, inner_state = jax.lax.cond(
+        any_replaced, reset, lambda operands: operands, (updates, inner_state))
+
+    replaced_total, last_replaced = {}, {}
+    for layer in layers:
+      name = layer.layer.name
+      mask = selections[name].mask(layer.width)
+      s = statistics[name]
+      statistics[name] = utility_lib.UnitStatistics(
+          utility=jnp.where(mask, 0.0, s.utility),
+          mean_activation=jnp.where(mask, 0.0, s.mean_activation),
+          age=jnp.where(mask, 0, s.age))
+      replaced_total[name] = state.replaced_total[name] + jnp.sum(mask, dtype=jnp.int32)
+      last_replaced[name] = mask
+    new_state = CbpState(
+        statistics=statistics, pending=pending, replaced_total=replaced_total,
+        last_replaced=last_replaced, nonfinite=nonfinite,
+        decay_rate=state.decay_rate, key=key, inner_state=inner_state)
+    return updates, new_state
+
+  def _replacement_count(eligible, pending, key, width):
+    """Units owed this step (SPEC 6) and the new pending fraction."""
+    n_eligible = jnp.sum(eligible).astype(jnp.float32)
+    if count_basis == "eligible":
+      base = n_eligible
+    else:
+      base = jnp.where(n_eligible > 0, float(width), 0.0)
+    amount = jnp.asarray(replacement_rate, jnp.float32) * base
+    bound = _max_per_step(replacement_rate, width, max_replacements_per_step)
+    if accumulate:
+      total = pending + amount
+      due = jnp.floor(total)
+      # Units owed beyond the eligible ones are forgiven (as the reference's
+      # top_k would fail); only the static-bound overflow carries over.
+      owed = jnp.minimum(due, n_eligible)
+      count = jnp.minimum(owed, bound)
+      return count.astype(jnp.int32), total - count - (due - owed)
+    lucky = jax.random.uniform(key) < amount
+    count = jnp.where(amount < 1.0, lucky.astype(jnp.float32), jnp.floor(amount))
+    count = jnp.minimum(jnp.minimum(count, n_eligible), bound)
+    return count.astype(jnp.int32), pending
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_activations(layers, activations) -> None:
+  if activations is None:
+    raise ValueError(
+        "cbp: update needs the keyword argument activations={layer: h}; "
+        f"layers: {[l.layer.name for l in layers]}")
+  if not isinstance(activations, Mapping):
+    raise ValueError(f"cbp: activations must be a dict, got {type(activations).__name__}")
+  for layer in layers:
+    name = layer.layer.name
+    if name not in activations:
+      raise ValueError(
+          f"cbp: activations has no entry for layer '{name}' "
+          f"(got {sorted(activations)})")
+    h = activations[name]
+    shape = getattr(h, "shape", None)
+    if shape is None or len(shape) == 0 or shape[-1] != layer.width:
+      raise ValueError(
+          f"cbp: activation of layer '{name}' must have the layer's "
+          f"{layer.width} units on its last axis, got shape {shape}")
+    if not jnp.issubdtype(h.dtype, jnp.floating):
+      raise ValueError(
+          f"cbp: activation of layer '{name}' must be floating point, got {h.dtype}")
+
+
+def find_cbp_state(opt_state: Any) -> CbpState:
+  """Returns the `CbpState` inside ``opt_state`` (a chain, MultiSteps, ...)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CbpState))
+           if isinstance(s, CbpState)]
+  if not found:
+    raise ValueError("no cbp state found in this optimizer state")
+  return found[0]
+
+
+def unit_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
+  """Per-layer unit statistics, found wherever the cbp state sits.
+
+  Args:
+    opt_state: any optimizer state containing a `CbpState`.
+
+  Returns:
+    ``{layer: {"utility", "age", "mean_activation", "replaced"}}``: the
+    bias-corrected utilities and mean activations, ages, and the number of
+    units replaced so far.
+  """
+  state = find_cbp_state(opt_state)
+  out = {}
+  for name, s in state.statistics.items():
+    out[name] = {
+        "utility": utility_lib.debias(s.utility, state.decay_rate, s.age),
+        "age": s.age,
+        "mean_activation": utility_lib.debias(s.mean_activation, state.decay_rate, s.age),
+        "replaced": state.replaced_total[name],
+    }
+  return out
+
+
+def reset_batch_stats(batch_stats: Any, graph: graph_lib.LayerGraph, opt_state: Any) -> Any:
+  """Resets BatchNorm running statistics of the units replaced last step.
+
+  Running statistics live outside the params the optimizer sees, so a
+  training step that uses BatchNorm calls this after ``tx.update``.
+
+  Args:
+    batch_stats: the ``batch_stats`` collection (linen) or `nnx.BatchStat`
+      state, holding ``{norm}/mean`` and ``{norm}/var`` for each layer's norm.
+    graph: the layer graph passed to `cbp`.
+    opt_state: the optimizer state after the update.
+
+  Returns:
+    ``batch_stats`` with mean 0 and variance 1 for replaced units.
+  """
+  state = find_cbp_state(opt_state)
+  index, leaves, treedef = tree_paths.flatten_by_path(batch_stats)
+  leaves = list(leaves)
+  for layer in graph:
+    if layer.norm is None:
+      continue
+    mask = state.last_replaced[layer.name]
+    for stat, value in (("mean", 0.0), ("var", 1.0)):
+      path = f"{layer.norm}/{stat}"
+      if path in index:
+        i = index[path]
+        leaves[i] = jnp.where(mask, jnp.asarray(value, leaves[i].dtype), leaves[i])
+  return jax.tree.unflatten(treedef, leaves)

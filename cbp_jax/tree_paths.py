@@ -1,0 +1,53 @@
+"""Name the leaves of any parameter pytree by "/"-joined paths.
+
+Linen params are nested dicts, nnx params are `nnx.State` objects and users may
+bring their own containers. The layer graph names parameters by paths such as
+``"Dense_0/kernel"`` or ``"layers/0/kernel"``, and this module resolves those
+names against whatever pytree the optimizer receives, without assuming a type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+
+def key_to_str(key: Any) -> str:
+  """Returns the readable name of one pytree key entry."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """Joins a jax key path into ``"a/b/c"``."""
+  return "/".join(key_to_str(k) for k in path)
+
+
+def flatten_by_path(tree: Any) -> tuple[dict[str, int], list[Any], Any]:
+  """Flattens ``tree`` and indexes its leaves by path.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    ``(index, leaves, treedef)`` where ``index[path]`` is the position of the
+    leaf named ``path`` in ``leaves``; ``jax.tree.unflatten(treedef, leaves)``
+    rebuilds the tree.
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  index = {path_to_str(p): i for i, (p, _) in enumerate(with_path)}
+  return index, [leaf for _, leaf in with_path], treedef
+
+
+def lookup(index: dict[str, int], path: str, what: str) -> int:
+  """Returns ``index[path]`` or raises a ValueError naming the missing path."""
+  if path not in index:
+    known = ", ".join(sorted(index)[:12])
+    more = " ..." if len(index) > 12 else ""
+    raise ValueError(
+        f"{what}: no parameter named '{path}' in the parameter tree "
+        f"(it has: {known}{more})")
+  return index[path]

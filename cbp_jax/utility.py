@@ -1,0 +1,151 @@
+"""Running per-unit statistics: age, mean activation and utility (SPEC 1-4).
+
+Everything here is O(units) state and elementwise/reduction work; the only
+O(params) work per step is the weight-magnitude reductions, which read each
+kernel once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+UTILITIES = (
+    "contribution",
+    "adaptable_contribution",
+    "zero_contribution",
+    "adaptation",
+    "weight",
+    "feature_by_input",
+    "random",
+)
+
+# Ages saturate here instead of overflowing int32 after 2**31 steps. Only
+# `age > maturity` and `decay ** age` read them, and both are settled long
+# before this (decay < 1 makes decay ** 2**30 exactly 0 in float32).
+AGE_CAP = 2 ** 30
+
+
+class UnitStatistics(NamedTuple):
+  """Running statistics of one layer's units (all shape ``(n,)``).
+
+  Attributes:
+    utility: running utility ``u``, not bias-corrected.
+    mean_activation: running mean activation ``f``, not bias-corrected.
+    age: steps since the unit was created or last replaced (int32).
+  """
+  utility: jax.Array
+  mean_activation: jax.Array
+  age: jax.Array
+
+
+def init_statistics(width: int) -> UnitStatistics:
+  zeros = jnp.zeros((width,), jnp.float32)
+  return UnitStatistics(zeros, zeros, jnp.zeros((width,), jnp.int32))
+
+
+def debias(running: jax.Array, decay: jax.Array, age: jax.Array) -> jax.Array:
+  """Adam-style bias correction ``running / (1 - decay**age)``; 0 at age 0."""
+  correction = 1.0 - jnp.power(jnp.asarray(decay, jnp.float32), age.astype(jnp.float32))
+  return jnp.where(age > 0, running / jnp.where(age > 0, correction, 1.0), 0.0)
+
+
+def incoming_magnitude(kernel: jax.Array) -> jax.Array:
+  """``mean |w_in[i, :]|`` per unit: all axes but the last (the units)."""
+  k = jnp.abs(kernel.astype(jnp.float32))
+  return jnp.mean(k.reshape(-1, k.shape[-1]), axis=0)
+
+
+def unit_axis_view(kernel: jax.Array, width: int, layout: str) -> jax.Array:
+  """Reshapes a consumer kernel to ``(rest, n, out)`` with units on axis 1.
+
+  The consumer's axis -2 holds ``n * P`` inputs; ``layout`` says whether unit
+  ``i`` sits at inputs ``p * n + i`` (channels_last) or ``i * P + p``.
+  """
+  *spatial, inputs, out = kernel.shape
+  positions = inputs // width
+  if layout == "channels_last":
+    k = kernel.reshape(*spatial, positions, width, out)
+    k = jnp.moveaxis(k, -2, 0)
+  else:
+    k = kernel.reshape(*spatial, width, positions, out)
+    k = jnp.moveaxis(k, -3, 0)
+  return jnp.moveaxis(k.reshape(width, -1, out), 0, 1)
+
+
+def outgoing_magnitude(kernels_and_layouts, width: int) -> jax.Array:
+  """``mean |w_out[:, i]|`` per unit, averaged over consumers (as the reference)."""
+  mags = []
+  for kernel, layout in kernels_and_layouts:
+    k = jnp.abs(unit_axis_view(kernel, width, layout).astype(jnp.float32))
+    mags.append(jnp.mean(k, axis=(0, 2)))
+  return sum(mags) / len(mags)
+
+
+def update_statistics(
+    stats: UnitStatistics,
+    h: jax.Array,
+    out_mag: jax.Array,
+    in_mag: jax.Array,
+    *,
+    decay: jax.Array,
+    utility: str,
+    key: jax.Array,
+) -> tuple[UnitStatistics, jax.Array, jax.Array, jax.Array]:
+  """Advances one layer's statistics by one batch (SPEC steps 1-4).
+
+  Units whose batch statistics are not finite (NaN/inf activations or
+  weights) keep their previous running values, so one bad batch cannot
+  poison them for ever; they are counted and their utility ranks last-chosen.
+
+  Args:
+    stats: the layer's statistics before this batch.
+    h: post-activation output, units on the last axis; every other axis
+      (batch, conv spatial) is averaged over.
+    out_mag: outgoing weight magnitude per unit.
+    in_mag: incoming weight magnitude per unit.
+    decay: decay rate ``d`` (may be traced).
+    utility: one of `UTILITIES`.
+    key: PRNG key, used by ``"random"`` only.
+
+  Returns:
+    ``(new_stats, corrected_utility, corrected_mean_activation, n_nonfinite)``.
+  """
+  decay = jnp.asarray(decay, jnp.float32)
+  h = h.astype(jnp.float32).reshape(-1, h.shape[-1])
+  age = jnp.minimum(stats.age + 1, AGE_CAP)
+
+  batch_mean = jnp.mean(h, axis=0)
+  mean_activation = decay * stats.mean_activation + (1.0 - decay) * batch_mean
+  f_hat = debias(mean_activation, decay, age)
+  if utility in ("contribution",):
+    u_new = out_mag * jnp.mean(jnp.abs(h), axis=0)
+  elif utility in ("adaptable_contribution", "zero_contribution", "feature_by_input"):
+    deviation = jnp.mean(jnp.abs(h - f_hat), axis=0)
+    if utility == "adaptable_contribution":
+      u_new = out_mag * deviation / in_mag
+    elif utility == "zero_contribution":
+      u_new = out_mag * deviation
+    else:
+      u_new = deviation / in_mag
+  elif utility == "adaptation":
+    u_new = 1.0 / in_mag
+  elif utility == "weight":
+    u_new = out_mag
+  elif utility == "random":
+    u_new = jnp.zeros_like(batch_mean)
+  else:
+    raise ValueError(f"unknown utility {utility!r}; expected one of {UTILITIES}")
+
+  running = decay * stats.utility + (1.0 - decay) * u_new
+  finite = jnp.isfinite(running) & jnp.isfinite(mean_activation)
+  running = jnp.where(finite, running, stats.utility)
+  mean_activation = jnp.where(finite, mean_activation, stats.mean_activation)
+  f_hat = debias(mean_activation, decay, age)
+  corrected = debias(running, decay, age)
+  if utility == "random":
+    corrected = jax.random.uniform(key, corrected.shape)
+  new_stats = UnitStatistics(running, mean_activation, age)
+  return new_stats, corrected, f_hat, jnp.sum(~finite).astype(jnp.int32)
