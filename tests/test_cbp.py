@@ -1,0 +1,406 @@
+"""Semantics of cbp(): SPEC steps 1-8, checked against independent expectations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import cbp_jax
+from cbp_jax import initializers
+from tests.numpy_reference import NumpyUnitStats, consumer_rows
+
+
+def mlp(hidden=(6, 5), inputs=4, outputs=3, seed=0, **kw):
+  model = cbp_jax.models.MLP(hidden=hidden, outputs=outputs, **kw)
+  params = model.init(jax.random.key(seed), jnp.ones((1, inputs)))["params"]
+  return model, params
+
+
+def make_step(model, tx):
+  def loss_fn(p, x, y):
+    out, acts = cbp_jax.apply_with_activations(model, p, x)
+    return jnp.mean((out - y) ** 2), acts
+
+  @jax.jit
+  def step(params, state, x, y):
+    (_, acts), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+    updates, state = tx.update(g, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, updates, acts
+
+  return step
+
+
+def batches(n, inputs=4, outputs=3, batch=8, seed=0):
+  key = jax.random.key(seed + 100)
+  for i in range(n):
+    kx, ky = jax.random.split(jax.random.fold_in(key, i))
+    yield jax.random.normal(kx, (batch, inputs)), jax.random.normal(ky, (batch, outputs))
+
+
+# --- Statistics and utilities against NumPy -------------------------------
+
+
+@pytest.mark.parametrize("kind", [u for u in cbp_jax.utility.UTILITIES if u != "random"])
+def test_utilities_match_numpy_over_several_steps(kind):
+  model, params = mlp()
+  # Maturity beyond the run: statistics evolve, nothing is replaced.
+  tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility=kind, decay_rate=0.9,
+      maturity_threshold=1000))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  refs = {"Dense_0": NumpyUnitStats(6, 0.9), "Dense_1": NumpyUnitStats(5, 0.9)}
+  consumer = {"Dense_0": "Dense_1", "Dense_1": "Dense_2"}
+  for x, y in batches(6):
+    params, state, _, acts = step(params, state, x, y)
+    stats = cbp_jax.unit_stats(state)
+    for name, ref in refs.items():
+      # Statistics use the post-step weights, i.e. the params just returned.
+      w_out = consumer_rows(params[consumer[name]]["kernel"], ref.utility.size)
+      expected_u, expected_f = ref.step(np.asarray(acts[name]), params[name]["kernel"], [w_out], kind)
+      np.testing.assert_allclose(stats[name]["utility"], expected_u, rtol=2e-4, atol=1e-7)
+      np.testing.assert_allclose(stats[name]["mean_activation"], expected_f, rtol=2e-4, atol=1e-7)
+      np.testing.assert_array_equal(stats[name]["age"], ref.age)
+      assert int(stats[name]["replaced"]) == 0
+
+
+def test_random_utility_is_uniform_noise_and_still_replaces():
+  model, params = mlp()
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility="random", replacement_rate=0.2,
+      maturity_threshold=0))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  for x, y in batches(10):
+    params, state, _, _ = step(params, state, x, y)
+  stats = cbp_jax.unit_stats(state)
+  assert int(stats["Dense_0"]["replaced"]) == math.floor(10 * 0.2 * 6 + 1e-9)
+
+
+# --- Counts, eligibility and selection ------------------------------------
+
+
+def simulate_counts(steps, width, rate, maturity):
+  """Expected accumulate-mode replacements per step, from eligibility alone.
+
+  A unit's age after step t is t (never replaced) or t - s (replaced at step
+  s); it is eligible iff its age > maturity. Which units are replaced does
+  not change how many are eligible, so this needs no utilities.
+  """
+  pending, replaced_at, counts = 0.0, [], []
+  for t in range(1, steps + 1):
+    recent = sum(1 for s in replaced_at if t - s <= maturity)
+    eligible = (width if t > maturity else 0) - recent
+    pending += rate * eligible
+    k = min(math.floor(pending), eligible)
+    pending -= k
+    replaced_at += [t] * k
+    counts.append(k)
+  return counts
+
+
+@pytest.mark.parametrize("maturity", [0, 3, 7])
+def test_accumulate_mode_exact_counts_and_only_mature_units(maturity):
+  width = 8
+  model, params = mlp(hidden=(width,))
+  rate = 1 / 16  # Dyadic, so float32 accumulation is exact.
+  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=rate,
+      maturity_threshold=maturity, max_replacements_per_step=width))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  expected = simulate_counts(60, width, rate, maturity)
+  for t, (x, y) in enumerate(batches(60), start=1):
+    ages_before = np.asarray(cbp_jax.unit_stats(state)["Dense_0"]["age"])
+    params, state, _, _ = step(params, state, x, y)
+    replaced = np.asarray(state[1].last_replaced["Dense_0"])
+    assert replaced.sum() == expected[t - 1], f"step {t}"
+    # Only mature units: age after this step's increment exceeds maturity.
+    assert np.all(ages_before[replaced] + 1 > maturity)
+    assert np.all(np.asarray(cbp_jax.unit_stats(state)["Dense_0"]["age"])[replaced] == 0)
+  assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) == sum(expected)
+
+
+def test_layer_count_basis_counts_the_whole_layer():
+  width = 8
+  model, params = mlp(hidden=(width,))
+  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=1 / 32,
+      maturity_threshold=4, count_basis="layer"))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  for x, y in batches(36):
+    params, state, _, _ = step(params, state, x, y)
+  # Steps 5..36 have eligible units: 32 steps * 8 units / 32 = 8 replacements.
+  assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) == 8
+
+
+def test_probabilistic_mode_rate_matches_expectation():
+  width = 10
+  model, params = mlp(hidden=(width,))
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=3, replacement_rate=0.02,
+      maturity_threshold=0, accumulate=False))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  counts = []
+  for x, y in batches(400):
+    params, state, _, _ = step(params, state, x, y)
+    counts.append(int(state[1].last_replaced["Dense_0"].sum()))
+  counts = np.array(counts)
+  assert counts.max() == 1  # rate * n = 0.2 < 1: one unit with probability 0.2.
+  # Binomial(400, 0.2): mean 80, sd 8; 5 sd bounds.
+  assert 40 <= counts.sum() <= 120
+
+
+def test_lowest_utility_units_are_the_ones_replaced():
+  scores = jnp.array([5.0, 1.0, 3.0, jnp.nan, 0.5, 2.0])
+  eligible = jnp.array([True, True, True, True, False, True])
+  sel = cbp_jax.reset.select_lowest(scores, eligible, jnp.int32(2), 3)
+  # Unit 4 is immature, unit 3 non-finite: the two lowest others are 1 and 5.
+  np.testing.assert_array_equal(sel.indices, [1, 5, 6])
+  np.testing.assert_array_equal(sel.mask(6), [0, 1, 0, 0, 0, 1])
+
+
+# --- The reset itself -----------------------------------------------------
+
+
+@pytest.mark.parametrize("init", initializers.INITS)
+def test_reset_zeroes_outgoing_redraws_incoming_and_leaves_the_rest(init):
+  model, params = mlp(hidden=(6, 5))
+  tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=0.1,
+      maturity_threshold=2, init=init, next_bias_correction=False))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  seen = 0
+  for x, y in batches(30):
+    params, state, _, _ = step(params, state, x, y)
+    r0 = np.asarray(state[1].last_replaced["Dense_0"])
+    r1 = np.asarray(state[1].last_replaced["Dense_1"])
+    seen += r0.sum() + r1.sum()
+    for name, mask, fan_in, fan_out in (("Dense_0", r0, 4, 6), ("Dense_1", r1, 6, 5)):
+      b = initializers.bound(init, fan_in, fan_out, "relu")
+      k = np.asarray(params[name]["kernel"])
+      assert np.all(np.abs(k[:, mask]) <= b * (1 + 1e-6))
+      assert np.all(np.asarray(params[name]["bias"])[mask] == 0)
+    assert np.all(np.asarray(params["Dense_1"]["kernel"])[r0, :][:, ~r1] == 0)
+    assert np.all(np.asarray(params["Dense_2"]["kernel"])[r1, :] == 0)
+  assert seen > 0
+
+
+def test_untouched_entries_are_bitwise_the_plain_update():
+  model, params = mlp(hidden=(6, 5))
+  graph = cbp_jax.graph_from_params(params)
+  sgd = optax.sgd(0.05)
+  tx = optax.chain(sgd, cbp_jax.cbp(graph, key=0, replacement_rate=0.1, maturity_threshold=2))
+  state = tx.init(params)
+
+  @jax.jit
+  def grads_and_acts(p, x, y):
+    loss = lambda p: jnp.mean((cbp_jax.apply_with_activations(model, p, x)[0] - y) ** 2)
+    return jax.grad(loss)(p), cbp_jax.apply_with_activations(model, p, x)[1]
+
+  cbp_update = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))
+  sgd_update = jax.jit(lambda g: sgd.update(g, sgd.init(params))[0])
+  replaced_any = False
+  for x, y in batches(20):
+    grads, acts = grads_and_acts(params, x, y)
+    updates, state = cbp_update(grads, state, params, acts)
+    plain = optax.apply_updates(params, sgd_update(grads))
+    params = optax.apply_updates(params, updates)
+    r0 = np.asarray(state[1].last_replaced["Dense_0"])
+    r1 = np.asarray(state[1].last_replaced["Dense_1"])
+    replaced_any |= r0.any() or r1.any()
+    np.testing.assert_array_equal(params["Dense_0"]["kernel"][:, ~r0], plain["Dense_0"]["kernel"][:, ~r0])
+    np.testing.assert_array_equal(params["Dense_0"]["bias"][~r0], plain["Dense_0"]["bias"][~r0])
+    keep = np.ix_(~r0, ~r1)
+    np.testing.assert_array_equal(params["Dense_1"]["kernel"][keep], plain["Dense_1"]["kernel"][keep])
+    np.testing.assert_array_equal(params["Dense_2"]["kernel"][~r1], plain["Dense_2"]["kernel"][~r1])
+    if not r1.any():  # The head bias only moves by a correction when Dense_1 units go.
+      np.testing.assert_array_equal(params["Dense_2"]["bias"], plain["Dense_2"]["bias"])
+    if not r0.any():
+      np.testing.assert_array_equal(params["Dense_1"]["bias"][~r1], plain["Dense_1"]["bias"][~r1])
+  assert replaced_any
+
+
+def constant_unit_params(params, layer, values):
+  """Zero incoming weights and bias=values: the layer's outputs are constant."""
+  params = jax.tree.map(lambda x: x, params)
+  params[layer] = {"kernel": jnp.zeros_like(params[layer]["kernel"]), "bias": jnp.asarray(values)}
+  return params
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_bias_correction_preserves_the_function_when_activations_are_constant(correct):
+  model, params = mlp(hidden=(6,), inputs=4, outputs=3)
+  params = constant_unit_params(params, "Dense_0", jnp.linspace(0.5, 1.5, 6))
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=0.25,
+      maturity_threshold=3, next_bias_correction=correct))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  probe = jax.random.normal(jax.random.key(9), (16, 4))
+  before = model.apply({"params": params}, probe)
+  for x, y in batches(8):
+    params, state, _, _ = step(params, state, x, y)
+  assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
+  after = model.apply({"params": params}, probe)
+  if correct:
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+  else:  # The reference's no-op correction: the output jumps.
+    assert np.max(np.abs(after - before)) > 1e-2
+
+
+def test_bias_correction_amount_is_w_out_times_mean_activation():
+  model, params = mlp(hidden=(6,), inputs=4, outputs=3)
+  values = jnp.linspace(0.5, 1.5, 6)
+  params = constant_unit_params(params, "Dense_0", values)
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=1 / 6,
+      maturity_threshold=0, max_replacements_per_step=1))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  x, y = next(batches(1))
+  new, state, _, _ = step(params, state, x, y)
+  (i,) = np.flatnonzero(state[1].last_replaced["Dense_0"])
+  expected = params["Dense_1"]["bias"] + params["Dense_1"]["kernel"][i] * values[i]
+  np.testing.assert_allclose(new["Dense_1"]["bias"], expected, rtol=1e-6)
+
+
+# --- Graph shapes: conv, flatten, fan-out, norms --------------------------
+
+
+def conv_graph_params():
+  model = cbp_jax.models.ConvNet(outputs=2)
+  params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  return model, params
+
+
+def test_convnet_graph_is_inferred_with_the_flatten_boundary():
+  _, params = conv_graph_params()
+  graph = cbp_jax.graph_from_params(params)
+  assert graph.names == ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")
+  layers, _, _ = cbp_jax.graph.resolve(graph, params)
+  assert [c.positions for l in layers for c in l.consumers] == [1, 1, 4, 1, 1]  # Conv consumers read each channel once; the flatten 2x2 times.
+
+
+def test_conv_utilities_average_over_batch_and_space():
+  model, params = conv_graph_params()
+  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility="adaptable_contribution",
+      maturity_threshold=100))
+  state = tx.init(params)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  y = jax.random.normal(jax.random.key(2), (4, 2))
+  step = make_step(model, tx)
+  refs = {"Conv_1": NumpyUnitStats(64, 0.99), "Conv_2": NumpyUnitStats(128, 0.99)}
+  consumers = {"Conv_1": "Conv_2", "Conv_2": "Dense_0"}
+  for _ in range(3):
+    params, state, _, acts = step(params, state, x, y)
+    stats = cbp_jax.unit_stats(state)
+    for name, ref in refs.items():
+      w_out = consumer_rows(params[consumers[name]]["kernel"], ref.utility.size)
+      u, _ = ref.step(np.asarray(acts[name]), params[name]["kernel"], [w_out], "adaptable_contribution")
+      np.testing.assert_allclose(stats[name]["utility"], u, rtol=5e-4, atol=1e-8)
+
+
+def test_conv_reset_hits_exactly_the_channel_positions_after_flatten():
+  model, params = conv_graph_params()
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, replacement_rate=2 / 128,
+      maturity_threshold=0, count_basis="layer"))
+  state = tx.init(params)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  new, state, _, _ = make_step(model, tx)(params, state, x, jnp.zeros((2, 2)))
+  replaced = np.flatnonzero(state[1].last_replaced["Conv_2"])
+  assert replaced.size == 2
+  rows = np.arange(512)
+  hit = np.isin(rows % 128, replaced)  # flax flattens NHWC: input p * 128 + c.
+  # Columns of Dense_0's own replaced units are redrawn (the later reset wins).
+  cols = ~np.asarray(state[1].last_replaced["Dense_0"])
+  kernel, old = new["Dense_0"]["kernel"][:, cols], params["Dense_0"]["kernel"][:, cols]
+  np.testing.assert_array_equal(kernel[hit], 0)
+  np.testing.assert_array_equal(kernel[~hit], old[~hit])
+  # Conv -> conv: the consumer's input channels of replaced Conv_1 units are zero.
+  r1 = np.asarray(state[1].last_replaced["Conv_1"])
+  np.testing.assert_array_equal(new["Conv_2"]["kernel"][:, :, r1, :], 0)
+  b = initializers.bound("kaiming", 3 * 3 * 32, 3 * 3 * 64, "relu")
+  assert np.all(np.abs(new["Conv_1"]["kernel"][..., r1]) <= b)
+
+
+class FanOut(nn.Module):
+  """x -> Dense_0 -> LayerNorm -> relu -> (Dense_1 + Dense_2)."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(6)
+    h = cbp_jax.sow_activation(dense, nn.relu(nn.LayerNorm()(dense(x))))
+    return nn.Dense(2)(h) + nn.Dense(2)(h)
+
+
+def fan_out_graph():
+  return cbp_jax.LayerGraph([cbp_jax.Layer(
+      name="Dense_0", kernel="Dense_0/kernel", bias="Dense_0/bias", norm="LayerNorm_0",
+      consumers=[cbp_jax.Consumer("Dense_1/kernel", "Dense_1/bias"),
+                 cbp_jax.Consumer("Dense_2/kernel", "Dense_2/bias")])])
+
+
+def test_several_consumers_and_a_layer_norm():
+  model = FanOut()
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  params["LayerNorm_0"] = {"scale": jnp.full((6,), 2.0), "bias": jnp.full((6,), 0.3)}
+  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
+      fan_out_graph(), key=0, replacement_rate=0.5, maturity_threshold=2))
+  state = tx.init(params)
+  ref = NumpyUnitStats(6, 0.99)
+  step = make_step(model, tx)
+  for x, y in batches(3, outputs=2):
+    new, state, _, acts = step(params, state, x, y)
+    w_outs = [consumer_rows(params[c]["kernel"], 6) for c in ("Dense_1", "Dense_2")]
+    u, _ = ref.step(np.asarray(acts["Dense_0"]), params["Dense_0"]["kernel"], w_outs, "contribution")
+    mask = np.asarray(state[1].last_replaced["Dense_0"])
+    if not mask.any():
+      np.testing.assert_allclose(cbp_jax.unit_stats(state)["Dense_0"]["utility"], u, rtol=2e-4)
+    params = new
+  assert mask.sum() == 3  # Step 3: 0.5 * 6 eligible units.
+  for c in ("Dense_1", "Dense_2"):
+    np.testing.assert_array_equal(params[c]["kernel"][mask], 0)
+  np.testing.assert_array_equal(params["LayerNorm_0"]["scale"][mask], 1.0)
+  np.testing.assert_array_equal(params["LayerNorm_0"]["scale"][~mask], 2.0)
+  np.testing.assert_array_equal(params["LayerNorm_0"]["bias"][mask], 0.0)
+
+
+class WithBatchNorm(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    dense = nn.Dense(6)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train)(dense(x)))
+    return nn.Dense(2)(cbp_jax.sow_activation(dense, h))
+
+
+def test_batch_norm_statistics_of_replaced_units_are_reset():
+  model = WithBatchNorm()
+  variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
+  params = variables["params"]
+  graph = cbp_jax.graph_from_params(params)
+  assert graph.layers[0].norm == "BatchNorm_0"
+  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0,
+                   optimizer=optax.sgd(0.01))
+  state = tx.init(params)
+  batch_stats = {"BatchNorm_0": {"mean": jnp.full((6,), 0.7), "var": jnp.full((6,), 3.0)}}
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+  out, col = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                         mutable=["activations", "batch_stats"])
+  acts = cbp_jax.collect_activations(col["activations"])
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params, activations=acts)
+  new_stats = cbp_jax.reset_batch_stats(batch_stats, graph, state)
+  mask = np.asarray(state.last_replaced["Dense_0"])
+  assert mask.sum() == 3
+  np.testing.assert_array_equal(new_stats["BatchNorm_0"]["mean"], np.where(mask, 0.0, 0.7).astype(np.float32))
+  np.testing.assert_array_equal(new_stats["BatchNorm_0"]["var"], np.where(mask, 1.0, 3.0))
