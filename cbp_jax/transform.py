@@ -16,7 +16,9 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 from cbp_jax import graph as graph_lib
 from cbp_jax import initializers
@@ -52,14 +54,18 @@ class CbpState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def _concrete(x: Any) -> np.ndarray | None:
+  """``x`` as a NumPy array, or None when it is traced (e.g. a vmapped sweep)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
-  if not _is_concrete(value):
-    return  # Traced (e.g. a vmapped sweep): cannot be checked here.
-  v = jnp.asarray(value)
+  v = _concrete(value)
+  if v is None:
+    return  # Traced: cannot be checked here.
   if v.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
   v = float(v)
@@ -83,7 +89,8 @@ def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   """
   if user_bound is not None:
     return min(width, user_bound)
-  if _is_concrete(rate):
+  rate = _concrete(rate)
+  if rate is not None:
     return min(width, max(1, math.ceil(float(rate) * width) + 1))
   return width
 
@@ -175,7 +182,8 @@ def cbp(
         f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
   _check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
   _check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
-  if _is_concrete(maturity_threshold) and float(maturity_threshold) < 0:
+  maturity = _concrete(maturity_threshold)
+  if maturity is not None and float(maturity) < 0:
     raise ValueError(f"maturity_threshold must be >= 0, got {maturity_threshold}")
   if utility not in utility_lib.UTILITIES:
     raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
@@ -326,7 +334,11 @@ def _check_activations(layers, activations) -> None:
 
 
 def find_cbp_state(opt_state: Any) -> CbpState:
-  """Returns the `CbpState` inside ``opt_state`` (a chain, MultiSteps, ...)."""
+  """Returns the `CbpState` inside ``opt_state`` (a chain, MultiSteps, ...).
+
+  An `nnx.Optimizer`'s ``opt_state`` (Variables) is accepted too.
+  """
+  opt_state = nnx.as_pure(opt_state)
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CbpState))
            if isinstance(s, CbpState)]
   if not found:

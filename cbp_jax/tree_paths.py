@@ -21,9 +21,17 @@ def key_to_str(key: Any) -> str:
   return str(key)
 
 
+# nnx.State leaves are Variables whose array sits under one of these attributes;
+# the parameter's name is the path to the Variable.
+_VARIABLE_ATTRS = ("value", "raw_value")
+
+
 def path_to_str(path: Sequence[Any]) -> str:
-  """Joins a jax key path into ``"a/b/c"``."""
-  return "/".join(key_to_str(k) for k in path)
+  """Joins a jax key path into ``"a/b/c"`` (nnx's Variable wrapper dropped)."""
+  keys = [key_to_str(k) for k in path]
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] in _VARIABLE_ATTRS:
+    keys = keys[:-1]
+  return "/".join(keys)
 
 
 def flatten_by_path(tree: Any) -> tuple[dict[str, int], list[Any], Any]:

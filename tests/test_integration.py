@@ -1,0 +1,274 @@
+"""cbp() with Optax, nnx, jit/vmap/scan, dtypes, and its error messages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import cbp_jax
+from tests.test_cbp import batches, make_step, mlp
+
+
+def run(tx, steps=12, hidden=(6, 5), seed=0, dtype=jnp.float32):
+  model, params = mlp(hidden=hidden, seed=seed, param_dtype=dtype)
+  state = tx(params).init(params)
+  step = make_step(model, tx(params))
+  for x, y in batches(steps):
+    params, state, _, _ = step(params, state, x.astype(dtype), y.astype(dtype))
+  return params, state
+
+
+def graph_of(params):
+  return cbp_jax.graph_from_params(params)
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.01), optax.adam(1e-3), optax.adamw(1e-3)])
+def test_last_in_a_chain_after_common_optimizers(opt):
+  tx = lambda p: optax.chain(opt, cbp_jax.cbp(graph_of(p), key=0, replacement_rate=0.1,
+                                               maturity_threshold=2))
+  params, state = run(tx)
+  assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def wrapped_state_check(inner, fresh_value):
+  """Wrapping form: replaced entries' statistics restart, the others don't."""
+  model, params = mlp(hidden=(6,))
+  tx = cbp_jax.cbp(graph_of(params), key=0, replacement_rate=1 / 6, maturity_threshold=3,
+                   optimizer=inner)
+  state = tx.init(params)
+  ref_state = inner.init(params)
+  update = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))
+  ref_update = jax.jit(inner.update)
+  for x, y in batches(4):
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+    _, acts = cbp_jax.apply_with_activations(model, params, x)
+    _, state = update(grads, state, params, acts)
+    _, ref_state = ref_update(grads, ref_state, params)
+  mask = np.asarray(state.last_replaced["Dense_0"])
+  assert mask.sum() == 1
+  mine = jax.tree.leaves(state.inner_state)
+  theirs = jax.tree.leaves(ref_state)
+  checked = 0
+  for a, b in zip(mine, theirs):
+    if a.shape == (4, 6):  # Dense_0 kernel-shaped statistics: columns are units.
+      np.testing.assert_array_equal(a[:, mask], fresh_value)
+      np.testing.assert_array_equal(a[:, ~mask], b[:, ~mask])
+      checked += 1
+    if a.shape == (6, 3):  # Head kernel: rows read the units.
+      np.testing.assert_array_equal(a[mask], fresh_value)
+      np.testing.assert_array_equal(a[~mask], b[~mask])
+  assert checked > 0
+
+
+def test_wrapped_adam_moments_of_replaced_units_restart():
+  wrapped_state_check(optax.adam(1e-3), 0.0)
+
+
+def test_wrapped_momentum_trace_restarts():
+  wrapped_state_check(optax.sgd(1e-2, momentum=0.9), 0.0)
+
+
+def test_wrapped_adagrad_restarts_at_its_initial_accumulator():
+  # Not zero: the value a fresh init gives, so any optimizer is handled.
+  wrapped_state_check(optax.adagrad(1e-2, initial_accumulator_value=0.25), 0.25)
+
+
+def test_under_multisteps():
+  model, params = mlp()
+  tx = optax.MultiSteps(
+      cbp_jax.cbp(graph_of(params), key=0, replacement_rate=0.2, maturity_threshold=1,
+                  optimizer=optax.sgd(0.01)), every_k_schedule=2)
+  state = tx.init(params)
+  step = make_step(model, tx)
+  for x, y in batches(10):
+    params, state, _, _ = step(params, state, x, y)
+  stats = cbp_jax.unit_stats(state)
+  # Five inner steps: ages count inner steps only.
+  assert int(stats["Dense_0"]["age"].max()) <= 5
+  assert int(stats["Dense_0"]["replaced"]) > 0
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs),
+                            nnx.Linear(5, 3, rngs=rngs)])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = cbp_jax.sow_activation(layer, nnx.relu(layer(x)))
+    return self.layers[-1](x)
+
+
+def test_nnx_optimizer_update_with_activations():
+  model = NnxMLP(nnx.Rngs(0))
+  graph = cbp_jax.graph_from_params(nnx.state(model, nnx.Param))
+  assert graph.names == ("layers/0", "layers/1")
+  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.2, maturity_threshold=1,
+                   optimizer=optax.adam(1e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      loss = jnp.mean((model(x) - y) ** 2)
+      return loss, cbp_jax.collect_activations(nnx.pop(model, nnx.Intermediate))
+    (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  for x, y in batches(10):
+    train_step(model, optimizer, x, y)
+  stats = cbp_jax.unit_stats(optimizer.opt_state)
+  assert int(stats["layers/0"]["replaced"]) > 0
+  replaced = np.asarray(cbp_jax.transform.find_cbp_state(optimizer.opt_state).last_replaced["layers/1"])
+  del replaced  # The state is readable through nnx's Variables too.
+
+
+def test_vmap_over_keys_gives_different_reinitialisations():
+  model, params = mlp(hidden=(6,))
+  graph = graph_of(params)
+  x, y = next(batches(1))
+
+  def one_seed(key):
+    tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(graph, key=key, replacement_rate=1 / 6,
+                                                  maturity_threshold=0))
+    state = tx.init(params)
+    _, acts = cbp_jax.apply_with_activations(model, params, x)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params,
+                               activations=acts)
+    return optax.apply_updates(params, updates)["Dense_0"]["kernel"]
+
+  kernels = jax.jit(jax.vmap(one_seed))(jax.random.split(jax.random.key(0), 3))
+  assert not np.allclose(kernels[0], kernels[1])
+  np.testing.assert_array_equal(kernels[0], one_seed(jax.random.split(jax.random.key(0), 3)[0]))
+
+
+def test_traced_hyperparameters_in_a_vmapped_scanned_sweep():
+  model, params = mlp(hidden=(8,))
+  graph = graph_of(params)
+  xs = jax.random.normal(jax.random.key(0), (20, 8, 4))
+  ys = jax.random.normal(jax.random.key(1), (20, 8, 3))
+
+  def train(rate, maturity, decay):
+    tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+        graph, key=0, replacement_rate=rate, maturity_threshold=maturity, decay_rate=decay,
+        max_replacements_per_step=8))
+
+    def body(carry, batch):
+      p, s = carry
+      x, y = batch
+      loss_fn = lambda p: (lambda o: (jnp.mean((o[0] - y) ** 2), o[1]))(
+          cbp_jax.apply_with_activations(model, p, x))
+      (_, acts), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+      u, s = tx.update(g, s, p, activations=acts)
+      return (optax.apply_updates(p, u), s), None
+
+    (_, s), _ = jax.lax.scan(body, (params, tx.init(params)), (xs, ys))
+    return s[1].replaced_total["Dense_0"]
+
+  rates = jnp.array([0.0, 1 / 16, 1 / 8])
+  counts = jax.jit(jax.vmap(train))(rates, jnp.array([0, 0, 5]), jnp.array([0.9, 0.99, 0.5]))
+  # maturity 0: every unit always eligible -> floor(20 * 8 * rate);
+  # maturity 5: steps 6..20 with eligibility drops after replacements (<= 15 * 8 / 8).
+  assert int(counts[0]) == 0
+  assert int(counts[1]) == 10
+  assert 0 < int(counts[2]) <= 15
+
+
+def test_no_recompilation_on_second_call():
+  model, params = mlp()
+  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(graph_of(params), key=0))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  for x, y in batches(3):
+    params, state, _, _ = step(params, state, x, y)
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_low_and_single_precision_params(dtype):
+  tx = lambda p: optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+      graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2))
+  params, state = run(tx, dtype=dtype)
+  assert all(x.dtype == dtype for x in jax.tree.leaves(params))
+  assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_double_precision_params():
+  with jax.enable_x64(True):
+    tx = lambda p: optax.chain(optax.sgd(0.01), cbp_jax.cbp(
+        graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2))
+    params, state = run(tx, dtype=jnp.float64)
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
+    assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
+
+
+# --- Errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"replacement_rate": -0.1}, "replacement_rate must be in \\[0.0, 1.0\\], got -0.1"),
+    ({"replacement_rate": 1.5}, "replacement_rate must be in \\[0.0, 1.0\\], got 1.5"),
+    ({"decay_rate": 1.0}, "decay_rate must be in \\[0.0, 1.0\\), got 1.0"),
+    ({"maturity_threshold": -1}, "maturity_threshold must be >= 0, got -1"),
+    ({"utility": "bogus"}, "utility must be one of .* got 'bogus'"),
+    ({"init": "he"}, "init must be one of .* got 'he'"),
+    ({"count_basis": "all"}, "count_basis must be one of .* got 'all'"),
+    ({"max_replacements_per_step": 0}, "max_replacements_per_step must be a positive int"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+  _, params = mlp()
+  with pytest.raises(ValueError, match=message):
+    cbp_jax.cbp(graph_of(params), key=0, **kwargs)
+
+
+def test_graph_naming_a_missing_parameter_fails_at_init():
+  _, params = mlp()
+  graph = cbp_jax.LayerGraph([cbp_jax.Layer(
+      "h", kernel="Dense_0/kernel", bias="Dense_0/bias",
+      consumers=[cbp_jax.Consumer("Dense_9/kernel")])])
+  with pytest.raises(ValueError, match="layer 'h': no parameter named 'Dense_9/kernel'"):
+    cbp_jax.cbp(graph, key=0).init(params)
+
+
+def test_graph_with_mismatched_consumer_fails_at_init():
+  _, params = mlp(hidden=(6, 5))
+  graph = cbp_jax.LayerGraph([cbp_jax.Layer(
+      "Dense_0", kernel="Dense_0/kernel", bias="Dense_0/bias",
+      consumers=[cbp_jax.Consumer("Dense_2/kernel")])])
+  with pytest.raises(ValueError, match="consumer kernel 'Dense_2/kernel' must read the 6 units"):
+    cbp_jax.cbp(graph, key=0).init(params)
+
+
+def test_graph_from_params_refuses_what_it_cannot_infer():
+  nested = {"Block_0": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},
+            "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
+  with pytest.raises(ValueError, match="sequential stacks of sibling layers.*Block_0/Dense_0"):
+    cbp_jax.graph_from_params(nested)
+  odd = {"Embed_0": {"embedding": jnp.ones((10, 4))}, "Dense_0": {"kernel": jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match="cannot classify module 'Embed_0'"):
+    cbp_jax.graph_from_params(odd)
+  chain = {"Dense_0": {"kernel": jnp.ones((3, 4))}, "Dense_1": {"kernel": jnp.ones((5, 2))}}
+  with pytest.raises(ValueError, match="'Dense_1/kernel' reads 5 inputs, not a multiple of the 4"):
+    cbp_jax.graph_from_params(chain)
+
+
+def test_activation_errors_name_the_layer():
+  model, params = mlp(hidden=(6, 5))
+  tx = cbp_jax.cbp(graph_of(params), key=0)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  _, acts = cbp_jax.apply_with_activations(model, params, jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match="activations has no entry for layer 'Dense_1'"):
+    tx.update(grads, state, params, activations={"Dense_0": acts["Dense_0"]})
+  with pytest.raises(ValueError, match="layer 'Dense_1' must have the layer's 5 units .* got shape \\(2, 7\\)"):
+    tx.update(grads, state, params, activations={**acts, "Dense_1": jnp.ones((2, 7))})
+  with pytest.raises(ValueError, match="needs the keyword argument activations"):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match="update needs params"):
+    tx.update(grads, state, activations=acts)
