@@ -9,7 +9,8 @@ units), so the record's path is the layer's default name in the graph:
   ``model.apply(variables, x, mutable=["activations"])`` and
   `collect_activations` on the returned collection;
 * nnx: ``cbp_jax.sow_activation(self.linear, h)``, then
-  ``collect_activations(nnx.pop(model, nnx.Intermediate))``.
+  ``out, records = nnx.capture(model, nnx.Intermediate)(x)`` and
+  ``collect_activations(records)``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def collect_activations(records: Any) -> dict[str, jax.Array]:
   """Turns sown records into ``{layer_name: h}``.
 
   Args:
-    records: the ``"activations"`` collection of a linen apply, or the state
-      popped from an nnx model with ``nnx.pop(model, nnx.Intermediate)``.
+    records: the ``"activations"`` collection of a linen apply, or the
+      intermediates that ``nnx.capture(model, nnx.Intermediate)`` returns.
 
   Returns:
     A dict from the producing module's path (e.g. ``"Dense_0"``,
