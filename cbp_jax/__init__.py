@@ -5,7 +5,10 @@ The data path of one training step:
   -> reset (`reset`) -> updates (`transform.cbp`).
 """
 
+from cbp_jax import data
 from cbp_jax import initializers
+from cbp_jax import methods
+from cbp_jax import metrics
 from cbp_jax import models
 from cbp_jax.activations import apply_with_activations
 from cbp_jax.activations import collect_activations
@@ -28,7 +31,10 @@ __all__ = [
     "collect_activations",
     "Consumer",
     "graph_from_params",
+    "data",
     "initializers",
+    "methods",
+    "metrics",
     "Layer",
     "LayerGraph",
     "models",

@@ -205,7 +205,7 @@ def state_param_leaves(inner: optax.GradientTransformation, state: Any, params: 
     optax.tree_utils.tree_map_params(inner, record, positions, param_ids)
   except Exception as e:  # Any failure means we cannot locate its statistics.
     raise ValueError(
-        "cbp(optimizer=...) cannot locate the per-parameter statistics of this "
+        "optimizer=...: cannot locate the per-parameter statistics of this "
         f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
   return mapping
 
