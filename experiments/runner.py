@@ -1,0 +1,648 @@
+"""The shared experiment runner: chunked compiled runs, results files, plots, checkpoints.
+
+Every experiment in `experiments/` is written as two pure functions:
+
+* ``init`` building the *carry* (a pytree of arrays: parameters, optimizer
+  states, data-stream state, PRNG keys, for all seeds at once), and
+* ``chunk(carry, chunk_index) -> (carry, metrics)``: a fixed amount of work
+  (e.g. a few bins of 20k SGD steps, ``lax.scan`` inside, ``vmap`` over seeds),
+  returning the metrics of the points it finished.
+
+`run` compiles ``chunk`` once (ahead of time, so it can never recompile) and
+calls it ``num_chunks`` times from Python. Between chunks, and only there, the
+host syncs: it appends the chunk's metrics, rewrites the results file
+atomically, saves an orbax checkpoint if asked, and prints a progress line.
+Ctrl-C therefore always leaves a valid results file (status ``"interrupted"``)
+holding every finished chunk, and ``resume=True`` continues from the last
+checkpoint to results identical, bit for bit, to an uninterrupted run.
+
+Results file schema (JSON, ``SCHEMA``; NaN is written as ``null``)::
+
+    {
+      "schema": "cbp_jax.experiments.results/1",
+      "experiment": str,            # e.g. "slowly_changing_regression"
+      "status": "running" | "complete" | "interrupted",
+      "config": {...},              # everything that determines the results
+      "chunks_done": int, "num_chunks": int,
+      "points_per_chunk": int,      # metric points (e.g. bins) per chunk
+      "x_label": str,               # what "x" counts, e.g. "examples"
+      "x": [float, ...],            # x at each recorded point (len = points done)
+      "runs": {label: {...}},       # per run label: method name and hyperparameters
+      "metrics": {label: {name: [[v_point0, v_point1, ...],   # seed 0
+                                 [...], ...]}}                  # seed 1, ...
+    }
+
+``metrics[label][name]`` is an array of shape ``(seeds, points)``: ``chunk``
+returns ``{label: {name: array(seeds, points_per_chunk)}}`` and the runner
+concatenates chunks along the last axis. Typical names: ``"error"`` (binned
+squared error), ``"accuracy"``, and the plasticity correlates
+``"dead_fraction"``, ``"effective_rank"``, ``"weight_magnitude"``. Wall-clock
+timings are deliberately *not* in the file (they would break the bit-for-bit
+determinism of results); `run` returns them and ``timing.json`` holds them.
+
+Checkpoints (orbax, one directory per saved chunk boundary) hold the carry
+(PRNG key arrays stored as their key data), the metrics so far, the chunk
+index and the config. Resuming with a different config raises
+`ConfigMismatchError` naming every differing entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEMA = "cbp_jax.experiments.results/1"
+STATUSES = ("running", "complete", "interrupted")
+
+
+class ConfigMismatchError(ValueError):
+  """A checkpoint was written by a run with a different configuration."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `run` returns.
+
+  Attributes:
+    carry: the final carry (device arrays).
+    metrics: ``{label: {name: np.ndarray(seeds, points)}}`` of all finished chunks.
+    results: the dict last written to the results file.
+    chunks_done: finished chunks (including resumed ones).
+    status: ``"complete"`` or ``"interrupted"``.
+    compile_seconds: time to lower and compile ``chunk``.
+    chunk_seconds: wall time of every chunk run in this call (after compiling).
+    resumed_from: chunk index the run resumed from (0 for a fresh run).
+  """
+  carry: Any
+  metrics: dict
+  results: dict
+  chunks_done: int
+  status: str
+  compile_seconds: float
+  chunk_seconds: list[float]
+  resumed_from: int
+
+
+# ---------------------------------------------------------------------------
+# JSON helpers.
+# ---------------------------------------------------------------------------
+
+
+def normalize_config(config: Mapping[str, Any]) -> dict:
+  """The config as plain JSON data (tuples become lists), as it is stored."""
+  return json.loads(json.dumps(config, sort_keys=True))
+
+
+def _to_json(x: Any) -> Any:
+  """NumPy/JAX values to JSON data; NaN and infinities become ``null``."""
+  if isinstance(x, Mapping):
+    return {str(k): _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    return _to_json(np.asarray(x).tolist())
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  return x
+
+
+def _from_json_metrics(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _from_json_metrics(v) for k, v in tree.items()}
+  return np.array(tree, dtype=np.float64)  # null -> nan
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+  """Writes ``data`` as JSON to ``path`` via a temporary file and a rename.
+
+  A reader (or a Ctrl-C) sees either the old file or the new one, never a
+  partial write.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(_to_json(data), f, allow_nan=False, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def load_results(path: str | os.PathLike) -> dict:
+  """Reads a results file; ``metrics`` leaves become float64 arrays (null -> NaN).
+
+  Raises:
+    ValueError: if the file does not have the `SCHEMA` this module writes.
+  """
+  with open(path) as f:
+    results = json.load(f)
+  if results.get("schema") != SCHEMA:
+    raise ValueError(f"{path}: schema {results.get('schema')!r}, expected {SCHEMA!r}")
+  results["metrics"] = _from_json_metrics(results["metrics"])
+  return results
+
+
+# ---------------------------------------------------------------------------
+# Metrics bookkeeping.
+# ---------------------------------------------------------------------------
+
+
+def _check_metrics(metrics: Any, points_per_chunk: int) -> None:
+  if not isinstance(metrics, Mapping):
+    raise ValueError(
+        f"chunk must return metrics as {{label: {{name: array}}}}, got {type(metrics).__name__}")
+  for label, named in metrics.items():
+    if not isinstance(named, Mapping):
+      raise ValueError(f"metrics[{label!r}] must be a dict of arrays, got {type(named).__name__}")
+    for name, leaf in named.items():
+      shape = getattr(leaf, "shape", None)
+      if shape is None or len(shape) < 1 or shape[-1] != points_per_chunk:
+        raise ValueError(
+            f"metrics[{label!r}][{name!r}] has shape {shape}; the last axis must be the "
+            f"chunk's {points_per_chunk} points")
+
+
+def _concat(parts: list) -> dict:
+  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *parts)
+
+
+def results_dict(
+    *, experiment: str, config: Mapping[str, Any], status: str, chunks_done: int,
+    num_chunks: int, points_per_chunk: int, x_step: float, x_label: str,
+    runs: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> dict:
+  """Builds the results-file dict (see the module docstring for the schema)."""
+  if status not in STATUSES:
+    raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+  points = chunks_done * points_per_chunk
+  return {
+      "schema": SCHEMA,
+      "experiment": experiment,
+      "status": status,
+      "config": normalize_config(config),
+      "chunks_done": chunks_done,
+      "num_chunks": num_chunks,
+      "points_per_chunk": points_per_chunk,
+      "x_label": x_label,
+      "x": [float(x_step * (i + 1)) for i in range(points)],
+      "runs": _to_json(dict(runs or {})),
+      "metrics": _to_json(metrics or {}),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+  if isinstance(saved, dict) and isinstance(now, dict):
+    out = []
+    for k in sorted(set(saved) | set(now)):
+      name = f"{prefix}.{k}" if prefix else str(k)
+      if k not in saved:
+        out.append(f"{name}: absent in the checkpoint, {now[k]!r} now")
+      elif k not in now:
+        out.append(f"{name}: {saved[k]!r} in the checkpoint, absent now")
+      else:
+        out.extend(_config_diff(saved[k], now[k], name))
+    return out
+  if saved != now:
+    return [f"{prefix or 'config'}: {saved!r} in the checkpoint, {now!r} now"]
+  return []
+
+
+class Checkpoints:
+  """Orbax checkpoints of a chunked run, saved at chunk boundaries.
+
+  Each checkpoint (orbax step = chunks done) holds ``{"carry": leaves,
+  "metrics": leaves}`` (PRNG keys as key data) plus a JSON record of the
+  experiment, config, chunk index and carry structure.
+
+  Args:
+    directory: where the checkpoints live (created if missing).
+    experiment: experiment name, checked on restore.
+    config: the run's config, checked on restore.
+    max_to_keep: how many recent checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, experiment: str,
+               config: Mapping[str, Any], max_to_keep: int = 2):
+    import orbax.checkpoint as ocp  # Imported here: a plain run needs no orbax.
+    self._ocp = ocp
+    self.directory = Path(directory).absolute()
+    self.experiment = experiment
+    self.config = normalize_config(config)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  def latest(self) -> int | None:
+    """Chunks done at the latest checkpoint, or None if there is none."""
+    return self._manager.latest_step()
+
+  def save(self, chunks_done: int, carry: Any, metrics: Any) -> None:
+    ocp = self._ocp
+    carry_leaves, carry_def = jax.tree.flatten(carry)
+    metric_leaves, metric_def = jax.tree.flatten(metrics)
+    state = {
+        "carry": {str(i): np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+                  for i, x in enumerate(carry_leaves)},
+        "metrics": {str(i): np.asarray(x) for i, x in enumerate(metric_leaves)},
+    }
+    meta = {
+        "experiment": self.experiment,
+        "config": self.config,
+        "chunks_done": chunks_done,
+        "carry_structure": str(carry_def),
+        "metrics_structure": str(metric_def),
+    }
+    self._manager.save(chunks_done, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.wait_until_finished()
+
+  def check(self, step: int) -> dict:
+    """Reads checkpoint ``step``'s record; raises `ConfigMismatchError` if it differs."""
+    ocp = self._ocp
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    problems = []
+    if meta.get("experiment") != self.experiment:
+      problems.append(f"experiment: {meta.get('experiment')!r} in the checkpoint, "
+                      f"{self.experiment!r} now")
+    problems += _config_diff(meta.get("config"), self.config)
+    if problems:
+      raise ConfigMismatchError(
+          f"refusing to resume from {self.directory} (chunk {step}): it was written with a "
+          "different configuration, so continuing would not give the results of either run:\n  "
+          + "\n  ".join(problems)
+          + "\nRun with the checkpoint's settings, or use another checkpoint directory "
+            "(or drop --resume and delete this one) to start afresh.")
+    return meta
+
+  def restore(self, carry_template: Any, metrics_template: Any) -> tuple[int, Any, Any]:
+    """Restores the latest checkpoint.
+
+    Args:
+      carry_template: a carry of the right structure, shapes and dtypes (e.g.
+        the fresh initial carry); key arrays in it say which leaves are keys.
+      metrics_template: ``{label: {name: ShapeDtypeStruct(..., points_per_chunk)}}``
+        of one chunk; the restored leaves have ``chunks_done`` times as many points.
+
+    Returns:
+      ``(chunks_done, carry, metrics)``.
+    """
+    ocp = self._ocp
+    step = self.latest()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    meta = self.check(step)
+    carry_leaves, carry_def = jax.tree.flatten(carry_template)
+    metric_leaves, metric_def = jax.tree.flatten(metrics_template)
+    for what, saved, now in (("carry", meta["carry_structure"], str(carry_def)),
+                             ("metrics", meta["metrics_structure"], str(metric_def))):
+      if saved != now:
+        raise ConfigMismatchError(
+            f"refusing to resume from {self.directory}: the {what} structure differs from "
+            f"this code's (was the experiment's code changed?)\n  checkpoint: {saved}\n  now: {now}")
+
+    def abstract(x, points_scale=1):
+      data = jax.random.key_data(x) if _is_key(x) else x
+      shape = tuple(data.shape)
+      if points_scale != 1:
+        shape = shape[:-1] + (shape[-1] * points_scale,)
+      return jax.ShapeDtypeStruct(shape, data.dtype)
+
+    target = {
+        "carry": {str(i): abstract(x) for i, x in enumerate(carry_leaves)},
+        "metrics": {str(i): abstract(x, step) for i, x in enumerate(metric_leaves)},
+    }
+    state = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    restored = []
+    for i, x in enumerate(carry_leaves):
+      data = jnp.asarray(state["carry"][str(i)])
+      restored.append(jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+                      if _is_key(x) else data)
+    metrics = [np.asarray(state["metrics"][str(i)]) for i in range(len(metric_leaves))]
+    return step, jax.tree.unflatten(carry_def, restored), jax.tree.unflatten(metric_def, metrics)
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Progress.
+# ---------------------------------------------------------------------------
+
+
+def _fmt_seconds(s: float) -> str:
+  if not math.isfinite(s):
+    return "?"
+  s = int(round(s))
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+  """One status line per chunk on stderr (rewritten in place on a terminal).
+
+  Args:
+    name: prefix of the line.
+    num_chunks: total chunks.
+    work_per_chunk: units of work per chunk (e.g. SGD steps summed over all
+      runs and seeds) for the rate, or None.
+    work_label: the unit's name.
+    stream: where to write (default stderr); None silences it.
+  """
+
+  def __init__(self, name: str, num_chunks: int, work_per_chunk: float | None = None,
+               work_label: str = "steps", stream: Any = "stderr"):
+    self.name, self.num_chunks = name, num_chunks
+    self.work_per_chunk, self.work_label = work_per_chunk, work_label
+    self.stream = sys.stderr if stream == "stderr" else stream
+    self._tty = bool(self.stream is not None and getattr(self.stream, "isatty", lambda: False)())
+
+  def update(self, chunks_done: int, seconds: list[float], extra: str = "") -> None:
+    if self.stream is None:
+      return
+    elapsed = sum(seconds)
+    per_chunk = elapsed / len(seconds) if seconds else float("nan")
+    eta = per_chunk * (self.num_chunks - chunks_done)
+    line = f"[{self.name}] chunk {chunks_done}/{self.num_chunks}"
+    if self.work_per_chunk and seconds:
+      line += f" | {self.work_per_chunk / per_chunk:,.0f} {self.work_label}/s"
+    line += f" | elapsed {_fmt_seconds(elapsed)} | eta {_fmt_seconds(eta)}"
+    if extra:
+      line += f" | {extra}"
+    if self._tty:
+      self.stream.write("\r\033[K" + line + ("\n" if chunks_done == self.num_chunks else ""))
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def message(self, text: str) -> None:
+    if self.stream is None:
+      return
+    if self._tty:
+      self.stream.write("\n")
+    self.stream.write(f"[{self.name}] {text}\n")
+    self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# The run loop.
+# ---------------------------------------------------------------------------
+
+
+def compile_chunk(chunk_fn: Callable, carry: Any) -> tuple[Any, float]:
+  """Lowers and compiles ``chunk_fn(carry, int32 chunk index)`` once.
+
+  The returned executable only accepts arguments of exactly these shapes and
+  dtypes, so it cannot silently recompile per chunk.
+
+  Returns:
+    ``(compiled, seconds)``.
+  """
+  start = time.perf_counter()
+  jitted = chunk_fn if hasattr(chunk_fn, "lower") else jax.jit(chunk_fn)
+  compiled = jitted.lower(carry, jnp.zeros((), jnp.int32)).compile()
+  return compiled, time.perf_counter() - start
+
+
+def run(
+    chunk_fn: Callable[[Any, jax.Array], tuple[Any, Any]],
+    init_carry: Any,
+    *,
+    num_chunks: int,
+    config: Mapping[str, Any],
+    experiment: str,
+    points_per_chunk: int,
+    x_step: float = 1.0,
+    x_label: str = "points",
+    runs: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    results_name: str = "results.json",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_chunk: Callable[[int, dict], None] | None = None,
+) -> RunResult:
+  """Runs ``chunk_fn`` ``num_chunks`` times, writing results after every chunk.
+
+  Args:
+    chunk_fn: ``chunk(carry, chunk_index) -> (carry, metrics)``, pure and
+      jittable; ``chunk_index`` is an int32 scalar (traced: one compilation
+      serves every chunk). ``metrics`` is ``{label: {name: array(..., P)}}``
+      with ``P = points_per_chunk`` on the last axis.
+    init_carry: the carry before chunk 0 (also the template for restoring).
+    num_chunks: how many chunks make the whole run.
+    config: JSON-serialisable settings that determine the results; written to
+      the results file and checkpoints, compared on resume.
+    experiment: the experiment's name.
+    points_per_chunk: metric points each chunk adds.
+    x_step: x distance between points (e.g. examples per bin); point ``i`` is
+      at ``x = (i + 1) * x_step``.
+    x_label: what x counts.
+    runs: per-label description (method, hyperparameters) for the file.
+    out_dir: where the results file (and ``timing.json``) go; None writes nothing.
+    results_name: the results file's name in ``out_dir``.
+    checkpoint_dir: where orbax checkpoints go; None disables them.
+    checkpoint_every: save every this many chunks (and after the last one).
+    resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh
+      run if there is none). Without it, an existing checkpoint is an error.
+    progress: a `Progress` (None: a default one on stderr).
+    on_chunk: called after every chunk (and its writes) with
+      ``(chunks_done, results_dict)``.
+
+  Returns:
+    A `RunResult`.
+
+  Raises:
+    KeyboardInterrupt: after rewriting the results file with status
+      ``"interrupted"`` (it then holds every chunk finished before Ctrl-C).
+    ConfigMismatchError: when resuming from a checkpoint of another config.
+    FileExistsError: when ``checkpoint_dir`` has checkpoints and ``resume`` is False.
+  """
+  if num_chunks < 1:
+    raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+  if checkpoint_every < 1:
+    raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+  config = normalize_config(config)
+  progress = progress or Progress(experiment, num_chunks)
+  results_path = Path(out_dir) / results_name if out_dir is not None else None
+
+  compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
+  _, metrics_shape = compiled.out_info
+  _check_metrics(metrics_shape, points_per_chunk)
+
+  checkpoints = None
+  carry, parts, start = init_carry, [], 0
+  if checkpoint_dir is not None:
+    checkpoints = Checkpoints(checkpoint_dir, experiment=experiment, config=config)
+    latest = checkpoints.latest()
+    if latest is not None and not resume:
+      raise FileExistsError(
+          f"{checkpoint_dir} already holds a checkpoint (chunk {latest}); pass resume=True "
+          "(--resume) to continue it, or remove the directory to start afresh")
+    if latest is not None:
+      start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
+      parts = [restored]
+      progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
+  elif resume:
+    raise ValueError("resume=True needs a checkpoint_dir")
+
+  def write(status: str, chunks_done: int) -> dict:
+    res = results_dict(
+        experiment=experiment, config=config, status=status, chunks_done=chunks_done,
+        num_chunks=num_chunks, points_per_chunk=points_per_chunk, x_step=x_step,
+        x_label=x_label, runs=runs, metrics=_concat(parts) if parts else {})
+    if results_path is not None:
+      write_json_atomic(results_path, res)
+    return res
+
+  chunk_seconds: list[float] = []
+  chunks_done = start
+  results = write("complete" if start == num_chunks else "running", start)
+  try:
+    for index in range(start, num_chunks):
+      tic = time.perf_counter()
+      new_carry, metrics = compiled(carry, jnp.asarray(index, jnp.int32))
+      metrics = jax.device_get(metrics)  # The one host sync per chunk.
+      jax.block_until_ready(new_carry)
+      chunk_seconds.append(time.perf_counter() - tic)
+      carry = new_carry
+      parts.append(metrics)
+      chunks_done = index + 1
+      if len(parts) > 1:
+        parts = [_concat(parts)]
+      results = write("complete" if chunks_done == num_chunks else "running", chunks_done)
+      if checkpoints is not None and (
+          chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
+        checkpoints.save(chunks_done, carry, parts[0])
+      progress.update(chunks_done, chunk_seconds)
+      if on_chunk is not None:
+        on_chunk(chunks_done, results)
+  except KeyboardInterrupt:
+    results = write("interrupted", chunks_done)
+    where = f"; partial results in {results_path}" if results_path else ""
+    progress.message(f"interrupted after chunk {chunks_done}/{num_chunks}{where}")
+    raise
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+  if results_path is not None:
+    write_json_atomic(results_path.with_name("timing.json"), {
+        "compile_seconds": compile_seconds, "chunk_seconds": chunk_seconds,
+        "resumed_from": start, "chunks_done": chunks_done})
+  return RunResult(
+      carry=carry, metrics=parts[0] if parts else {}, results=results,
+      chunks_done=chunks_done, status="complete", compile_seconds=compile_seconds,
+      chunk_seconds=chunk_seconds, resumed_from=start)
+
+
+# ---------------------------------------------------------------------------
+# Plots.
+# ---------------------------------------------------------------------------
+
+METRIC_TITLES = {
+    "error": "squared error (binned)",
+    "accuracy": "accuracy",
+    "dead_fraction": "dead units (fraction)",
+    "effective_rank": "effective rank",
+    "weight_magnitude": "mean |w|",
+}
+
+
+def mean_and_stderr(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and standard error over axis 0 (seeds), ignoring NaN seeds.
+
+  The standard error is ``std(ddof=1) / sqrt(n)``; 0 with a single seed.
+  """
+  values = np.asarray(values, dtype=np.float64)
+  n = np.sum(np.isfinite(values), axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = np.nanmean(values, axis=0) if values.size else values
+    if values.shape[0] > 1:
+      se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(n)
+    else:
+      se = np.zeros_like(mean)
+  return mean, np.where(np.isfinite(se), se, 0.0)
+
+
+def plot_results(
+    results: Mapping[str, Any] | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    metrics: tuple[str, ...] | None = None,
+    labels: tuple[str, ...] | None = None,
+    title: str | None = None,
+) -> Path:
+  """Plots mean +- standard error over seeds per run label; one panel per metric.
+
+  Args:
+    results: a results dict (as `run` writes or `load_results` reads) or a path.
+    path: the PNG to write.
+    metrics: metric names (panels) in order; default: every name present, with
+      the `METRIC_TITLES` ones first. Labels lacking a metric or having only
+      NaN values for it are left out of that panel.
+    labels: run labels to draw (default: all, in file order).
+    title: figure title (default: the experiment name and status).
+
+  Returns:
+    The path written.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if not isinstance(results, Mapping):
+    results = load_results(results)
+  data = {k: {n: np.array(v, dtype=np.float64) for n, v in named.items()}
+          for k, named in results["metrics"].items()}
+  labels = tuple(labels or data)
+  if metrics is None:
+    present = {n for named in data.values() for n in named}
+    metrics = tuple(n for n in METRIC_TITLES if n in present) + tuple(
+        sorted(present - set(METRIC_TITLES)))
+  x = np.asarray(results["x"], dtype=np.float64)
+  fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.2 * max(1, len(metrics)), 3.4),
+                           squeeze=False)
+  for ax, name in zip(axes[0], metrics):
+    for i, label in enumerate(labels):
+      values = data.get(label, {}).get(name)
+      if values is None or values.size == 0 or not np.isfinite(values).any():
+        continue
+      mean, se = mean_and_stderr(values.reshape(-1, values.shape[-1]))
+      xs = x[: mean.shape[0]]
+      color = f"C{i % 10}"
+      ax.plot(xs, mean, color=color, label=label, linewidth=1.4)
+      ax.fill_between(xs, mean - se, mean + se, color=color, alpha=0.25, linewidth=0)
+    ax.set_title(METRIC_TITLES.get(name, name), fontsize=10)
+    ax.set_xlabel(results.get("x_label", "x"))
+    ax.grid(alpha=0.3)
+  handles, names = axes[0][0].get_legend_handles_labels()
+  if handles:
+    axes[0][0].legend(fontsize=8)
+  seeds = max((v.shape[0] for named in data.values() for v in named.values()), default=0)
+  fig.suptitle(title or f"{results.get('experiment', '')} ({results.get('status', '')}, "
+               f"mean +- s.e. over {seeds} seeds)", fontsize=10)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
