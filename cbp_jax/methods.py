@@ -15,8 +15,6 @@ state, so a whole training step stays one pure, jittable, vmappable function:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -29,46 +27,7 @@ from cbp_jax import initializers
 from cbp_jax import metrics
 from cbp_jax import reset as reset_lib
 from cbp_jax import tree_paths
-
-
-# --- Argument checks (concrete values only; traced ones pass) -------------
-
-
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _scalar(name: str, value: Any) -> float | None:
-  """``float(value)`` for a concrete scalar, None for a traced one."""
-  if not _is_concrete(value):
-    return None
-  try:
-    v = np.asarray(value)
-  except Exception as e:  # pragma: no cover - exotic objects
-    raise ValueError(f"{name} must be a number, got {value!r}") from e
-  if v.ndim != 0 or not (np.issubdtype(v.dtype, np.number) or v.dtype == bool):
-    raise ValueError(f"{name} must be a scalar number, got {value!r}")
-  return float(v)
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-  v = _scalar(name, value)
-  if v is not None and not v >= 0.0:  # Also rejects NaN.
-    raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-  if not _is_concrete(value):
-    return
-  v = np.asarray(value)
-  if v.ndim != 0 or not np.issubdtype(v.dtype, np.integer) or int(v) < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _as_key(key: Any) -> jax.Array:
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key(int(key))
-  return key
+from cbp_jax import validation
 
 
 def _copy(params: Any) -> Any:
@@ -108,7 +67,7 @@ def l2(weight_decay: float | jax.Array | optax.Schedule) -> optax.GradientTransf
     >>> tx = optax.chain(cbp_jax.l2(1e-4), optax.sgd(0.01))
   """
   if not callable(weight_decay):
-    _check_nonnegative("weight_decay", weight_decay)
+    validation.check_nonnegative("weight_decay", weight_decay)
   return optax.add_decayed_weights(weight_decay)
 
 
@@ -148,7 +107,7 @@ def l2_init(weight_decay: float | jax.Array) -> optax.GradientTransformation:
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
   """
-  _check_nonnegative("weight_decay", weight_decay)
+  validation.check_nonnegative("weight_decay", weight_decay)
 
   def init_fn(params):
     return L2InitState(initial_params=_copy(params))
@@ -235,12 +194,12 @@ def shrink_and_perturb(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
   """
-  v = _scalar("shrink", shrink)
+  v = validation.scalar("shrink", shrink)
   if v is not None and not 0.0 < v <= 1.0:
     raise ValueError(f"shrink must be in (0, 1], got {shrink!r}")
-  _check_nonnegative("noise_scale", noise_scale)
-  _check_positive_int("every", every)
-  key = _as_key(key)
+  validation.check_nonnegative("noise_scale", noise_scale)
+  validation.check_positive_int("every", every)
+  key = validation.as_key(key)
 
   def init_fn(params):
     del params
@@ -295,25 +254,6 @@ class RedoState(NamedTuple):
   replaced_total: dict[str, jax.Array]
   last_replaced: dict[str, jax.Array]
   inner_state: optax.OptState
-
-
-def _check_redo_activations(layers, activations) -> None:
-  if activations is None:
-    raise ValueError(
-        "redo: update needs the keyword argument activations={layer: h}; "
-        f"layers: {[l.layer.name for l in layers]}")
-  if not isinstance(activations, Mapping):
-    raise ValueError(f"redo: activations must be a dict, got {type(activations).__name__}")
-  for layer in layers:
-    name = layer.layer.name
-    if name not in activations:
-      raise ValueError(
-          f"redo: activations has no entry for layer '{name}' (got {sorted(activations)})")
-    shape = getattr(activations[name], "shape", None)
-    if shape is None or len(shape) < 2 or shape[-1] != layer.width:
-      raise ValueError(
-          f"redo: activation of layer '{name}' must have shape (batch, ..., "
-          f"{layer.width}), got {shape}")
 
 
 def redo(
@@ -388,11 +328,11 @@ def redo(
   if not isinstance(graph, graph_lib.LayerGraph):
     raise ValueError(
         f"redo: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
-  _check_nonnegative("tau", tau)
-  _check_positive_int("period", period)
+  validation.check_nonnegative("tau", tau)
+  validation.check_positive_int("period", period)
   if init not in initializers.INITS:
     raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
-  key = _as_key(key)
+  key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
@@ -413,7 +353,7 @@ def redo(
     if params is None:
       raise ValueError("redo: update needs params (tx.update(grads, state, params, activations=...))")
     layers, _, _ = graph_lib.resolve(graph, params)
-    _check_redo_activations(layers, activations)
+    validation.check_activations("redo", layers, activations)
     if inner is not None:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     else:

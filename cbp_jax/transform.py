@@ -10,13 +10,11 @@ One step, as data flows (SPEC "Per step"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -25,6 +23,7 @@ from cbp_jax import initializers
 from cbp_jax import reset as reset_lib
 from cbp_jax import tree_paths
 from cbp_jax import utility as utility_lib
+from cbp_jax import validation
 
 COUNT_BASES = ("eligible", "layer")
 
@@ -54,33 +53,6 @@ class CbpState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-  """``x`` as a NumPy array, or None when it is traced (e.g. a vmapped sweep)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool) -> None:
-  v = _concrete(value)
-  if v is None:
-    return  # Traced: cannot be checked here.
-  if v.ndim != 0:
-    raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
-  v = float(v)
-  ok = low <= v < high if high_open else low <= v <= high
-  if not ok or math.isnan(v):
-    bracket = ")" if high_open else "]"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
-
-
-def _as_key(key: Any) -> jax.Array:
-  if isinstance(key, int):
-    return jax.random.key(key)
-  return key
-
-
 def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   """Static bound on replacements per step and layer (the ``top_k`` size).
 
@@ -89,7 +61,7 @@ def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   """
   if user_bound is not None:
     return min(width, user_bound)
-  rate = _concrete(rate)
+  rate = validation.concrete(rate)
   if rate is not None:
     return min(width, max(1, math.ceil(float(rate) * width) + 1))
   return width
@@ -180,9 +152,9 @@ def cbp(
   if not isinstance(graph, graph_lib.LayerGraph):
     raise ValueError(
         f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
-  _check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
-  _check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
-  maturity = _concrete(maturity_threshold)
+  validation.check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
+  validation.check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
+  maturity = validation.concrete(maturity_threshold)
   if maturity is not None and float(maturity) < 0:
     raise ValueError(f"maturity_threshold must be >= 0, got {maturity_threshold}")
   if utility not in utility_lib.UTILITIES:
@@ -196,7 +168,7 @@ def cbp(
     raise ValueError(
         "max_replacements_per_step must be a positive int, got "
         f"{max_replacements_per_step!r}")
-  key = _as_key(key)
+  key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
@@ -221,7 +193,7 @@ def cbp(
     if params is None:
       raise ValueError("cbp: update needs params (tx.update(grads, state, params, activations=...))")
     layers, p, _ = graph_lib.resolve(graph, params)
-    _check_activations(layers, activations)
+    validation.check_activations("cbp", layers, activations)
     if inner is not None:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     else:
@@ -307,30 +279,6 @@ def cbp(
     return count.astype(jnp.int32), pending
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_activations(layers, activations) -> None:
-  if activations is None:
-    raise ValueError(
-        "cbp: update needs the keyword argument activations={layer: h}; "
-        f"layers: {[l.layer.name for l in layers]}")
-  if not isinstance(activations, Mapping):
-    raise ValueError(f"cbp: activations must be a dict, got {type(activations).__name__}")
-  for layer in layers:
-    name = layer.layer.name
-    if name not in activations:
-      raise ValueError(
-          f"cbp: activations has no entry for layer '{name}' "
-          f"(got {sorted(activations)})")
-    h = activations[name]
-    shape = getattr(h, "shape", None)
-    if shape is None or len(shape) == 0 or shape[-1] != layer.width:
-      raise ValueError(
-          f"cbp: activation of layer '{name}' must have the layer's "
-          f"{layer.width} units on its last axis, got shape {shape}")
-    if not jnp.issubdtype(h.dtype, jnp.floating):
-      raise ValueError(
-          f"cbp: activation of layer '{name}' must be floating point, got {h.dtype}")
 
 
 def find_cbp_state(opt_state: Any) -> CbpState:
