@@ -133,7 +133,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
   with open(tmp, "w") as f:
-    json.dump(_to_json(data), f, allow_nan=False, sort_keys=True)
+    json.dump(_to_json(data), f, allow_nan=False)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -172,6 +172,11 @@ def _check_metrics(metrics: Any, points_per_chunk: int) -> None:
             f"chunk's {points_per_chunk} points")
 
 
+def _points(parts: list) -> int:
+  leaves = jax.tree.leaves(parts[0]) if parts else []
+  return int(np.shape(leaves[0])[-1]) if leaves else 0
+
+
 def _concat(parts: list) -> dict:
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=-1), *parts)
 
@@ -184,6 +189,10 @@ def results_dict(
   if status not in STATUSES:
     raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
   points = chunks_done * points_per_chunk
+  metrics = dict(metrics or {})
+  if runs:  # Keep the experiment's run order (pytree operations sort dict keys).
+    order = [k for k in runs if k in metrics] + [k for k in metrics if k not in runs]
+    metrics = {k: metrics[k] for k in order}
   return {
       "schema": SCHEMA,
       "experiment": experiment,
@@ -195,7 +204,7 @@ def results_dict(
       "x_label": x_label,
       "x": [float(x_step * (i + 1)) for i in range(points)],
       "runs": _to_json(dict(runs or {})),
-      "metrics": _to_json(metrics or {}),
+      "metrics": _to_json(metrics),
   }
 
 
@@ -485,25 +494,34 @@ def run(
   progress = progress or Progress(experiment, num_chunks)
   results_path = Path(out_dir) / results_name if out_dir is not None else None
 
-  compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
-  _, metrics_shape = compiled.out_info
-  _check_metrics(metrics_shape, points_per_chunk)
-
-  checkpoints = None
-  carry, parts, start = init_carry, [], 0
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume=True needs a checkpoint_dir")
+  checkpoints, latest = None, None
   if checkpoint_dir is not None:
+    # Checked before compiling, so a wrong --resume fails fast.
     checkpoints = Checkpoints(checkpoint_dir, experiment=experiment, config=config)
     latest = checkpoints.latest()
     if latest is not None and not resume:
+      checkpoints.close()
       raise FileExistsError(
           f"{checkpoint_dir} already holds a checkpoint (chunk {latest}); pass resume=True "
           "(--resume) to continue it, or remove the directory to start afresh")
     if latest is not None:
-      start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
-      parts = [restored]
-      progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
-  elif resume:
-    raise ValueError("resume=True needs a checkpoint_dir")
+      try:
+        checkpoints.check(latest)
+      except ConfigMismatchError:
+        checkpoints.close()
+        raise
+
+  compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
+  _, metrics_shape = compiled.out_info
+  _check_metrics(metrics_shape, points_per_chunk)
+
+  carry, parts, start = init_carry, [], 0
+  if latest is not None:
+    start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
+    parts = [restored]
+    progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
 
   def write(status: str, chunks_done: int) -> dict:
     res = results_dict(
@@ -525,10 +543,8 @@ def run(
       jax.block_until_ready(new_carry)
       chunk_seconds.append(time.perf_counter() - tic)
       carry = new_carry
-      parts.append(metrics)
+      parts = [_concat(parts + [metrics])]
       chunks_done = index + 1
-      if len(parts) > 1:
-        parts = [_concat(parts)]
       results = write("complete" if chunks_done == num_chunks else "running", chunks_done)
       if checkpoints is not None and (
           chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
@@ -537,6 +553,9 @@ def run(
       if on_chunk is not None:
         on_chunk(chunks_done, results)
   except KeyboardInterrupt:
+    # Count the chunks from the metrics actually held (Ctrl-C may land between
+    # the two assignments above).
+    chunks_done = _points(parts) // points_per_chunk
     results = write("interrupted", chunks_done)
     where = f"; partial results in {results_path}" if results_path else ""
     progress.message(f"interrupted after chunk {chunks_done}/{num_chunks}{where}")

@@ -71,7 +71,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,6 +94,27 @@ METHODS = ("linear", "bp", "l2", "snp", "cbp")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "swish", "elu", "selu")
 SLOW_BITS_MODES = ("redraw", "flip_one")
 
+# Hyperparameters every method takes, and which of them are numbers (these
+# may be swept: the variants of a method run vmapped in one program).
+HPARAMS: dict[str, dict[str, Any]] = {
+    "linear": {"step_size": 0.01},
+    "bp": {"step_size": 0.01},
+    "l2": {"step_size": 0.01, "weight_decay": 1e-3},
+    "snp": {"step_size": 0.01, "weight_decay": 1e-3, "noise_scale": 1e-4},
+    "cbp": {
+        "step_size": 0.01,
+        "replacement_rate": 1e-4,
+        "maturity_threshold": 10,
+        "decay_rate": 0.99,
+        "utility": "adaptable_contribution",
+        "init": "kaiming",
+        "accumulate": False,
+        "next_bias_correction": True,
+    },
+}
+SHORT_NAMES = {"step_size": "lr", "weight_decay": "wd", "noise_scale": "noise",
+               "replacement_rate": "rate", "maturity_threshold": "mt", "decay_rate": "decay"}
+
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "seeds": 30,
@@ -109,30 +132,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "hidden": 5,
     "activation": "relu",
     "probe_size": 2000,
-    # Methods: run labels are the method names, or "bp@0.003" when a method
-    # has several step sizes.
+    # Methods, their hyperparameters, and sweeps: {method: {numeric hparam:
+    # [values]}}; a method's variants are the Cartesian product of its swept
+    # values (vmapped together), labelled e.g. "bp[lr=0.003]".
     "methods": ["bp", "cbp", "l2", "snp", "linear"],
-    "step_sizes": {"linear": [0.01], "bp": [0.01], "l2": [0.01], "snp": [0.01], "cbp": [0.01]},
-    "l2": {"weight_decay": 1e-3},
-    "snp": {"weight_decay": 1e-3, "noise_scale": 1e-4},
-    "cbp": {
-        "replacement_rate": 1e-4,
-        "maturity_threshold": 10,
-        "decay_rate": 0.99,
-        "utility": "adaptable_contribution",
-        "init": "kaiming",
-        "accumulate": False,
-        "next_bias_correction": True,
-    },
+    "hparams": HPARAMS,
+    "sweep": {},
 }
 
-# The paper's Fig. (slowly-changing regression): 100 runs x 1M examples; BP and
-# the linear learner at step sizes 0.01, 0.003, 0.001.
+# The paper's figure: 100 runs x 1M examples; BP and the linear learner at step
+# sizes 0.01, 0.003 and 0.001.
 PAPER_OVERRIDES: dict[str, Any] = {
     "seeds": 100,
     "steps": 1_000_000,
-    "step_sizes": {"linear": [0.01, 0.003, 0.001], "bp": [0.01, 0.003, 0.001],
-                   "l2": [0.01], "snp": [0.01], "cbp": [0.01]},
+    "sweep": {"bp": {"step_size": [0.01, 0.003, 0.001]},
+              "linear": {"step_size": [0.01, 0.003, 0.001]}},
 }
 
 
@@ -141,20 +155,30 @@ PAPER_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
+def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
+  out = copy.deepcopy(base)
+  for k, v in over.items():
+    if k not in out:
+      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
+    if isinstance(out[k], dict) and isinstance(v, Mapping) and k != "sweep":
+      out[k] = _merge(out[k], v, f"{path}{k}.")
+    else:
+      out[k] = copy.deepcopy(v)
+  return out
+
+
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` and ``kwargs`` (nested dicts merge), validated."""
-  config = copy.deepcopy(DEFAULT_CONFIG)
-  for src in (overrides or {}), kwargs:
-    for k, v in src.items():
-      if k not in config:
-        raise ValueError(f"unknown config entry {k!r}; known: {sorted(config)}")
-      if isinstance(config[k], dict) and isinstance(v, Mapping):
-        config[k] = {**config[k], **copy.deepcopy(dict(v))}
-      else:
-        config[k] = copy.deepcopy(v)
+  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
+
+  Nested dicts merge (``hparams={"cbp": {"replacement_rate": 1e-3}}`` changes
+  only that entry); ``sweep`` is replaced as a whole. Unknown keys raise.
+  """
+  config = _merge(DEFAULT_CONFIG, overrides or {})
+  config = _merge(config, kwargs)
   config["methods"] = list(config["methods"])
+  config = runner.normalize_config(config)
   validate_config(config)
-  return runner.normalize_config(config)
+  return config
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
@@ -165,45 +189,74 @@ def validate_config(c: Mapping[str, Any]) -> None:
   for k in ("seeds", "steps", "bin_size", "bins_per_chunk", "num_inputs", "change_every",
             "target_hidden", "hidden", "probe_size"):
     need(isinstance(c[k], int) and c[k] >= 1, f"{k} must be a positive int, got {c[k]!r}")
-  need(0 <= c["num_slow_bits"] <= c["num_inputs"],
+  need(isinstance(c["num_slow_bits"], int) and 0 <= c["num_slow_bits"] <= c["num_inputs"],
        f"num_slow_bits must be in [0, num_inputs], got {c['num_slow_bits']}")
   need(c["steps"] % (c["bin_size"] * c["bins_per_chunk"]) == 0,
        f"steps ({c['steps']}) must be a multiple of bin_size * bins_per_chunk "
        f"({c['bin_size']} * {c['bins_per_chunk']})")
   need(c["slow_bits_mode"] in SLOW_BITS_MODES,
        f"slow_bits_mode must be one of {SLOW_BITS_MODES}, got {c['slow_bits_mode']!r}")
-  need(c["activation"] in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}")
-  need(len(c["methods"]) > 0 and len(set(c["methods"])) == len(c["methods"]),
+  need(c["activation"] in ACTIVATIONS,
+       f"activation must be one of {ACTIVATIONS}, got {c['activation']!r}")
+  need(isinstance(c["methods"], list) and len(c["methods"]) > 0
+       and len(set(c["methods"])) == len(c["methods"]),
        f"methods must be a non-empty list without repeats, got {c['methods']}")
   for m in c["methods"]:
     need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
-    sizes = c["step_sizes"].get(m)
-    need(isinstance(sizes, (list, tuple)) and len(sizes) > 0 and all(
-        isinstance(s, (int, float)) and s > 0 for s in sizes),
-         f"step_sizes[{m!r}] must be a non-empty list of positive numbers, got {sizes!r}")
-  need(0 <= c["cbp"]["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
-  need(c["l2"]["weight_decay"] >= 0, "l2.weight_decay must be >= 0")
-  need(c["snp"]["weight_decay"] >= 0 and c["snp"]["noise_scale"] >= 0,
-       "snp.weight_decay and snp.noise_scale must be >= 0")
+  for m, swept in c["sweep"].items():
+    need(m in METHODS, f"sweep: unknown method {m!r}")
+    for k, values in swept.items():
+      need(k in c["hparams"][m] and _is_number(c["hparams"][m][k]),
+           f"sweep.{m}: {k!r} is not a numeric hyperparameter of {m} "
+           f"({[n for n, v in c['hparams'][m].items() if _is_number(v)]})")
+      need(isinstance(values, list) and len(values) > 0 and all(map(_is_number, values)),
+           f"sweep.{m}.{k} must be a non-empty list of numbers, got {values!r}")
   for m in c["methods"]:
-    if m == "snp":
-      for lr in c["step_sizes"]["snp"]:
-        need(0 < 1 - lr * c["snp"]["weight_decay"] <= 1,
-             "snp: step_size * weight_decay must be in [0, 1)")
+    for hp in variants(c, m):
+      need(hp["step_size"] > 0, f"{m}: step_size must be > 0, got {hp['step_size']}")
+      if m in ("l2", "snp"):
+        need(hp["weight_decay"] >= 0, f"{m}: weight_decay must be >= 0")
+      if m == "snp":
+        need(hp["noise_scale"] >= 0, "snp: noise_scale must be >= 0")
+        need(0 <= hp["step_size"] * hp["weight_decay"] < 1,
+             "snp: step_size * weight_decay must be in [0, 1) (shrink = 1 - lr * wd)")
+      if m == "cbp":
+        need(0 <= hp["replacement_rate"] <= 1, "cbp: replacement_rate must be in [0, 1]")
+        need(0 <= hp["decay_rate"] < 1, "cbp: decay_rate must be in [0, 1)")
+        need(hp["maturity_threshold"] >= 0, "cbp: maturity_threshold must be >= 0")
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def variants(config: Mapping[str, Any], method: str) -> list[dict]:
+  """The hyperparameter settings of ``method``: its ``hparams`` with every
+  combination of its ``sweep`` values (first swept key varies slowest)."""
+  base = dict(config["hparams"][method])
+  swept = config["sweep"].get(method, {})
+  out = [base]
+  for k, values in swept.items():
+    out = [{**hp, k: v} for hp in out for v in values]
+  return out
 
 
 def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  """``{label: {"method", "step_size", ...hyperparameters}}`` in config order."""
+  """``{label: {"method": m, **hyperparameters}}`` for every run, in config order.
+
+  The label is the method's name, plus ``[lr=0.003,...]`` naming the swept
+  values when the method has a sweep.
+  """
   out = {}
   for m in config["methods"]:
-    sizes = config["step_sizes"][m]
-    for lr in sizes:
-      label = m if len(sizes) == 1 else f"{m}@{lr:g}"
-      info = {"method": m, "step_size": lr}
-      if m in ("l2", "snp", "cbp"):
-        info.update(config[m])
+    swept = list(config["sweep"].get(m, {}))
+    for hp in variants(config, m):
+      label = m
+      if swept:
+        label += "[" + ",".join(f"{SHORT_NAMES.get(k, k)}={hp[k]:g}" for k in swept) + "]"
+      info = {"method": m, **hp}
       if m == "snp":
-        info["shrink"] = 1.0 - lr * config["snp"]["weight_decay"]
+        info["shrink"] = 1.0 - hp["step_size"] * hp["weight_decay"]
       out[label] = info
   return out
 
@@ -328,15 +381,13 @@ def _model(config, method):
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
-  """Per-variant hyperparameters of ``method`` as float32 arrays ``(V,)``."""
-  lrs = np.asarray(config["step_sizes"][method], np.float32)
-  hp = {"step_size": lrs}
-  if method == "l2":
-    hp["weight_decay"] = np.full_like(lrs, config["l2"]["weight_decay"])
+  """Numeric hyperparameters of ``method``'s variants as float32 arrays ``(V,)``."""
+  vs = variants(config, method)
+  hp = {k: np.asarray([v[k] for v in vs], np.float64) for k, x in vs[0].items()
+        if _is_number(x)}
   if method == "snp":
-    hp["shrink"] = (1.0 - lrs.astype(np.float64) * config["snp"]["weight_decay"]).astype(np.float32)
-    hp["noise_scale"] = np.full_like(lrs, config["snp"]["noise_scale"])
-  return {k: jnp.asarray(v) for k, v in hp.items()}
+    hp["shrink"] = 1.0 - hp["step_size"] * hp["weight_decay"]
+  return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
 
 
 def _optimizer(config, method, hp, graph, key):
@@ -349,12 +400,16 @@ def _optimizer(config, method, hp, graph, key):
   if method == "snp":
     return optax.with_extra_args_support(
         optax.chain(sgd, shrink_and_perturb(hp["shrink"], hp["noise_scale"], key=key)))
-  c = config["cbp"]
+  c = config["hparams"]["cbp"]
+  # Numeric settings arrive traced (vmapped variants): bound the replacements
+  # per step statically from the largest rate, as the concrete-rate default would.
+  max_rate = max(v["replacement_rate"] for v in variants(config, "cbp"))
+  bound = min(config["hidden"], math.ceil(max_rate * config["hidden"]) + 1)
   return optax.chain(sgd, cbp_jax.cbp(
-      graph, key=key, replacement_rate=c["replacement_rate"],
-      maturity_threshold=c["maturity_threshold"], decay_rate=c["decay_rate"],
+      graph, key=key, replacement_rate=hp["replacement_rate"],
+      maturity_threshold=hp["maturity_threshold"], decay_rate=hp["decay_rate"],
       utility=c["utility"], init=c["init"], accumulate=c["accumulate"],
-      next_bias_correction=c["next_bias_correction"]))
+      next_bias_correction=c["next_bias_correction"], max_replacements_per_step=bound))
 
 
 class _Method:
@@ -484,16 +539,23 @@ def make_train(config: Mapping[str, Any]):
   return train
 
 
+_BATCHED_CACHE: dict[str, tuple] = {}
+
+
 def make_batched(config: Mapping[str, Any]):
-  """``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds, metrics ``(seeds, bins)``."""
-  init, chunk = make_chunked(config)
-  batched_chunk = jax.vmap(chunk, in_axes=(0, None))
+  """Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds.
 
-  def chunk_fn(carry, chunk_index):
-    carry, metrics = batched_chunk(carry, chunk_index)
-    return carry, metrics  # Leaves (seeds, bins_per_chunk): bins last, as the runner wants.
-
-  return jax.jit(jax.vmap(init)), chunk_fn
+  Metrics leaves are ``(seeds, bins_per_chunk)``: bins last, as the runner
+  wants. The pair is memoised per config, so running the same config again in
+  one process reuses the compiled program.
+  """
+  config = runner.normalize_config(config)
+  cache_key = json.dumps(config, sort_keys=True)
+  if cache_key not in _BATCHED_CACHE:
+    init, chunk = make_chunked(config)
+    _BATCHED_CACHE[cache_key] = (jax.jit(jax.vmap(init)),
+                                 jax.jit(jax.vmap(chunk, in_axes=(0, None))))
+  return _BATCHED_CACHE[cache_key]
 
 
 def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
@@ -543,10 +605,12 @@ def summary(results: Mapping[str, Any], early_bins: int = 1, late_bins: int | No
 
 
 def format_summary(results: Mapping[str, Any], **kwargs) -> str:
+  """A small table of `summary`: early and late binned error per run."""
   rows = summary(results, **kwargs)
-  lines = [f"{'method':<12} {'early error':>12} {'late error':>12} {'(+- s.e.)':>10}"]
+  w = max([len("method")] + [len(k) for k in rows])
+  lines = [f"{'method':<{w}}  {'early error':>11}  {'late error':>10}  {'+- s.e.':>7}"]
   for label, r in rows.items():
-    lines.append(f"{label:<12} {r['early']:>12.3f} {r['late']:>12.3f} {r['late_se']:>10.3f}")
+    lines.append(f"{label:<{w}}  {r['early']:>11.3f}  {r['late']:>10.3f}  {r['late_se']:>7.3f}")
   return "\n".join(lines)
 
 
@@ -559,6 +623,11 @@ def _floats(text: str) -> list[float]:
   return [float(v) for v in text.split(",") if v]
 
 
+def _number(text: str) -> int | float:
+  v = float(text)
+  return int(v) if v.is_integer() and "e" not in text.lower() and "." not in text else v
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.slowly_changing_regression",
@@ -566,34 +635,51 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--paper", action="store_true",
                  help="the paper's configuration: 100 seeds x 1M examples, BP and linear at "
                       "step sizes 0.01, 0.003, 0.001 (other flags still override)")
-  p.add_argument("--seeds", type=int)
+  p.add_argument("--seeds", type=int, help="runs per method (default 30)")
   p.add_argument("--seed", type=int, help="base seed (default 0)")
   p.add_argument("--steps", type=int, help="examples per run (default 1,000,000)")
-  p.add_argument("--bin-size", type=int)
-  p.add_argument("--bins-per-chunk", type=int, help="bins per compiled chunk (progress/checkpoint granularity)")
+  p.add_argument("--bin-size", type=int, help="examples per error bin (default 20,000)")
+  p.add_argument("--bins-per-chunk", type=int,
+                 help="bins per compiled chunk: progress, partial-results and checkpoint "
+                      "granularity (default 5)")
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--step-size", type=_floats, help="step size(s) for every method, comma-separated")
   p.add_argument("--activation", choices=ACTIVATIONS)
-  p.add_argument("--hidden", type=int)
+  p.add_argument("--hidden", type=int, help="learner hidden units (default 5)")
   p.add_argument("--slow-bits-mode", choices=SLOW_BITS_MODES)
-  p.add_argument("--change-every", type=int)
+  p.add_argument("--change-every", type=int, help="examples between slow-bit changes (10,000)")
+  p.add_argument("--step-size", type=float, help="step size of every method (default 0.01)")
   p.add_argument("--cbp-rate", type=float, help="CBP replacement rate (default 1e-4)")
-  p.add_argument("--cbp-maturity", type=int)
   p.add_argument("--cbp-accumulate", action="store_true",
                  help="accumulate fractional replacements (default: probabilistic, as the reference)")
   p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-3)")
   p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay: shrink = 1 - lr * wd")
   p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation")
-  p.add_argument("--out", default="results/scr", help="output directory")
+  p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
+                 help="set any hyperparameter, e.g. cbp.maturity_threshold=100 (repeatable)")
+  p.add_argument("--sweep", action="append", default=[], metavar="METHOD.HPARAM=V1,V2,...",
+                 help="run one vmapped variant per value, e.g. bp.step_size=0.01,0.003 (repeatable)")
+  p.add_argument("--out", default="results/scr", help="output directory (default results/scr)")
   p.add_argument("--checkpoint-every", type=int, default=1,
-                 help="save an orbax checkpoint every this many chunks (0: never)")
+                 help="save an orbax checkpoint in OUT/checkpoints every this many chunks (0: never)")
   p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+  p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
   p.add_argument("--no-plot", action="store_true")
   return p.parse_args(argv)
 
 
+def _split_assignment(text: str, flag: str) -> tuple[str, str, str]:
+  try:
+    lhs, rhs = text.split("=", 1)
+    method, name = lhs.split(".", 1)
+  except ValueError:
+    raise ValueError(f"{flag} {text!r}: expected METHOD.HPARAM=VALUE") from None
+  if method not in METHODS:
+    raise ValueError(f"{flag} {text!r}: unknown method {method!r}")
+  return method, name, rhs
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = dict(PAPER_OVERRIDES) if args.paper else {}
+  over: dict[str, Any] = copy.deepcopy(PAPER_OVERRIDES) if args.paper else {}
   simple = {"seeds": args.seeds, "seed": args.seed, "steps": args.steps,
             "bin_size": args.bin_size, "bins_per_chunk": args.bins_per_chunk,
             "activation": args.activation, "hidden": args.hidden,
@@ -601,26 +687,38 @@ def config_from_args(args: argparse.Namespace) -> dict:
   over.update({k: v for k, v in simple.items() if v is not None})
   if args.methods:
     over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-  if args.step_size:
-    over["step_sizes"] = {m: list(args.step_size) for m in METHODS}
-  cbp = {}
+  hparams: dict[str, dict] = {m: {} for m in METHODS}
+  if args.step_size is not None:
+    for m in METHODS:
+      hparams[m]["step_size"] = args.step_size
   if args.cbp_rate is not None:
-    cbp["replacement_rate"] = args.cbp_rate
-  if args.cbp_maturity is not None:
-    cbp["maturity_threshold"] = args.cbp_maturity
+    hparams["cbp"]["replacement_rate"] = args.cbp_rate
   if args.cbp_accumulate:
-    cbp["accumulate"] = True
-  if cbp:
-    over["cbp"] = cbp
+    hparams["cbp"]["accumulate"] = True
   if args.l2 is not None:
-    over["l2"] = {"weight_decay": args.l2}
-  snp = {}
+    hparams["l2"]["weight_decay"] = args.l2
   if args.snp_weight_decay is not None:
-    snp["weight_decay"] = args.snp_weight_decay
+    hparams["snp"]["weight_decay"] = args.snp_weight_decay
   if args.snp_noise is not None:
-    snp["noise_scale"] = args.snp_noise
-  if snp:
-    over["snp"] = snp
+    hparams["snp"]["noise_scale"] = args.snp_noise
+  for text in args.set:
+    method, name, value = _split_assignment(text, "--set")
+    if name not in HPARAMS[method]:
+      raise ValueError(f"--set {text!r}: {method} has no hyperparameter {name!r} "
+                       f"({sorted(HPARAMS[method])})")
+    default = HPARAMS[method][name]
+    if isinstance(default, bool):
+      hparams[method][name] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, str):
+      hparams[method][name] = value
+    else:
+      hparams[method][name] = _number(value)
+  over["hparams"] = hparams
+  sweep = copy.deepcopy(over.get("sweep", {}))
+  for text in args.sweep:
+    method, name, values = _split_assignment(text, "--sweep")
+    sweep.setdefault(method, {})[name] = [_number(v) for v in values.split(",") if v]
+  over["sweep"] = sweep
   return make_config(over)
 
 
@@ -633,6 +731,8 @@ def main(argv=None) -> int:
     return 2
   out = Path(args.out)
   ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
+  if args.fresh and (out / "checkpoints").exists():
+    shutil.rmtree(out / "checkpoints")
   print(f"slowly-changing regression: {config['seeds']} seeds x {config['steps']:,} examples, "
         f"runs {', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
   try:
@@ -643,7 +743,10 @@ def main(argv=None) -> int:
     print(f"interrupted: partial results in {out}/results.json"
           + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
     return 130
-  except (runner.ConfigMismatchError, FileExistsError) as e:
+  except FileExistsError as e:
+    print(f"error: {e}; or pass --fresh to discard it", file=sys.stderr)
+    return 2
+  except runner.ConfigMismatchError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   total = sum(result.chunk_seconds)

@@ -1,0 +1,254 @@
+"""The shared experiment runner: chunk loop, results file, Ctrl-C, checkpoints, plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import runner
+
+REPO = Path(__file__).resolve().parents[1]
+POINTS = 3
+SEEDS = 4
+
+
+def toy_chunk(carry, index):
+  """A random walk per seed; records the walk's value and its square."""
+  key, x = carry["key"], carry["x"]
+
+  def point(c, j):
+    key, x = c
+    key, sub = jax.vmap(jax.random.split, out_axes=1)(key)
+    x = x + jax.vmap(jax.random.normal)(sub) + index.astype(jnp.float32)
+    return (key, x), {"walk": x, "square": x * x}
+
+  (key, x), pts = jax.lax.scan(point, (key, x), jnp.arange(POINTS))
+  metrics = {"a": {"value": pts["walk"].T, "square": pts["square"].T},
+             "b": {"value": -pts["walk"].T}}
+  return {"key": key, "x": x}, metrics
+
+
+def toy_carry(seed=0):
+  return {"key": jax.random.split(jax.random.key(seed), SEEDS), "x": jnp.zeros((SEEDS,))}
+
+
+def run_toy(tmp_path, chunks=4, config=None, **kw):
+  kw.setdefault("progress", runner.Progress("toy", chunks, stream=None))
+  return runner.run(
+      toy_chunk, toy_carry(), num_chunks=chunks, config=config or {"n": chunks, "tag": "toy"},
+      experiment="toy", points_per_chunk=POINTS, x_step=10.0, x_label="steps",
+      runs={"a": {"method": "A"}, "b": {"method": "B"}}, out_dir=tmp_path, **kw)
+
+
+def test_results_file_schema_and_contents(tmp_path):
+  result = run_toy(tmp_path, chunks=4)
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["schema"] == runner.SCHEMA
+  assert res["status"] == "complete" and res["chunks_done"] == res["num_chunks"] == 4
+  assert res["config"] == {"n": 4, "tag": "toy"}
+  assert res["x"] == [10.0 * (i + 1) for i in range(4 * POINTS)]
+  assert list(res["runs"]) == ["a", "b"] and list(res["metrics"]) == ["a", "b"]
+  value = np.array(res["metrics"]["a"]["value"])
+  assert value.shape == (SEEDS, 4 * POINTS)
+  np.testing.assert_array_equal(np.array(res["metrics"]["b"]["value"]), -value)
+  np.testing.assert_allclose(np.array(res["metrics"]["a"]["square"]), value ** 2, rtol=1e-6)
+  np.testing.assert_array_equal(result.metrics["a"]["value"], value.astype(np.float32))
+  # The same computation as one scan: chunks concatenate in order.
+  carry, parts = toy_carry(), []
+  for i in range(4):
+    carry, m = jax.jit(toy_chunk)(carry, jnp.int32(i))
+    parts.append(np.asarray(m["a"]["value"]))
+  np.testing.assert_array_equal(np.concatenate(parts, axis=-1), value.astype(np.float32))
+  timing = json.loads((tmp_path / "timing.json").read_text())
+  assert timing["chunks_done"] == 4 and len(timing["chunk_seconds"]) == 4
+
+
+def test_compiles_once_for_all_chunks(tmp_path):
+  traces = []
+
+  def counted(carry, index):
+    traces.append(1)
+    return toy_chunk(carry, index)
+
+  runner.run(counted, toy_carry(), num_chunks=5, config={}, experiment="toy",
+             points_per_chunk=POINTS, out_dir=tmp_path,
+             progress=runner.Progress("toy", 5, stream=None))
+  assert len(traces) == 1
+
+
+def test_results_written_after_every_chunk(tmp_path):
+  seen = []
+
+  def on_chunk(done, results):
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    seen.append((done, on_disk["status"], len(on_disk["x"]),
+                 np.array(on_disk["metrics"]["a"]["value"]).shape))
+    assert on_disk == json.loads(json.dumps(results))
+
+  run_toy(tmp_path, chunks=3, on_chunk=on_chunk)
+  assert seen == [(1, "running", 3, (SEEDS, 3)), (2, "running", 6, (SEEDS, 6)),
+                  (3, "complete", 9, (SEEDS, 9))]
+
+
+def test_keyboard_interrupt_leaves_valid_partial_results(tmp_path):
+  def on_chunk(done, results):
+    if done == 2:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    run_toy(tmp_path, chunks=5, on_chunk=on_chunk)
+  res = runner.load_results(tmp_path / "results.json")
+  assert res["status"] == "interrupted" and res["chunks_done"] == 2
+  assert res["metrics"]["a"]["value"].shape == (SEEDS, 2 * POINTS)
+  assert len(res["x"]) == 2 * POINTS
+  full = run_toy(tmp_path / "full", chunks=5)
+  np.testing.assert_array_equal(res["metrics"]["a"]["value"],
+                                full.metrics["a"]["value"][:, :2 * POINTS])
+
+
+def test_resume_is_bit_identical(tmp_path):
+  run_toy(tmp_path / "straight", chunks=5, checkpoint_dir=tmp_path / "straight_ckpt")
+
+  def stop_at_3(done, results):
+    if done == 3:
+      raise KeyboardInterrupt
+
+  out = tmp_path / "resumed"
+  with pytest.raises(KeyboardInterrupt):
+    run_toy(out, chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1,
+            on_chunk=stop_at_3)
+  result = run_toy(out, chunks=5, checkpoint_dir=tmp_path / "ckpt", resume=True)
+  assert result.resumed_from == 3 and len(result.chunk_seconds) == 2
+  straight = (tmp_path / "straight" / "results.json").read_bytes()
+  assert (out / "results.json").read_bytes() == straight
+  # The restored carry holds working PRNG keys.
+  assert jax.dtypes.issubdtype(result.carry["key"].dtype, jax.dtypes.prng_key)
+
+
+def test_resume_with_checkpoint_every_two(tmp_path):
+  def stop_at_3(done, results):
+    if done == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    run_toy(tmp_path / "r", chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
+            on_chunk=stop_at_3)
+  result = run_toy(tmp_path / "r", chunks=5, checkpoint_dir=tmp_path / "ckpt", resume=True)
+  assert result.resumed_from == 2  # The last checkpoint; chunk 3 is recomputed.
+  straight = run_toy(tmp_path / "s", chunks=5)
+  assert (tmp_path / "r" / "results.json").read_bytes() == (
+      tmp_path / "s" / "results.json").read_bytes()
+  np.testing.assert_array_equal(result.metrics["a"]["value"], straight.metrics["a"]["value"])
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.01}, checkpoint_dir=tmp_path / "ckpt")
+  with pytest.raises(runner.ConfigMismatchError) as err:
+    run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.03}, checkpoint_dir=tmp_path / "ckpt",
+            resume=True)
+  assert "lr: 0.01 in the checkpoint, 0.03 now" in str(err.value)
+  with pytest.raises(runner.ConfigMismatchError, match="extra: absent in the checkpoint"):
+    run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.01, "extra": 1},
+            checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+  run_toy(tmp_path, chunks=2, checkpoint_dir=tmp_path / "ckpt")
+  with pytest.raises(FileExistsError, match="resume"):
+    run_toy(tmp_path, chunks=2, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_resume_of_a_finished_run_recomputes_nothing(tmp_path):
+  run_toy(tmp_path, chunks=2, checkpoint_dir=tmp_path / "ckpt")
+  before = (tmp_path / "results.json").read_bytes()
+  result = run_toy(tmp_path, chunks=2, checkpoint_dir=tmp_path / "ckpt", resume=True)
+  assert result.chunk_seconds == [] and result.resumed_from == 2
+  assert (tmp_path / "results.json").read_bytes() == before
+
+
+def test_bad_metrics_shape_is_rejected(tmp_path):
+  def bad(carry, index):
+    return carry, {"a": {"value": jnp.zeros((SEEDS, POINTS + 1))}}
+
+  with pytest.raises(ValueError, match="last axis must be the chunk's 3 points"):
+    runner.run(bad, toy_carry(), num_chunks=1, config={}, experiment="toy",
+               points_per_chunk=POINTS, progress=runner.Progress("toy", 1, stream=None))
+
+
+def test_nan_round_trip_and_mean_stderr(tmp_path):
+  data = {"metrics": {"a": {"m": np.array([[1.0, np.nan], [3.0, np.nan]])}}}
+  runner.write_json_atomic(tmp_path / "f.json", data)
+  text = (tmp_path / "f.json").read_text()
+  assert "NaN" not in text and "null" in text
+  mean, se = runner.mean_and_stderr(np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 7.0]]))
+  np.testing.assert_allclose(mean, [3.0, 5.0])
+  np.testing.assert_allclose(se, [2.0 / np.sqrt(3), np.std([2, 6, 7], ddof=1) / np.sqrt(3)])
+  mean1, se1 = runner.mean_and_stderr(np.array([[1.0, 2.0]]))
+  np.testing.assert_array_equal(se1, [0.0, 0.0])
+
+
+def test_plot_results_writes_a_png(tmp_path):
+  result = run_toy(tmp_path, chunks=2)
+  results = runner.load_results(tmp_path / "results.json")
+  results["metrics"]["b"]["square"] = np.full((SEEDS, 2 * POINTS), np.nan)  # Skipped.
+  path = runner.plot_results(results, tmp_path / "plot.png")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  path2 = runner.plot_results(tmp_path / "results.json", tmp_path / "p2.png",
+                              metrics=("value",), labels=("a",))
+  assert path2.stat().st_size > 1000
+  assert result.status == "complete"
+
+
+SIGINT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import jax, jax.numpy as jnp
+    sys.path.insert(0, {repo!r})
+    from experiments import runner
+
+    def chunk(carry, index):
+      def body(c, _):
+        return c * 0.999 + jnp.sin(c), None
+      carry, _ = jax.lax.scan(body, carry, None, length=3_000_000)
+      return carry, {{"a": {{"v": carry[:, None]}}}}
+
+    def slow(done, results):
+      print("chunk", done, flush=True)
+      time.sleep(0.5)
+
+    try:
+      runner.run(chunk, jnp.ones((2,)), num_chunks=200, config={{"k": 1}}, experiment="sig",
+                 points_per_chunk=1, out_dir=sys.argv[1], on_chunk=slow,
+                 progress=runner.Progress("sig", 200, stream=None))
+    except KeyboardInterrupt:
+      sys.exit(130)
+""")
+
+
+def test_real_sigint_leaves_valid_partial_results(tmp_path):
+  script = tmp_path / "sig.py"
+  script.write_text(SIGINT_SCRIPT.format(repo=str(REPO)))
+  proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("chunk 2"):
+        break
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  res = runner.load_results(tmp_path / "out" / "results.json")
+  assert res["status"] == "interrupted"
+  assert 2 <= res["chunks_done"] < 200
+  assert res["metrics"]["a"]["v"].shape == (2, res["chunks_done"])
+  assert len(res["x"]) == res["chunks_done"]
