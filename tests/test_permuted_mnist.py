@@ -1,0 +1,247 @@
+"""Online permuted MNIST experiment: tasks, online accuracy, resume, determinism.
+
+Tiny configurations only (width 16, a few hundred examples per task) on the
+real MNIST training set in ../shared/data/mnist (skipped if it is absent;
+nothing is ever downloaded).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cbp_jax.data import shared_data_dir
+from experiments import permuted_mnist as pm
+from experiments import runner
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = shared_data_dir() / "mnist"
+
+pytestmark = pytest.mark.skipif(
+    not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists(),
+    reason=f"MNIST IDX files not found in {MNIST} (tests never download data)")
+
+TINY = dict(width=16, tasks=3, examples_per_task=200, tasks_per_chunk=1, probe_size=100)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return pm.load_data(pm.make_config())
+
+
+@pytest.fixture(scope="module")
+def images(data):
+  return np.asarray(data["images"]), np.asarray(data["labels"])
+
+
+def test_tasks_are_the_images_gathered_by_their_permutation(data, images):
+  imgs, labels = images
+  config = pm.make_config(TINY)
+  key = pm.seed_key(config, 0)
+  positions = jnp.arange(300)
+  seen = []
+  for task in range(3):
+    perm = np.asarray(pm.task_permutation(key, task))
+    order = np.asarray(pm.task_order(key, task, imgs.shape[0]))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(784))
+    np.testing.assert_array_equal(np.sort(order), np.arange(imgs.shape[0]))
+    x, y = pm.task_examples(config, data, key, task, positions)
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == np.float32 and x.shape == (300, 784)
+    np.testing.assert_array_equal(x, imgs[order[:300]][:, perm].astype(np.float32) * pm.PIXEL_SCALE)
+    np.testing.assert_array_equal(y, labels[order[:300]])
+    seen.append((perm, order, x))
+  for (p0, o0, _), (p1, o1, _) in [(seen[0], seen[1]), (seen[1], seen[2])]:
+    assert not np.array_equal(p0, p1) and not np.array_equal(o0, o1)
+  # The same image under two tasks' permutations: same pixels, other places.
+  img = imgs[123].astype(np.float32) * pm.PIXEL_SCALE
+  a, b = img[seen[0][0]], img[seen[1][0]]
+  assert not np.array_equal(a, b) and np.array_equal(np.sort(a), np.sort(b))
+  # Positions past the data set wrap around to the start of the task's order.
+  n = imgs.shape[0]
+  xw, yw = pm.task_examples(config, data, key, 0, jnp.array([n, n + 1]))
+  np.testing.assert_array_equal(np.asarray(xw), seen[0][2][:2])
+  # Other seeds see other tasks.
+  assert not np.array_equal(np.asarray(pm.task_permutation(pm.seed_key(config, 1), 0)), seen[0][0])
+
+
+def test_online_accuracy_counts_predictions_before_each_step(data, images):
+  """Online accuracy, checked two ways on 2 tasks x 50 examples.
+
+  * By hand: seed 0's head is set to always predict class 3; at step size 0
+    the network never changes, so a task's accuracy is the fraction of 3s
+    among its 50 labels.
+  * By re-computation: for every seed and step size (0 and 1), an independent
+    loop of SGD steps over `task_examples` counts the examples the network
+    classifies correctly *before* the step on them; the experiment's
+    accuracy is that count / 50 (it is not the count after the step).
+  """
+  imgs, labels = images
+  n = 50
+  config = pm.make_config(TINY, methods=["bp"], seeds=2, step_sizes={"bp": [0.0, 1.0]}, tasks=2,
+                          tasks_per_chunk=2, examples_per_task=n)
+  init, chunk = pm.make_batched(config)
+  keys = pm.seed_keys(config)
+  carry = init(keys)
+  params, opt_state = carry["learners"]["bp"]  # Leaves (seeds, variants, ...).
+  head = params["Dense_3"]
+  constant = {"kernel": head["kernel"].at[0].set(0.0),
+              "bias": head["bias"].at[0].set(jnp.zeros(10).at[3].set(1.0))}
+  params = {**params, "Dense_3": constant}
+  carry = {**carry, "learners": {"bp": (params, opt_state)}}
+  _, metrics = chunk(carry, jnp.asarray(0, jnp.int32), data)
+  assert list(metrics) == ["bp@0", "bp@1"]  # One run label per step size.
+  acc = np.stack([np.asarray(metrics[k]["accuracy"]) for k in metrics], axis=1)
+  assert acc.shape == (2, 2, 2)  # (seeds, step sizes, tasks)
+
+  for task in range(2):
+    order = np.asarray(pm.task_order(keys[0], task, imgs.shape[0]))
+    threes = int(np.sum(labels[order[:n]] == 3))
+    assert 0 < threes < n
+    np.testing.assert_allclose(acc[0, 0, task], threes / n, rtol=1e-6)
+
+  model = pm.make_model(config)
+
+  @jax.jit
+  def step(p, x, y, lr):
+    def loss(p):
+      logits = model.apply({"params": p}, x[None])
+      return -jax.nn.log_softmax(logits)[0, y], jnp.argmax(logits[0]) == y
+    (_, ok), g = jax.value_and_grad(loss, has_aux=True)(p)
+    new = jax.tree.map(lambda a, b: a - lr * b, p, g)
+    after = jnp.argmax(model.apply({"params": new}, x[None])[0]) == y
+    return new, ok, after
+
+  differs = []
+  for s in range(2):
+    for v, lr in enumerate((0.0, 1.0)):
+      p = jax.tree.map(lambda a: a[s, v], params)
+      for task in range(2):
+        xs, ys = pm.task_examples(config, data, keys[s], task)
+        before = after = 0
+        for x, y in zip(xs, ys):
+          p, ok, ok_after = step(p, x, y, lr)
+          before, after = before + int(ok), after + int(ok_after)
+        assert round(float(acc[s, v, task]) * n) == before, (s, lr, task)
+        np.testing.assert_allclose(acc[s, v, task], before / n, rtol=1e-6)
+        if lr > 0:
+          differs.append(after != before)
+  assert any(differs)  # The check tells "before" from "after".
+
+
+class _Stop(Exception):
+  pass
+
+
+def _resume_config():
+  # CBP at a high rate and low maturity, so units are replaced within the run.
+  return pm.make_config(TINY, methods=["bp", "cbp"], seeds=2,
+                        cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
+
+
+def test_resume_after_interruption_is_bit_for_bit(tmp_path, data):
+  config = _resume_config()
+  full = pm.run_experiment(config, data=data, out_dir=tmp_path / "full", plot=False,
+                           progress=False)
+  assert full.status == "complete"
+  assert np.all(full.metrics["cbp"]["replaced_units"][:, -1] > 0)
+
+  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
+
+  def stop_after_first_chunk(chunks_done, results):
+    if chunks_done == 1:
+      raise _Stop
+
+  with pytest.raises(_Stop):
+    pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, plot=False,
+                      progress=False, on_chunk=stop_after_first_chunk)
+  partial = runner.load_results(out / "results.json")
+  assert partial["chunks_done"] == 1 and partial["status"] == "running"
+  with pytest.raises(FileExistsError):  # No silent restart over a checkpoint.
+    pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, plot=False,
+                      progress=False)
+  resumed = pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, resume=True,
+                              plot=False, progress=False)
+  assert resumed.resumed_from == 1
+  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
+  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Another config refuses to resume from these checkpoints.
+  with pytest.raises(runner.ConfigMismatchError, match="width"):
+    pm.run_experiment({**config, "width": 8}, data=data, out_dir=tmp_path / "other",
+                      checkpoint_dir=ckpt, resume=True, plot=False, progress=False)
+
+
+def test_runs_are_deterministic_and_seeds_differ(tmp_path, data):
+  config = _resume_config()
+  a = pm.run_experiment(config, data=data, out_dir=tmp_path / "a", plot=True, progress=False)
+  b = pm.run_experiment(config, data=data, out_dir=tmp_path / "b", plot=False, progress=False)
+  assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+  assert (tmp_path / "a" / "pmnist.png").stat().st_size > 0
+  acc = a.metrics["bp"]["accuracy"]
+  assert acc.shape == (2, 3) and np.all((acc > 0) & (acc <= 1))
+  assert not np.array_equal(acc[0], acc[1])
+  assert set(a.results["runs"]) == {"bp", "cbp"}
+  assert a.results["x"] == [1.0, 2.0, 3.0] and a.results["x_label"] == "task"
+  for name in ("dead_fraction", "effective_rank", "weight_magnitude", "effective_rank/Dense_2"):
+    assert np.all(np.isfinite(a.metrics["cbp"][name]))
+  text = pm.format_summary(a.results)
+  assert "bp" in text and "cbp" in text
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="multiple of batch_size"):
+    pm.make_config(examples_per_task=10, batch_size=3)
+  with pytest.raises(ValueError, match="multiple of tasks_per_chunk"):
+    pm.make_config(tasks=5, tasks_per_chunk=2)
+  with pytest.raises(ValueError, match="unknown method"):
+    pm.make_config(methods=["bp", "sgd"])
+  with pytest.raises(ValueError, match="unknown config entry"):
+    pm.make_config(hidden=3)
+  reduced = pm.config_from_args(pm.parse_args(["--reduced"]))
+  assert reduced["width"] == 100 and reduced["cbp"]["replacement_rate"] == 1e-4
+  assert reduced["cbp"]["maturity_threshold"] == 100
+  paper = pm.config_from_args(pm.parse_args(["--paper"]))
+  assert (paper["width"], paper["depth"], paper["batch_size"]) == (2000, 3, 1)
+  assert (paper["tasks"], paper["examples_per_task"]) == (800, 60_000)
+  assert paper["step_sizes"]["bp"] == [0.003] and paper["cbp"]["maturity_threshold"] == 100
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
+  """The real thing: SIGKILL the CLI after its first checkpoint, then --resume."""
+  args = ["--width", "16", "--tasks", "6", "--examples-per-task", "3000", "--probe-size", "100",
+          "--methods", "bp,cbp", "--seeds", "2", "--cbp-rate", "1e-3", "--no-plot"]
+  cmd = [sys.executable, "-m", "experiments.permuted_mnist"] + args
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  subprocess.run(cmd + ["--out", str(full)], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  proc = subprocess.Popen(cmd + ["--out", str(cut)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not (cut / "checkpoints" / "1").is_dir():
+      assert proc.poll() is None, "the run ended before its first checkpoint"
+      assert time.time() < deadline
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  done = json.loads((cut / "results.json").read_text())["chunks_done"]
+  assert done < 6
+  subprocess.run(cmd + ["--out", str(cut), "--resume"], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  assert (cut / "results.json").read_bytes() == (full / "results.json").read_bytes()
