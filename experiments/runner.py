@@ -638,28 +638,36 @@ def plot_results(
     metrics = tuple(n for n in METRIC_TITLES if n in present) + tuple(
         sorted(present - set(METRIC_TITLES)))
   x = np.asarray(results["x"], dtype=np.float64)
-  fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.2 * max(1, len(metrics)), 3.4),
-                           squeeze=False)
+  panels = max(1, len(metrics))
+  width = 4.0 * panels
+  longest = max([len(l) for l in labels] + [1])
+  ncol = max(1, min(len(labels), int(width / (0.6 + 0.075 * longest))))
+  legend_rows = math.ceil(len(labels) / ncol)
+  legend_height = 0.25 + 0.2 * legend_rows
+  fig, axes = plt.subplots(1, panels, figsize=(width, 3.4 + legend_height), squeeze=False)
+  cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+  colors = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+  shown: dict[str, Any] = {}
   for ax, name in zip(axes[0], metrics):
-    for i, label in enumerate(labels):
+    for label in labels:
       values = data.get(label, {}).get(name)
       if values is None or values.size == 0 or not np.isfinite(values).any():
         continue
       mean, se = mean_and_stderr(values.reshape(-1, values.shape[-1]))
       xs = x[: mean.shape[0]]
-      color = f"C{i % 10}"
-      ax.plot(xs, mean, color=color, label=label, linewidth=1.4)
-      ax.fill_between(xs, mean - se, mean + se, color=color, alpha=0.25, linewidth=0)
+      line, = ax.plot(xs, mean, color=colors[label], label=label, linewidth=1.3)
+      ax.fill_between(xs, mean - se, mean + se, color=colors[label], alpha=0.25, linewidth=0)
+      shown.setdefault(label, line)
     ax.set_title(METRIC_TITLES.get(name, name), fontsize=10)
     ax.set_xlabel(results.get("x_label", "x"))
     ax.grid(alpha=0.3)
-  handles, names = axes[0][0].get_legend_handles_labels()
-  if handles:
-    axes[0][0].legend(fontsize=8)
   seeds = max((v.shape[0] for named in data.values() for v in named.values()), default=0)
   fig.suptitle(title or f"{results.get('experiment', '')} ({results.get('status', '')}, "
                f"mean +- s.e. over {seeds} seeds)", fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+  if shown:
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=ncol, fontsize=8,
+               frameon=False)
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
