@@ -171,6 +171,8 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
           f"{what}: kernel '{layer.kernel}' must have at least 2 axes and "
           f"units on its last axis, got shape {kshape}")
     width = kshape[-1]
+    if math.prod(kshape[:-1]) == 0:
+      raise ValueError(f"{what}: kernel '{layer.kernel}' has no inputs, got shape {kshape}")
 
     def vector(path, role):
       if path is None:
@@ -198,7 +200,7 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
     for c in layer.consumers:
       ck = tree_paths.lookup(index, c.kernel, what)
       cshape = _shape(leaves[ck])
-      if len(cshape) < 2 or cshape[-2] % width or cshape[-2] == 0:
+      if len(cshape) < 2 or cshape[-2] % width or 0 in cshape:
         raise ValueError(
             f"{what}: consumer kernel '{c.kernel}' must read the {width} units "
             f"on axis -2 (a multiple of {width} inputs), got shape {cshape}")
@@ -315,6 +317,10 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
   for producer_pos, consumer_pos in zip(weights, weights[1:]):
     _, name, module = entries[producer_pos]
     width = _shape(module["kernel"])[-1]
+    if width == 0:
+      raise ValueError(
+          f"graph_from_params: layer '{name}' has width 0 (kernel shape "
+          f"{_shape(module['kernel'])})")
     between = entries[producer_pos + 1:consumer_pos]
     if len(between) > 1:
       raise ValueError(

@@ -154,9 +154,7 @@ def cbp(
         f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
   validation.check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
   validation.check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
-  maturity = validation.concrete(maturity_threshold)
-  if maturity is not None and float(maturity) < 0:
-    raise ValueError(f"maturity_threshold must be >= 0, got {maturity_threshold}")
+  validation.check_nonnegative("maturity_threshold", maturity_threshold)
   if utility not in utility_lib.UTILITIES:
     raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
   if init not in initializers.INITS:

@@ -61,9 +61,14 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def as_key(key: Any) -> jax.Array:
   """A PRNG key from a key or an int seed."""
-  if isinstance(key, (int, np.integer)):
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return jax.random.key(int(key))
-  return key
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return key
+  if dtype == jnp.uint32 and key.shape[-1:] == (2,):  # A raw (legacy) key.
+    return key
+  raise ValueError(f"key must be a jax PRNG key or an int seed, got {key!r}")
 
 
 def check_activations(who: str, layers: Sequence[Any], activations: Any) -> None:
