@@ -1,0 +1,799 @@
+"""Continual ImageNet-32 (Dohare et al., Nature 2024), whole-run compiled and vmapped.
+
+The problem (SPEC "Experiments"; reference: ``lop/imagenet/online_batch_expr.py``)
+---------------------------------------------------------------------------------
+* Data: ``images[c]`` holds ``train_per_class + test_per_class`` (600 + 100)
+  32x32x3 ``uint8`` images of every class ``c``, the first 600 for training and
+  the next 100 for testing, as the reference's per-class files. Sources:
+  ``imagenet_resized/32x32`` through `cbp_jax.data.load_dataset` (tfds
+  array_record, no TensorFlow; the first 700 training images of each class),
+  a cached class array (``--class-array``, written on first use), or, offline,
+  MNIST/Fashion-MNIST from ``../shared/data`` (the first 700 training images
+  of each class, zero-padded from 28x28 to 32x32 and repeated to 3 channels:
+  `to_32x32x3`). The class array sits on the device once, as ``uint8``, and
+  is passed to the compiled program as an argument; pixels are scaled to
+  ``[0, 1]`` inside (no mean subtraction).
+* Tasks: task ``t`` is a binary problem between classes ``(a, b) = perm_k[2i],
+  perm_k[2i + 1]`` with ``k = t // (C // 2)``, ``i = t % (C // 2)`` and
+  ``perm_k`` the ``k``-th random permutation of the ``C`` classes of the seed
+  (the reference walks one permutation of the 1000 classes, 500 tasks, then
+  repeats it; here every pass draws a new one, so a 10-class stand-in sees all
+  45 pairs). Class ``a`` has label 0, ``b`` label 1. A task trains
+  ``epochs_per_task`` epochs (the paper: 250) over its 1,200 training images,
+  reshuffled every epoch, in mini-batches of ``batch_size`` (100).
+* Learner: `cbp_jax.models.ConvNet` (3 conv + 3 dense, the paper's net, hidden
+  kernels from the ``"default"`` distribution), softmax cross-entropy, SGD with
+  momentum 0.9. The output layer ``Dense_2`` is reset at the start of every
+  task (`cbp_jax.methods.reset_layers`; ``head_reset="zero"`` sets it to 0 as
+  the reference does, ``"init"`` redraws it) and its momentum restarts
+  (`cbp_jax.methods.reset_optimizer_for`; the reference keeps it).
+* Measured per task: ``accuracy``, the test accuracy on the task's 200 test
+  images after its last epoch (the paper's figure); ``train_accuracy``, the
+  online accuracy of the last epoch; on the test images, ``dead_fraction``
+  (hidden units, conv channels included, never active), ``effective_rank`` of
+  ``Dense_1``'s features, ``weight_magnitude`` (mean |w|) and for CBP
+  ``replaced_units`` (cumulative, all layers).
+* Methods (the reference's configs ``lop/imagenet/cfg``): ``bp`` (step 0.01),
+  ``l2`` (step 0.03, weight decay 3e-6 added to the gradient before momentum,
+  PyTorch's ``SGD(weight_decay=)``), ``snp`` (step 0.01, weight decay 1e-5 and
+  Gaussian noise of std 1e-5 on every parameter after every step:
+  ``shrink_and_perturb(1, 1e-5)`` last in the chain), ``cbp`` (step 0.01;
+  `cbp_jax.cbp` over the conv -> flatten -> dense graph inferred by
+  `cbp_jax.graph_from_params`: replacement rate 3e-4, maturity 100, decay 0.99,
+  ``adaptable_contribution``, ``"default"`` init, the conv references' count
+  ``count_basis="layer"`` accumulated, the paper's next-layer bias
+  correction). CBP wraps the optimizer (``optimizer=``), so the momentum of
+  replaced weights restarts too (the reference keeps it; ``cbp.reset_optimizer
+  = False`` puts cbp last in the chain instead).
+
+All methods of one seed see the same tasks, image orders and initial weights.
+Seed ``i`` uses ``fold_in(key(config["seed"]), i)``.
+
+Compute on CPU: XLA runs convolution gradients inside loops about ten times
+slower than outside (https://github.com/jax-ml/jax/issues/12868), so with
+``conv="auto"`` on CPU every ``nn.Conv`` of the ConvNet runs as patches @
+kernel (`cbp_jax.resnet.im2col_interceptor`), equal up to float rounding.
+
+Program structure (purejaxrl style): `make_train` returns a pure per-seed
+``train(key)`` (the data closed over); `make_chunked` returns per-seed
+``init(key)`` and ``chunk(carry, chunk_index, data)`` (a ``lax.scan`` over the
+chunk's tasks, each a scan over epochs and mini-batches with every method in
+one body); `run_experiment` vmaps them over seeds and drives them with
+`experiments.runner.run` (progress, results file, plot, orbax checkpoints at
+task boundaries, ``--resume``).
+
+Usage::
+
+  # The paper's setting (needs imagenet_resized/32x32 prepared for tfds, and a GPU):
+  python -m experiments.continual_imagenet --paper --data-dir ~/tensorflow_datasets \\
+      --class-array ~/imagenet32_classes.npy --out results/cimagenet_paper
+  # Offline stand-in, reduced (15-20 minutes on 2 shared CPU cores):
+  python -m experiments.continual_imagenet --dataset fashion_mnist --reduced --out results/cimagenet_fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+import cbp_jax
+from cbp_jax import metrics as metrics_lib
+from cbp_jax import resnet
+from cbp_jax.data import load_dataset
+from cbp_jax.methods import reset_layers, reset_optimizer_for, shrink_and_perturb
+from experiments import runner
+
+EXPERIMENT = "continual_imagenet"
+METHODS = ("bp", "l2", "snp", "cbp")
+DATASETS = ("imagenet_resized/32x32", "fashion_mnist", "mnist")
+HEAD_RESETS = ("zero", "init")
+SEED_AXES = ("vmap", "map")
+IMAGE_SHAPE = (32, 32, 3)
+HEAD = "Dense_2"
+HIDDEN = ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")
+PIXEL_SCALE = np.float32(1.0 / 255.0)
+# Key streams of a seed.
+_CLASSES, _INIT, _OPT, _ORDER, _HEAD = range(5)
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "seeds": 1,
+    "dataset": "imagenet_resized/32x32",
+    "tasks": 5000,
+    "epochs_per_task": 250,
+    "batch_size": 100,
+    "train_per_class": 600,
+    "test_per_class": 100,
+    "tasks_per_chunk": 1,
+    "head_reset": "zero",
+    "conv": "auto",
+    "seed_axis": "vmap",
+    "methods": ["bp", "l2", "snp", "cbp"],
+    "step_size": {"bp": 0.01, "l2": 0.03, "snp": 0.01, "cbp": 0.01},
+    "momentum": 0.9,
+    "l2": {"weight_decay": 3e-6},
+    "snp": {"weight_decay": 1e-5, "noise_scale": 1e-5},
+    "cbp": {
+        "replacement_rate": 3e-4,
+        "maturity_threshold": 100,
+        "decay_rate": 0.99,
+        "utility": "adaptable_contribution",
+        "init": "default",
+        "count_basis": "layer",
+        "accumulate": True,
+        "next_bias_correction": True,
+        "reset_optimizer": True,
+    },
+}
+
+# The paper: 30 runs x 5,000 tasks x 250 epochs (BP's figure stops at 2,000 tasks).
+PAPER_OVERRIDES: dict[str, Any] = {"seeds": 30, "tasks": 5000, "epochs_per_task": 250}
+
+# The offline stand-in on a shared 2-core CPU in about 15-20 minutes:
+# Fashion-MNIST pairs, 1 seed, 20 tasks of 3 epochs (36 steps each; the
+# paper's: 3,000). Every method steps at 0.05, 5x the paper's BP/S&P/CBP step
+# size: at 0.03 the net barely leaves chance level within 36 steps, at 0.1 BP
+# diverges within 5 tasks. The per-step regularisers are scaled so that their
+# effect *per task* matches the paper's (L2: lr * wd * steps = 2.7e-4 per
+# task; S&P: shrink 3e-4 and noise variance 3e-7 per task). CBP replaces 1e-2
+# of a layer per step once mature (a third of each layer per task; the
+# paper's 3e-4 x 3,000 steps is 90%), maturity 10 steps.
+REDUCED_OVERRIDES: dict[str, Any] = {
+    "dataset": "fashion_mnist",
+    "seeds": 1,
+    "tasks": 20,
+    "epochs_per_task": 3,
+    "tasks_per_chunk": 4,
+    "step_size": {"bp": 0.05, "l2": 0.05, "snp": 0.05, "cbp": 0.05},
+    "l2": {"weight_decay": 1.5e-4},
+    "snp": {"weight_decay": 1.67e-4, "noise_scale": 9.1e-5},
+    "cbp": {"replacement_rate": 1e-2, "maturity_threshold": 10},
+}
+
+
+# ---------------------------------------------------------------------------
+# Config.
+# ---------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
+  out = copy.deepcopy(base)
+  for k, v in over.items():
+    if k not in out:
+      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
+    if isinstance(out[k], dict) and isinstance(v, Mapping):
+      out[k] = _merge(out[k], v, f"{path}{k}.")
+    else:
+      out[k] = copy.deepcopy(v)
+  return out
+
+
+def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
+  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs`` (nested dicts merge), validated."""
+  config = _merge(DEFAULT_CONFIG, overrides or {})
+  config = _merge(config, kwargs)
+  config["methods"] = list(config["methods"])
+  config = runner.normalize_config(config)
+  validate_config(config)
+  return config
+
+
+def validate_config(c: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first inconsistent entry."""
+  def need(ok: bool, msg: str) -> None:
+    if not ok:
+      raise ValueError(msg)
+  for k in ("seeds", "tasks", "epochs_per_task", "batch_size", "train_per_class",
+            "test_per_class", "tasks_per_chunk"):
+    need(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 1,
+         f"{k} must be a positive int, got {c[k]!r}")
+  need(isinstance(c["seed"], int), f"seed must be an int, got {c['seed']!r}")
+  need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
+  need(c["tasks"] % c["tasks_per_chunk"] == 0,
+       f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})")
+  need((2 * c["train_per_class"]) % c["batch_size"] == 0,
+       f"2 * train_per_class ({2 * c['train_per_class']}) must be a multiple of batch_size "
+       f"({c['batch_size']})")
+  need(c["head_reset"] in HEAD_RESETS, f"head_reset must be one of {HEAD_RESETS}")
+  need(c["conv"] in resnet.CONV_IMPLS, f"conv must be one of {resnet.CONV_IMPLS}")
+  need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
+  need(len(c["methods"]) > 0 and len(set(c["methods"])) == len(c["methods"]),
+       f"methods must be a non-empty list without repeats, got {c['methods']}")
+  for m in c["methods"]:
+    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
+    lr = c["step_size"].get(m)
+    need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+         f"step_size[{m!r}] must be a number > 0, got {lr!r}")
+  need(0 <= c["momentum"] < 1, "momentum must be in [0, 1)")
+  need(c["l2"]["weight_decay"] >= 0, "l2.weight_decay must be >= 0")
+  need(c["snp"]["weight_decay"] >= 0 and c["snp"]["noise_scale"] >= 0,
+       "snp.weight_decay and snp.noise_scale must be >= 0")
+  cb = c["cbp"]
+  need(0 <= cb["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
+  need(0 <= cb["decay_rate"] < 1, "cbp.decay_rate must be in [0, 1)")
+  need(cb["maturity_threshold"] >= 0, "cbp.maturity_threshold must be >= 0")
+
+
+def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
+  """``{method: {"method", "step_size", ...hyperparameters}}`` in config order."""
+  out = {}
+  for m in config["methods"]:
+    info = {"method": m, "step_size": config["step_size"][m], "momentum": config["momentum"]}
+    if m in ("l2", "snp", "cbp"):
+      info.update(config[m])
+    out[m] = info
+  return out
+
+
+def num_chunks(config: Mapping[str, Any]) -> int:
+  return config["tasks"] // config["tasks_per_chunk"]
+
+
+def steps_per_epoch(config: Mapping[str, Any]) -> int:
+  return 2 * config["train_per_class"] // config["batch_size"]
+
+
+# ---------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------
+
+
+def to_32x32x3(images: np.ndarray) -> np.ndarray:
+  """``uint8 (N, H, W, C)`` images as ``(N, 32, 32, 3)``.
+
+  Smaller images are zero-padded, centred (28x28 MNIST gets 2 pixels on each
+  side); one channel is repeated to three. Larger images are refused (no
+  resizing is done).
+  """
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"expected images (N, H, W, 1 or 3), got shape {images.shape}")
+  if images.dtype != np.uint8:
+    raise ValueError(f"expected uint8 images, got {images.dtype}")
+  n, h, w, _ = images.shape
+  if h > 32 or w > 32:
+    raise ValueError(f"images of {h}x{w} are larger than 32x32; resizing is not supported")
+  top, left = (32 - h) // 2, (32 - w) // 2
+  out = np.zeros((n, 32, 32, images.shape[-1]), np.uint8)
+  out[:, top:top + h, left:left + w] = images
+  if out.shape[-1] == 1:
+    out = np.repeat(out, 3, axis=-1)
+  return out
+
+
+def class_array(images: np.ndarray, labels: np.ndarray, per_class: int,
+                num_classes: int | None = None) -> np.ndarray:
+  """The first ``per_class`` images of every class, in data-set order, as ``(C, per_class, 32, 32, 3)``.
+
+  Raises:
+    ValueError: naming a class with fewer than ``per_class`` images.
+  """
+  labels = np.asarray(labels)
+  num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+  out = np.empty((num_classes, per_class) + IMAGE_SHAPE, np.uint8)
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)[:per_class]
+    if idx.size < per_class:
+      raise ValueError(f"class {c} has {idx.size} images, {per_class} are needed")
+    out[c] = to_32x32x3(images[idx])
+  return out
+
+
+def load_class_array(config: Mapping[str, Any], data_dir: str | Path | None = None,
+                     cache: str | Path | None = None) -> np.ndarray:
+  """The class array of ``config["dataset"]`` (host ``uint8``, ``(C, 700, 32, 32, 3)``).
+
+  ``cache``: a ``.npy`` file holding a class array. Read if it exists (it must
+  hold at least ``train_per_class + test_per_class`` images per class), else
+  written after building it from the data set (worth it for ImageNet-32,
+  whose 1.28M PNG images take long to decode). Nothing is ever downloaded:
+  MNIST/Fashion-MNIST are read from the local IDX files, ImageNet-32 from a
+  prepared tfds data_dir (`cbp_jax.data.load_dataset`).
+  """
+  per_class = config["train_per_class"] + config["test_per_class"]
+  if cache is not None and Path(cache).exists():
+    arr = np.load(cache, mmap_mode="r")
+    if arr.ndim != 5 or arr.shape[2:] != IMAGE_SHAPE or arr.dtype != np.uint8 or arr.shape[1] < per_class:
+      raise ValueError(
+          f"{cache}: expected a uint8 class array (C, >={per_class}, 32, 32, 3), got "
+          f"{arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr[:, :per_class])
+  source = "tfds" if config["dataset"].startswith("imagenet") else "local"
+  ds = load_dataset(config["dataset"], "train", source=source, data_dir=data_dir)
+  arr = class_array(ds.images, ds.labels, per_class, ds.num_classes)
+  if cache is not None:
+    Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, arr)
+  return arr
+
+
+def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None,
+              cache: str | Path | None = None) -> dict[str, jax.Array]:
+  """``{"images": uint8 (C, train_per_class + test_per_class, 32, 32, 3)}`` on the device."""
+  return {"images": jax.device_put(load_class_array(config, data_dir, cache))}
+
+
+def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
+  """The key of seed ``index`` (independent of how many seeds are run)."""
+  return jax.random.fold_in(jax.random.key(config["seed"]), index)
+
+
+def seed_keys(config: Mapping[str, Any]) -> jax.Array:
+  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+
+
+def task_classes(key: jax.Array, task: int | jax.Array, num_classes: int) -> jax.Array:
+  """The two classes of task ``task``: int32 ``(2,)``, label 0 then label 1 (module docstring)."""
+  pairs = num_classes // 2
+  perm = jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(key, _CLASSES), task // pairs), num_classes)
+  return jax.lax.dynamic_slice(perm, (2 * (task % pairs),), (2,)).astype(jnp.int32)
+
+
+def task_data(config: Mapping[str, Any], data: Mapping[str, jax.Array], classes: jax.Array):
+  """The task's images: ``(train_x, train_y, test_x, test_y)``, uint8 images, int32 labels.
+
+  Training images are class ``classes[0]``'s first ``train_per_class`` then
+  ``classes[1]``'s; test images the next ``test_per_class`` of each.
+  """
+  n_train, n_test = config["train_per_class"], config["test_per_class"]
+  imgs = data["images"][classes]  # (2, per_class, 32, 32, 3)
+  train_x = imgs[:, :n_train].reshape((2 * n_train,) + IMAGE_SHAPE)
+  test_x = imgs[:, n_train:n_train + n_test].reshape((2 * n_test,) + IMAGE_SHAPE)
+  train_y = jnp.repeat(jnp.arange(2, dtype=jnp.int32), n_train)
+  test_y = jnp.repeat(jnp.arange(2, dtype=jnp.int32), n_test)
+  return train_x, train_y, test_x, test_y
+
+
+def epoch_order(key: jax.Array, task: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
+  """The order in which an epoch visits the task's ``n`` training images."""
+  return jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, _ORDER), task), epoch), n)
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  return images.astype(jnp.float32) * PIXEL_SCALE
+
+
+# ---------------------------------------------------------------------------
+# Learners.
+# ---------------------------------------------------------------------------
+
+
+def make_model() -> cbp_jax.models.ConvNet:
+  return cbp_jax.models.ConvNet(outputs=2, init_scheme="default")
+
+
+def _map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
+  """``jax.vmap(fn, in_axes)``, except for ``n == 1``: squeeze, call, expand.
+
+  A size-1 vmap would turn CBP's ``lax.cond`` ("replace anything?") into a
+  ``select`` running both branches every step.
+  """
+  if n != 1:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def call(*args):
+    args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
+    return jax.tree.map(lambda a: a[None], fn(*args))
+
+  return call
+
+
+class _Method:
+  """One method: init, training step, head reset and probe (one seed, unbatched)."""
+
+  def __init__(self, config, method, index):
+    self.config, self.method, self.index = config, method, index
+    self.model = make_model()
+    self.im2col = resnet.resolve_conv(config["conv"]) == "im2col"
+    x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+    shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
+    self.graph = cbp_jax.graph_from_params(shapes)
+    assert self.graph.names == HIDDEN, self.graph.names
+
+  # The optimizer: ``inner`` is plain SGD (+ L2); ``tx`` what the step uses.
+  def inner(self):
+    c = self.config
+    sgd = optax.sgd(c["step_size"][self.method], momentum=c["momentum"] or None)
+    if self.method == "l2":
+      return optax.chain(optax.add_decayed_weights(c["l2"]["weight_decay"]), sgd)
+    if self.method == "snp":
+      return optax.chain(optax.add_decayed_weights(c["snp"]["weight_decay"]), sgd)
+    return sgd
+
+  def tx(self, key):
+    c = self.config
+    if self.method == "snp":
+      return optax.with_extra_args_support(optax.chain(
+          self.inner(), shrink_and_perturb(1.0, c["snp"]["noise_scale"], key=key)))
+    if self.method != "cbp":
+      return optax.with_extra_args_support(self.inner())
+    cb = c["cbp"]
+    kwargs = dict(key=key, replacement_rate=cb["replacement_rate"],
+                  maturity_threshold=cb["maturity_threshold"], decay_rate=cb["decay_rate"],
+                  utility=cb["utility"], init=cb["init"], count_basis=cb["count_basis"],
+                  accumulate=cb["accumulate"], next_bias_correction=cb["next_bias_correction"])
+    if cb["reset_optimizer"]:
+      return cbp_jax.cbp(self.graph, optimizer=self.inner(), **kwargs)
+    return optax.chain(self.inner(), cbp_jax.cbp(self.graph, **kwargs))
+
+  def apply(self, params, x):
+    if self.im2col:
+      with nn.intercept_methods(resnet.im2col_interceptor):
+        return cbp_jax.apply_with_activations(self.model, params, x)
+    return cbp_jax.apply_with_activations(self.model, params, x)
+
+  def init(self, key):
+    x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+    params = self.model.init(jax.random.fold_in(key, _INIT), x)["params"]
+    opt_key = jax.random.fold_in(jax.random.fold_in(key, _OPT), self.index)
+    return params, self.tx(opt_key).init(params)
+
+  def reset_head(self, state, key, task):
+    """Resets ``Dense_2`` (zeros or a fresh draw) and restarts its optimizer statistics."""
+    params, opt_state = state
+    if self.config["head_reset"] == "zero":
+      fresh = jax.tree.map(jnp.zeros_like, params)
+    else:
+      x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+      head_key = jax.random.fold_in(jax.random.fold_in(key, _HEAD), task)
+      fresh = self.model.init(head_key, x)["params"]
+    params = reset_layers(params, fresh, HEAD)
+    if self.method == "cbp" and self.config["cbp"]["reset_optimizer"]:
+      opt_state = opt_state._replace(
+          inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, HEAD))
+    elif self.method in ("cbp", "snp"):  # chain(inner, cbp | shrink_and_perturb)
+      opt_state = (reset_optimizer_for(self.inner(), opt_state[0], params, HEAD),) + tuple(opt_state[1:])
+    else:
+      opt_state = reset_optimizer_for(self.inner(), opt_state, params, HEAD)
+    return params, opt_state
+
+  def step(self, state, x, y):
+    """One SGD step on ``(x, y)``; returns the new state and the correct count before it."""
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits, acts = self.apply(p, x)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), (logits, acts)
+
+    (_, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == y, dtype=jnp.int32)
+    # The optimizer's key lives in its state; this one is never used.
+    updates, opt_state = self.tx(jax.random.key(0)).update(
+        grads, opt_state, params, activations=acts)
+    return (optax.apply_updates(params, updates), opt_state), correct
+
+  def evaluate(self, state, x, y):
+    """Test accuracy and the probe metrics on ``(x, y)``."""
+    params, opt_state = state
+    logits, acts = self.apply(params, x)
+    out = {"accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))}
+    widths = [acts[n].shape[-1] for n in HIDDEN]
+    dead = jnp.stack([metrics_lib.dead_unit_fraction(acts[n]) for n in HIDDEN])
+    out["dead_fraction"] = jnp.sum(dead * jnp.asarray(widths, jnp.float32)) / sum(widths)
+    out["effective_rank"] = metrics_lib.effective_rank(acts["Dense_1"])
+    out["weight_magnitude"] = metrics_lib.weight_magnitude(params)["overall"]
+    if self.method == "cbp":
+      stats = cbp_jax.unit_stats(opt_state)
+      out["replaced_units"] = sum(stats[n]["replaced"] for n in HIDDEN).astype(jnp.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The compiled program.
+# ---------------------------------------------------------------------------
+
+
+def make_chunked(config: Mapping[str, Any]):
+  """Per-seed ``init(key) -> carry`` and ``chunk(carry, chunk_index, data) -> (carry, metrics)``.
+
+  ``data`` is `load_data`'s dict. ``metrics`` is ``{method: {name:
+  array(tasks_per_chunk,)}}`` with names ``accuracy``, ``train_accuracy``,
+  ``dead_fraction``, ``effective_rank``, ``weight_magnitude`` and, for CBP,
+  ``replaced_units``.
+  """
+  config = make_config(config)
+  methods = [_Method(config, m, i) for i, m in enumerate(config["methods"])]
+  batch = config["batch_size"]
+  n_train = 2 * config["train_per_class"]
+  steps = steps_per_epoch(config)
+  epochs = config["epochs_per_task"]
+  tasks_per_chunk = config["tasks_per_chunk"]
+
+  def init(key):
+    return {"key": key, "learners": {m.method: m.init(key) for m in methods}}
+
+  def one_task(data, carry, task):
+    key = carry["key"]
+    num_classes = data["images"].shape[0]
+    classes = task_classes(key, task, num_classes)
+    train_x, train_y, test_x, test_y = task_data(config, data, classes)
+    learners = {m.method: m.reset_head(carry["learners"][m.method], key, task) for m in methods}
+
+    def epoch_body(learners, epoch):
+      order = epoch_order(key, task, epoch, n_train)
+
+      def step_body(learners, s):
+        idx = jax.lax.dynamic_slice(order, (s * batch,), (batch,))
+        x, y = to_float(train_x[idx]), train_y[idx]
+        new, correct = {}, {}
+        for m in methods:
+          new[m.method], correct[m.method] = m.step(learners[m.method], x, y)
+        return new, correct
+
+      learners, correct = jax.lax.scan(step_body, learners, jnp.arange(steps))
+      return learners, {k: jnp.sum(v) for k, v in correct.items()}
+
+    learners, correct = jax.lax.scan(epoch_body, learners, jnp.arange(epochs))
+    out = {}
+    for m in methods:
+      out[m.method] = m.evaluate(learners[m.method], to_float(test_x), test_y)
+      out[m.method]["train_accuracy"] = correct[m.method][-1].astype(jnp.float32) / n_train
+    return {"key": key, "learners": learners}, out
+
+  def chunk(carry, chunk_index, data):
+    first = chunk_index.astype(jnp.int32) * tasks_per_chunk
+    return jax.lax.scan(lambda c, t: one_task(data, c, t), carry,
+                        first + jnp.arange(tasks_per_chunk, dtype=jnp.int32))
+
+  return init, chunk
+
+
+def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):
+  """A pure ``train(key) -> {method: {name: array(tasks,)}}`` for one seed.
+
+  purejaxrl style: ``jax.jit(jax.vmap(make_train(config, data)))(seed_keys(config))``
+  runs every seed of the whole experiment as one program (``data``, default
+  `load_data`, is closed over: a constant of the program; `run_experiment`
+  passes it as an argument instead).
+  """
+  config = make_config(config)
+  data = load_data(config) if data is None else data
+  init, chunk = make_chunked(config)
+  n = num_chunks(config)
+
+  def train(key):
+    carry = init(key)
+    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, data), carry,
+                              jnp.arange(n, dtype=jnp.int32))
+    return jax.tree.map(lambda a: a.reshape(-1), metrics)
+
+  return train
+
+
+class WithData:
+  """Adapts a jitted ``chunk(carry, index, data)`` to the runner's ``chunk(carry, index)``.
+
+  The data is an argument of the compiled program (one device buffer, never
+  copied or checkpointed) rather than a constant baked into it. Mimics the
+  part of the ``jax.jit`` API `experiments.runner.compile_chunk` uses.
+  """
+
+  def __init__(self, jitted: Callable, data: Any):
+    self._jit, self._data = jitted, data
+
+  def __call__(self, carry, index):
+    return self._jit(carry, index, self._data)
+
+  def lower(self, carry, index):
+    lowered = self._jit.lower(carry, index, self._data)
+    data = self._data
+
+    class _Lowered:
+      def compile(self):
+        compiled = lowered.compile()
+
+        class _Compiled:
+          out_info = compiled.out_info
+
+          def __call__(self, carry, index):
+            return compiled(carry, index, data)
+
+        return _Compiled()
+
+    return _Lowered()
+
+
+def make_batched(config: Mapping[str, Any]):
+  """Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds; metrics ``(seeds, tasks)``."""
+  return _batched(json.dumps(make_config(config), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _batched(config_json: str):
+  config = json.loads(config_json)
+  init, chunk = make_chunked(config)
+  seeds = config["seeds"]
+  if config["seed_axis"] == "map" and seeds > 1:
+    def batched_chunk(carry, index, data):
+      return jax.lax.map(lambda c: chunk(c, index, data), carry)
+  else:
+    batched_chunk = _map_leading(chunk, seeds, (0, None, None))
+  return jax.jit(_map_leading(init, seeds, (0,))), jax.jit(batched_chunk)
+
+
+def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
+                   data_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
+                   resume: bool = False, plot: bool = True, progress: bool = True,
+                   on_chunk=None) -> runner.RunResult:
+  """Runs the experiment with `experiments.runner.run`.
+
+  Writes ``out_dir/results.json`` (runner schema; ``x`` = task number),
+  ``out_dir/timing.json`` and ``out_dir/cimagenet.png``.
+  """
+  config = make_config(config)
+  data = load_data(config, data_dir) if data is None else data
+  init, chunk = make_batched(config)
+  carry = init(seed_keys(config))
+  n = num_chunks(config)
+  labels = run_labels(config)
+  per_chunk = config["tasks_per_chunk"] * config["epochs_per_task"] * steps_per_epoch(config)
+  prog = runner.Progress(
+      "cimagenet", n, work_per_chunk=per_chunk * config["seeds"] * len(labels),
+      work_label="run-steps", stream="stderr" if progress else None)
+  result = runner.run(
+      WithData(chunk, data), carry, num_chunks=n, config=config, experiment=EXPERIMENT,
+      points_per_chunk=config["tasks_per_chunk"], x_step=1.0, x_label="task",
+      runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
+      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+  if plot and out_dir is not None:
+    plot_results(result.results, Path(out_dir) / "cimagenet.png")
+  return result
+
+
+def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> Path:
+  """Test accuracy per task, then the correlates, one panel each."""
+  if not isinstance(results, Mapping):
+    results = runner.load_results(results)
+  c = results["config"]
+  return runner.plot_results(
+      results, path,
+      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
+      title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
+            f"epochs/task, {c.get('seeds')} seed(s), mean +- s.e.)")
+
+
+def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
+  """``{method: {"first", "last", "last_se", "dead_last"}}``: mean test accuracy of the
+  first and the last ``window`` tasks (default: a fifth of the tasks, at least 1),
+  means over seeds, and the dead-unit fraction at the end."""
+  out = {}
+  for label, named in results["metrics"].items():
+    acc = np.asarray(named["accuracy"], np.float64)
+    n = acc.shape[-1]
+    w = window or max(1, n // 5)
+    last = np.mean(acc[:, n - w:], axis=1)
+    out[label] = {"first": float(np.mean(acc[:, :w])), "last": float(np.mean(last)),
+                  "last_se": float(np.std(last, ddof=1) / math.sqrt(len(last)))
+                  if len(last) > 1 else 0.0,
+                  "dead_last": float(np.mean(np.asarray(named["dead_fraction"])[:, -1]))}
+  return out
+
+
+def format_summary(results: Mapping[str, Any], **kwargs) -> str:
+  rows = summary(results, **kwargs)
+  lines = [f"{'method':<8} {'first tasks':>12} {'last tasks':>12} {'(+- s.e.)':>10} {'dead (end)':>11}"]
+  for label, r in rows.items():
+    lines.append(f"{label:<8} {100 * r['first']:>11.2f}% {100 * r['last']:>11.2f}% "
+                 f"{100 * r['last_se']:>9.2f}% {100 * r['dead_last']:>10.2f}%")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# CLI.
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.continual_imagenet",
+      description="Continual ImageNet-32 (binary tasks over class pairs), compiled and vmapped.")
+  preset = p.add_mutually_exclusive_group()
+  preset.add_argument("--paper", action="store_true",
+                      help="30 seeds x 5,000 tasks x 250 epochs (other flags still override)")
+  preset.add_argument("--reduced", action="store_true",
+                      help="the ~15-minute CPU stand-in: Fashion-MNIST pairs, 1 seed, 20 tasks x "
+                           "3 epochs, step size 0.05 (other flags still override)")
+  p.add_argument("--dataset", choices=DATASETS)
+  p.add_argument("--data-dir", help="tfds data_dir (ImageNet-32) or the root holding mnist/, "
+                                    "fashion-mnist/ (default $CBP_JAX_DATA_DIR or ../shared/data)")
+  p.add_argument("--class-array", help="a .npy cache of the class array: read if present, else written")
+  p.add_argument("--seeds", type=int)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--tasks", type=int)
+  p.add_argument("--epochs-per-task", type=int)
+  p.add_argument("--tasks-per-chunk", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--head-reset", choices=HEAD_RESETS)
+  p.add_argument("--conv", choices=resnet.CONV_IMPLS)
+  p.add_argument("--seed-axis", choices=SEED_AXES)
+  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
+  p.add_argument("--step-size", type=float, help="one step size for every method")
+  p.add_argument("--cbp-rate", type=float)
+  p.add_argument("--cbp-maturity", type=int)
+  p.add_argument("--out", default="results/cimagenet")
+  p.add_argument("--checkpoint-every", type=int, default=1,
+                 help="orbax checkpoint every this many chunks (0: never)")
+  p.add_argument("--resume", action="store_true")
+  p.add_argument("--no-plot", action="store_true")
+  return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+  over: dict[str, Any] = {}
+  if args.paper:
+    over = _merge(DEFAULT_CONFIG, PAPER_OVERRIDES)
+  elif args.reduced:
+    over = _merge(DEFAULT_CONFIG, REDUCED_OVERRIDES)
+  simple = {"dataset": args.dataset, "seeds": args.seeds, "seed": args.seed, "tasks": args.tasks,
+            "epochs_per_task": args.epochs_per_task, "tasks_per_chunk": args.tasks_per_chunk,
+            "batch_size": args.batch_size, "head_reset": args.head_reset, "conv": args.conv,
+            "seed_axis": args.seed_axis}
+  over.update({k: v for k, v in simple.items() if v is not None})
+  if args.methods:
+    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if args.step_size is not None:
+    over["step_size"] = {m: args.step_size for m in METHODS}
+  cb = {}
+  if args.cbp_rate is not None:
+    cb["replacement_rate"] = args.cbp_rate
+  if args.cbp_maturity is not None:
+    cb["maturity_threshold"] = args.cbp_maturity
+  if cb:
+    over["cbp"] = {**over.get("cbp", {}), **cb}
+  return make_config(over)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    config = config_from_args(args)
+    data = load_data(config, args.data_dir, args.class_array)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out = Path(args.out)
+  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
+  print(f"continual ImageNet protocol on {config['dataset']} ({data['images'].shape[0]} classes): "
+        f"{config['seeds']} seed(s) x {config['tasks']} tasks x {config['epochs_per_task']} epochs, "
+        f"methods {', '.join(config['methods'])}; conv {resnet.resolve_conv(config['conv'])}; "
+        f"results -> {out}/results.json", file=sys.stderr)
+  tic = time.perf_counter()
+  try:
+    result = run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt,
+                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
+                            plot=not args.no_plot)
+  except KeyboardInterrupt:
+    print(f"interrupted: partial results in {out}/results.json"
+          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
+    return 130
+  except (runner.ConfigMismatchError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_summary(result.results))
+  print(f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, total "
+        f"{time.perf_counter() - tic:.1f} s; results {out}/results.json"
+        + ("" if args.no_plot else f", plot {out}/cimagenet.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
