@@ -2,9 +2,9 @@
 
 Shared by CBP (units chosen by low utility) and ReDo (units chosen by a
 dormancy score). A selection names at most ``K`` units per layer, ``K``
-static; empty slots hold the index ``width`` (out of range), and every
-scatter uses ``mode="drop"``, so no shape depends on how many units are
-replaced.
+static; empty slots hold the index ``width`` (out of range) and are dropped,
+so no shape depends on how many units are replaced. Edits are masked
+selects, not scatters, so they fuse with the optimizer's elementwise work.
 
 The kernel edits the optimizer's *updates* rather than the parameters, so
 that ``optax.apply_updates(params, updates)`` lands on the reset values while
@@ -30,7 +30,6 @@ import optax
 
 from cbp_jax import initializers
 from cbp_jax.graph import ResolvedLayer
-from cbp_jax.utility import unit_axis_view
 
 
 class Selection(NamedTuple):
@@ -73,14 +72,21 @@ def select_lowest(
   return Selection(jnp.where(valid, idx, width).astype(jnp.int32))
 
 
-def _set_along(x: jax.Array, axis: int, idx: jax.Array, values: jax.Array) -> jax.Array:
+def _mask_along(x: jax.Array, axis: int, idx: jax.Array) -> jax.Array:
+  """Boolean mask of ``idx`` on ``x``'s ``axis``, shaped to broadcast against ``x``."""
   axis %= x.ndim
-  return x.at[(slice(None),) * axis + (idx,)].set(values.astype(x.dtype), mode="drop")
+  mask = jnp.zeros((x.shape[axis],), bool).at[idx].set(True, mode="drop")
+  return mask.reshape((-1,) + (1,) * (x.ndim - axis - 1))
 
 
-def _take_along(x: jax.Array, axis: int, idx: jax.Array) -> jax.Array:
-  # Empty slots are clipped here and dropped by the matching `_set_along`.
-  return jnp.take(x, idx, axis=axis, mode="clip")
+def _where_along(x: jax.Array, axis: int, idx: jax.Array, values: jax.Array) -> jax.Array:
+  """``x`` with the ``idx`` entries of ``axis`` taken from ``values`` (same shape).
+
+  A select rather than a scatter: it fuses with the elementwise work around
+  it (the optimizer update, ``apply_updates``), so a step that replaces
+  nothing costs no extra pass over the parameters and needs no `lax.cond`.
+  """
+  return jnp.where(_mask_along(x, axis, idx), values.astype(x.dtype), x)
 
 
 def consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
@@ -156,29 +162,35 @@ def reset_units(
       for c in layer.consumers:
         if c.bias is None:
           continue
-        view = unit_axis_view(post(c.kernel), layer.width, c.layout)  # (rest, n, out)
-        w = jnp.take(view, sel.indices, axis=1, mode="fill", fill_value=0).astype(jnp.float32)
-        delta = jnp.einsum("rko,k->o", w, f_hat)
+        # The replaced units' input rows, (..., K * P, out), and each row's
+        # unit's f_hat in the same p-major order as `consumer_inputs`.
+        rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+        w = jnp.take(post(c.kernel), rows, axis=-2, mode="fill", fill_value=0).astype(jnp.float32)
+        f_rows = jnp.tile(f_hat, c.positions)
+        delta = jnp.einsum("...ko,k->o", w, f_rows)
         u[c.bias] = u[c.bias] + delta.astype(u[c.bias].dtype)
 
   for layer in layers:
     sel = selections[layer.layer.name]
     for c in layer.consumers:
       rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
-      u[c.kernel] = _set_along(u[c.kernel], -2, rows, -_take_along(p[c.kernel], -2, rows))
+      u[c.kernel] = _where_along(u[c.kernel], -2, rows, -p[c.kernel])
 
   for n, layer in enumerate(layers):
     sel = selections[layer.layer.name]
     idx = sel.indices
     k = p[layer.kernel]
     b = initializers.bound(init, layer.fan_in, layer.fan_out, layer.layer.activation)
+    # Draw only K new columns and spread them to their units with a gather.
     fresh = jax.random.uniform(
         jax.random.fold_in(key, n), k.shape[:-1] + idx.shape, jnp.float32, -b, b)
-    u[layer.kernel] = _set_along(
-        u[layer.kernel], -1, idx, fresh.astype(k.dtype) - _take_along(k, -1, idx))
+    slot = jnp.zeros((layer.width,), jnp.int32).at[idx].set(
+        jnp.arange(idx.shape[0], dtype=jnp.int32), mode="drop")
+    spread = jnp.take(fresh.astype(k.dtype), slot, axis=-1)
+    u[layer.kernel] = _where_along(u[layer.kernel], -1, idx, spread - k)
     for leaf, target in ((layer.bias, 0.0), (layer.norm_offset, 0.0), (layer.norm_scale, 1.0)):
       if leaf is not None:
-        u[leaf] = _set_along(u[leaf], -1, idx, target - _take_along(p[leaf], -1, idx))
+        u[leaf] = _where_along(u[leaf], -1, idx, target - p[leaf])
   return jax.tree.unflatten(treedef, u)
 
 
@@ -242,6 +254,6 @@ def reset_optimizer_state(
       continue
     s = leaves[pos]
     for axis, idx in touched[pid]:
-      s = _set_along(s, axis, idx, _take_along(fresh[pos], axis, idx))
+      s = _where_along(s, axis, idx, fresh[pos])
     out[pos] = s
   return jax.tree.unflatten(treedef, out)

@@ -231,11 +231,10 @@ def cbp(
         inner_state = reset_lib.reset_optimizer_state(inner, inner_state, new_params, touched)
       return new_updates, inner_state
 
-    any_replaced = jnp.any(jnp.stack([s.count(l.width) > 0 for s, l in
-                                      zip(selections.values(), layers)]))
-    # Most steps replace nothing: skip the O(params) rewrite on those.
-    updates, inner_state = jax.lax.cond(
-        any_replaced, reset, lambda operands: operands, (updates, inner_state))
+    # No lax.cond around the reset: its edits are masked selects that fuse
+    # with the update, while a cond would force the whole update tree into
+    # memory on every step (measured about 3x slower at batch 1).
+    updates, inner_state = reset((updates, inner_state))
 
     replaced_total, last_replaced = {}, {}
     for layer in layers:
