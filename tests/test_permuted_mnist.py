@@ -29,7 +29,12 @@ pytestmark = pytest.mark.skipif(
     not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists(),
     reason=f"MNIST IDX files not found in {MNIST} (tests never download data)")
 
-TINY = dict(width=16, tasks=3, examples_per_task=200, tasks_per_chunk=1, probe_size=100)
+TINY = dict(width=16, tasks=3, examples_per_task=100, tasks_per_chunk=1, probe_size=100)
+# The one configuration the run tests share (compiled once, `make_batched` caches
+# it): BP frozen (step size 0) and learning (0.5), and CBP at a high rate and low
+# maturity, so that units are replaced within 3 tasks of 100 examples.
+CONFIG = dict(TINY, methods=["bp", "cbp"], seeds=2, step_sizes={"bp": [0.0, 0.5], "cbp": [0.01]},
+              cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
 
 
 @pytest.fixture(scope="module")
@@ -74,32 +79,36 @@ def test_tasks_are_the_images_gathered_by_their_permutation(data, images):
 
 
 def test_online_accuracy_counts_predictions_before_each_step(data, images):
-  """Online accuracy, checked two ways on 2 tasks x 50 examples.
+  """Online accuracy, checked two ways on the first 2 tasks of `CONFIG`.
 
   * By hand: seed 0's head is set to always predict class 3; at step size 0
     the network never changes, so a task's accuracy is the fraction of 3s
-    among its 50 labels.
-  * By re-computation: for every seed and step size (0 and 1), an independent
-    loop of SGD steps over `task_examples` counts the examples the network
-    classifies correctly *before* the step on them; the experiment's
-    accuracy is that count / 50 (it is not the count after the step).
+    among its labels.
+  * By re-computation: for every seed and BP step size (0 and 0.5), an
+    independent loop of SGD steps over `task_examples` counts the examples
+    the network classifies correctly *before* the step on them; the
+    experiment's accuracy is that count / examples (not the count after).
   """
   imgs, labels = images
-  n = 50
-  config = pm.make_config(TINY, methods=["bp"], seeds=2, step_sizes={"bp": [0.0, 1.0]}, tasks=2,
-                          tasks_per_chunk=2, examples_per_task=n)
+  config = pm.make_config(CONFIG)
+  n = config["examples_per_task"]
+  lrs = config["step_sizes"]["bp"]
   init, chunk = pm.make_batched(config)
   keys = pm.seed_keys(config)
   carry = init(keys)
-  params, opt_state = carry["learners"]["bp"]  # Leaves (seeds, variants, ...).
+  params, opt_state = carry["learners"]["bp"]  # Leaves (seeds, step sizes, ...).
   head = params["Dense_3"]
   constant = {"kernel": head["kernel"].at[0].set(0.0),
               "bias": head["bias"].at[0].set(jnp.zeros(10).at[3].set(1.0))}
   params = {**params, "Dense_3": constant}
-  carry = {**carry, "learners": {"bp": (params, opt_state)}}
-  _, metrics = chunk(carry, jnp.asarray(0, jnp.int32), data)
-  assert list(metrics) == ["bp@0", "bp@1"]  # One run label per step size.
-  acc = np.stack([np.asarray(metrics[k]["accuracy"]) for k in metrics], axis=1)
+  carry = {**carry, "learners": {**carry["learners"], "bp": (params, opt_state)}}
+  accs = []
+  for task in range(2):  # One task per chunk.
+    carry, metrics = chunk(carry, jnp.asarray(task, jnp.int32), data)
+    labels_bp = [k for k in metrics if k.startswith("bp")]
+    assert labels_bp == [f"bp@{lr:g}" for lr in lrs]  # One run label per step size.
+    accs.append(np.stack([np.asarray(metrics[k]["accuracy"])[:, 0] for k in labels_bp], axis=1))
+  acc = np.stack(accs, axis=-1)
   assert acc.shape == (2, 2, 2)  # (seeds, step sizes, tasks)
 
   for task in range(2):
@@ -122,10 +131,10 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
 
   differs = []
   for s in range(2):
-    for v, lr in enumerate((0.0, 1.0)):
+    for v, lr in enumerate(lrs):
       p = jax.tree.map(lambda a: a[s, v], params)
       for task in range(2):
-        xs, ys = pm.task_examples(config, data, keys[s], task)
+        xs, ys = (np.asarray(a) for a in pm.task_examples(config, data, keys[s], task))
         before = after = 0
         for x, y in zip(xs, ys):
           p, ok, ok_after = step(p, x, y, lr)
@@ -141,14 +150,8 @@ class _Stop(Exception):
   pass
 
 
-def _resume_config():
-  # CBP at a high rate and low maturity, so units are replaced within the run.
-  return pm.make_config(TINY, methods=["bp", "cbp"], seeds=2,
-                        cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
-
-
 def test_resume_after_interruption_is_bit_for_bit(tmp_path, data):
-  config = _resume_config()
+  config = pm.make_config(CONFIG)
   full = pm.run_experiment(config, data=data, out_dir=tmp_path / "full", plot=False,
                            progress=False)
   assert full.status == "complete"
@@ -183,20 +186,20 @@ def test_resume_after_interruption_is_bit_for_bit(tmp_path, data):
 
 
 def test_runs_are_deterministic_and_seeds_differ(tmp_path, data):
-  config = _resume_config()
+  config = pm.make_config(CONFIG)
   a = pm.run_experiment(config, data=data, out_dir=tmp_path / "a", plot=True, progress=False)
   b = pm.run_experiment(config, data=data, out_dir=tmp_path / "b", plot=False, progress=False)
   assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
   assert (tmp_path / "a" / "pmnist.png").stat().st_size > 0
-  acc = a.metrics["bp"]["accuracy"]
+  acc = a.metrics["cbp"]["accuracy"]
   assert acc.shape == (2, 3) and np.all((acc > 0) & (acc <= 1))
   assert not np.array_equal(acc[0], acc[1])
-  assert set(a.results["runs"]) == {"bp", "cbp"}
+  assert list(a.results["runs"]) == ["bp@0", "bp@0.5", "cbp"]
   assert a.results["x"] == [1.0, 2.0, 3.0] and a.results["x_label"] == "task"
   for name in ("dead_fraction", "effective_rank", "weight_magnitude", "effective_rank/Dense_2"):
     assert np.all(np.isfinite(a.metrics["cbp"][name]))
   text = pm.format_summary(a.results)
-  assert "bp" in text and "cbp" in text
+  assert "bp@0.5" in text and "cbp" in text
 
 
 def test_config_validation():
