@@ -1,6 +1,6 @@
 """Slippery Ant experiment: friction as data reaching the physics, schedule, optimisers, a tiny run.
 
-Needs brax and mujoco-mjx (pinned in the lock file); skipped with the reason when they are not
+Needs brax and mujoco-mjx (pinned in pyproject's `rl` extra: `pip install -e .[rl]`); skipped with the reason when they are not
 importable. Compiling the MJX ant dominates the time (about 20-40 s of CPU per compile).
 """
 
@@ -81,7 +81,7 @@ def test_friction_schedule_is_log_uniform_and_changes_per_phase():
 
 
 def test_rate_zero_cbp_group_is_plain_adam():
-  """Methods sharing the CBP structure (rate 0) get exactly plain Adam's parameters."""
+  """Methods sharing the CBP structure (rate 0) get plain Adam's parameters."""
   c = sa.make_config(hidden=[8, 8])
   nets = sa.make_nets(c, 3)
   params = sa.init_params(nets, jax.random.key(0), 5, 3)
@@ -106,8 +106,9 @@ def test_rate_zero_cbp_group_is_plain_adam():
 
     return jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None, length=3)[0][0])(params)
 
+  # Equal up to float rounding: two separately compiled programs may fuse differently.
   for a, b in zip(jax.tree.leaves(train("adam")), jax.tree.leaves(train("cbp"))):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_config_validation():
@@ -154,10 +155,11 @@ def test_tiny_run_end_to_end(tmp_path):
   assert np.all((fr >= 0.02) & (fr <= 2.0)) and fr[0, 0] == fr[0, 1] and fr[0, 1] != fr[0, 2]
   np.testing.assert_array_equal(fr, res["metrics"]["ppo"]["friction"])
   assert fr[0, 0] != fr[1, 0]                           # seeds draw their own frictions
-  # CBP replaced units (rate 0.05 x 32 units x 64 minibatch steps); PPO has no count.
+  # CBP replaced units (rate 0.05 x 32 units x 64 minibatch steps); PPO runs in the same
+  # CBP structure with rate 0 and replaces none.
   assert np.all(np.diff(res["metrics"]["cbp"]["replaced_units"], axis=1) >= 0)
   assert res["metrics"]["cbp"]["replaced_units"][:, -1].min() > 0
-  assert np.all(np.isnan(res["metrics"]["ppo"]["replaced_units"]))
+  np.testing.assert_array_equal(res["metrics"]["ppo"]["replaced_units"], 0)
   assert (tmp_path / "slippery_ant.png").exists() and (tmp_path / "phases.png").exists()
   assert "ph1" in sa.format_summary(res)
   json.loads((tmp_path / "timing.json").read_text())
