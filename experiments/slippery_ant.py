@@ -58,8 +58,9 @@ Implementation notes
 --------------------
 * Methods that share a structure are vmapped together: when ``cbp`` is
   among the methods, ``ppo``/``ppo_ns``/``l2`` run through the same
-  ``cbp(...)`` wrapper with replacement rate 0 (their updates are then
-  bit-identical to plain Adam: CBP only edits updates of replaced units);
+  ``cbp(...)`` wrapper with replacement rate 0 (their updates are then plain
+  Adam's, up to float rounding: CBP only edits updates of replaced units;
+  their ``replaced_units`` is 0 rather than NaN);
   ``redo`` is its own group. Without ``cbp`` they are plain Adam. Betas,
   learning rate and weight decay are traced per method.
 * All methods of one seed share initial weights, reset states, action noise
@@ -141,14 +142,14 @@ HPARAMS: dict[str, dict[str, Any]] = {
 _TRACED = ("lr", "b1", "b2", "eps", "weight_decay")  # Per-method arrays (vmapped).
 
 # The reduced configuration: under 20 minutes on 2 (shared) CPU cores for all
-# five methods, 1 seed: 100 updates (204,800 steps) per method, friction
-# redrawn every 40,960 steps (5 phases) instead of every 2M. Everything else
+# five methods, 1 seed: 60 updates (122,880 steps) per method, friction
+# redrawn every 24,576 steps (5 phases) instead of every 2M. Everything else
 # (network, optimiser, PPO and CBP settings) is the paper's. It is a smoke
 # run of the whole pipeline: far too short for loss of plasticity to appear.
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "seeds": 1,
-    "total_steps": 204_800,            # environment steps per run (rounded up to whole chunks)
+    "total_steps": 122_880,            # environment steps per run (rounded up to whole chunks)
     "num_envs": 16,
     "rollout_len": 128,                # steps_per_update = 16 * 128 = 2048
     "epochs": 10,
@@ -161,7 +162,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "bootstrap_truncation": True,
     "hidden": [256, 256],
     "episode_length": 1000,
-    "change_every": 40_960,            # environment steps between friction redraws
+    "change_every": 24_576,            # environment steps between friction redraws
     "friction_range": [0.02, 2.0],
     "updates_per_point": 4,
     "points_per_chunk": 5,
