@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("mujoco.mjx", reason="mujoco-mjx is not installed: slippery Ant needs it")
 pytest.importorskip("brax.envs", reason="brax is not installed: slippery Ant needs it")
 
-import cbp_jax  # noqa: E402
 from experiments import runner  # noqa: E402
 from experiments import slippery_ant as sa  # noqa: E402
 
