@@ -142,14 +142,16 @@ HPARAMS: dict[str, dict[str, Any]] = {
 _TRACED = ("lr", "b1", "b2", "eps", "weight_decay")  # Per-method arrays (vmapped).
 
 # The reduced configuration: under 20 minutes on 2 (shared) CPU cores for all
-# five methods, 1 seed: 60 updates (122,880 steps) per method, friction
-# redrawn every 24,576 steps (5 phases) instead of every 2M. Everything else
+# five methods, 1 seed: 100 updates (204,800 steps) per method, friction
+# redrawn every 40,960 steps (5 phases) instead of every 2M. CBP's units
+# mature after 10,000 minibatch steps (63 updates), so it replaces units in
+# the last 37 updates only. Everything else
 # (network, optimiser, PPO and CBP settings) is the paper's. It is a smoke
 # run of the whole pipeline: far too short for loss of plasticity to appear.
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "seeds": 1,
-    "total_steps": 122_880,            # environment steps per run (rounded up to whole chunks)
+    "total_steps": 204_800,            # environment steps per run (rounded up to whole chunks)
     "num_envs": 16,
     "rollout_len": 128,                # steps_per_update = 16 * 128 = 2048
     "epochs": 10,
@@ -162,7 +164,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "bootstrap_truncation": True,
     "hidden": [256, 256],
     "episode_length": 1000,
-    "change_every": 24_576,            # environment steps between friction redraws
+    "change_every": 40_960,            # environment steps between friction redraws
     "friction_range": [0.02, 2.0],
     "updates_per_point": 4,
     "points_per_chunk": 5,
