@@ -15,7 +15,11 @@ and run once as a warm-up (compile time and first-run costs are excluded);
 each timed call ends with ``block_until_ready``. Methods are *interleaved*:
 every repeat times each method once, in a rotated order, and the figure is the
 median over repeats. ``ratio`` is BP's median time over the method's, so
-``ratio >= 1`` means as fast as BP.
+``ratio >= 1`` means as fast as BP. The ConvNet is the exception to the scan:
+XLA:CPU (jaxlib 0.10.2) runs its weight-gradient convolutions about 15x slower
+inside a while loop (they keep a ``f01b_i01o->01bf`` layout that falls off
+the fast convolution path), so its step is jitted alone and called from a
+Python loop (dispatch costs microseconds against ~0.3 s steps).
 
 Nets (SPEC "Hyperparameters the paper used"):
 
@@ -30,11 +34,15 @@ Nets (SPEC "Hyperparameters the paper used"):
 * ``sweep``: the ``scr`` net as a `jax.vmap` over 1, 8 and 64 seeds (the way
   `experiments.slowly_changing_regression` runs); reported per seed-step.
 
+``--quick`` times fewer steps, 3 repeats and only BP, CBP and L2 (the full run
+adds S&P and ReDo and uses 7 repeats).
+
 All CBP runs use ``adaptable_contribution``, decay 0.99 and the next-layer
 bias correction. The CBP state is aged past maturity before the warm-up
-(every unit's age set to ``maturity + 1``), so the timed steps include real
-replacements (the ``replaced`` column counts them) without first running
-``maturity`` untimed steps. Inputs come from a small random buffer on the
+(every unit's age set to ``maturity + 1``, every layer's pending fraction to
+0.99), so the timed steps include real replacements (the ``replaced`` column
+counts them, in the first timed call) without first running ``maturity``
+untimed steps. Each timed call starts from the same state. Inputs come from a small random buffer on the
 device (indexing it costs the same for every method). L2 is
 ``optax.add_decayed_weights(1e-4)`` before SGD; S&P is
 `cbp_jax.methods.shrink_and_perturb` after SGD (noise every step); ReDo is
@@ -172,12 +180,18 @@ def available_methods(quick: bool = False) -> list[str]:
 
 
 def age_past_maturity(opt_state: Any, maturity: int) -> Any:
-  """Sets every CBP unit's age to ``maturity + 1`` (so it is eligible now)."""
+  """Makes CBP's first replacements immediate.
+
+  Every unit's age becomes ``maturity + 1`` (eligible now) and every layer's
+  pending fraction 0.99 (in accumulate mode its next replacement is due
+  at once), so even the ConvNet's short timed calls include replacements.
+  """
   def fix(s):
     if isinstance(s, transform_lib.CbpState):
       stats = {n: st._replace(age=jnp.full_like(st.age, maturity + 1))
                for n, st in s.statistics.items()}
-      return s._replace(statistics=stats)
+      pending = {n: jnp.full_like(v, 0.99) for n, v in s.pending.items()}
+      return s._replace(statistics=stats, pending=pending)
     return s
   return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, transform_lib.CbpState))
 
@@ -284,7 +298,10 @@ def build(net: Net, method: str, steps: int, seeds: int | None = None) -> Progra
       return carry, loss
   else:
     compiled = run.lower(carry).compile()
-  carry, _ = jax.block_until_ready(compiled(carry))  # Warm-up; also ages the state.
+  if net.loop == "python" and seeds is None:
+    jax.block_until_ready(one(carry, np.int32(0)))  # Warm-up (the state is pre-aged).
+  else:
+    carry, _ = jax.block_until_ready(compiled(carry))  # Warm-up; also ages the state.
   label = method if seeds is None else f"{method}[{seeds} seeds]"
   return Program(label, compiled, carry, steps * (seeds or 1), time.perf_counter() - t0)
 
