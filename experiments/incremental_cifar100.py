@@ -815,7 +815,7 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print(f"interrupted: partial results in {out}/results.json", file=sys.stderr)
     return 130
-  except (runner.ConfigMismatchError, FileExistsError) as e:
+  except (runner.ConfigMismatchError, runner.CorruptCheckpointError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_summary(result.results))

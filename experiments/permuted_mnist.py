@@ -810,7 +810,7 @@ def main(argv=None) -> int:
     print(f"interrupted: partial results in {out}/results.json"
           + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
     return 130
-  except (runner.ConfigMismatchError, FileExistsError) as e:
+  except (runner.ConfigMismatchError, runner.CorruptCheckpointError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   total = sum(result.chunk_seconds)

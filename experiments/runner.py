@@ -42,13 +42,19 @@ determinism of results); `run` returns them and ``timing.json`` holds them.
 
 Checkpoints (orbax, one directory per saved chunk boundary) hold the carry
 (PRNG key arrays stored as their key data), the metrics so far, the chunk
-index and the config. Resuming with a different config raises
-`ConfigMismatchError` naming every differing entry.
+index, the config, and the dtype, shape and a SHA-256 checksum of every saved
+array. Resuming with a different config raises `ConfigMismatchError` naming
+every differing entry; a checkpoint orbax cannot read (truncated, garbled or
+missing files) or whose arrays do not match their checksum raises
+`CorruptCheckpointError` naming the step directory and what to do. Neither
+falls back silently to an older checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -68,6 +74,10 @@ STATUSES = ("running", "complete", "interrupted")
 
 class ConfigMismatchError(ValueError):
   """A checkpoint was written by a run with a different configuration."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint cannot be read, or its arrays differ from what was saved."""
 
 
 @dataclasses.dataclass
@@ -234,12 +244,34 @@ def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
   return []
 
 
+def _leaf_specs(leaves: list) -> list[list]:
+  """``[[dtype, shape], ...]`` of arrays, as stored in a checkpoint's record."""
+  return [[np.dtype(x.dtype).str, list(np.shape(x))] for x in leaves]
+
+
+def checksum(leaves: list) -> str:
+  """SHA-256 over the arrays' dtypes, shapes and bytes, in order (hex digest)."""
+  h = hashlib.sha256()
+  for i, x in enumerate(leaves):
+    x = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{i}:{x.dtype.str}:{x.shape};".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+  text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class Checkpoints:
   """Orbax checkpoints of a chunked run, saved at chunk boundaries.
 
   Each checkpoint (orbax step = chunks done) holds ``{"carry": leaves,
   "metrics": leaves}`` (PRNG keys as key data) plus a JSON record of the
-  experiment, config, chunk index and carry structure.
+  experiment, config, chunk index, carry structure, and per group the leaves'
+  ``[dtype, shape]`` (``"leaves"``) and the `checksum` of their bytes
+  (``"checksums"``), verified on restore.
 
   Args:
     directory: where the checkpoints live (created if missing).
@@ -268,26 +300,54 @@ class Checkpoints:
     ocp = self._ocp
     carry_leaves, carry_def = jax.tree.flatten(carry)
     metric_leaves, metric_def = jax.tree.flatten(metrics)
-    state = {
-        "carry": {str(i): np.asarray(jax.random.key_data(x) if _is_key(x) else x)
-                  for i, x in enumerate(carry_leaves)},
-        "metrics": {str(i): np.asarray(x) for i, x in enumerate(metric_leaves)},
+    host = {
+        "carry": [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for x in carry_leaves],
+        "metrics": [np.asarray(x) for x in metric_leaves],
     }
+    state = {group: {str(i): x for i, x in enumerate(xs)} for group, xs in host.items()}
     meta = {
         "experiment": self.experiment,
         "config": self.config,
         "chunks_done": chunks_done,
         "carry_structure": str(carry_def),
         "metrics_structure": str(metric_def),
+        "leaves": {group: _leaf_specs(xs) for group, xs in host.items()},
+        "checksums": {group: checksum(xs) for group, xs in host.items()},
     }
     self._manager.save(chunks_done, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
 
+  def step_dir(self, step: int) -> Path:
+    """The directory of checkpoint ``step``."""
+    return self.directory / str(step)
+
+  def corrupt(self, step: int, what: str) -> CorruptCheckpointError:
+    """The error for an unreadable or damaged checkpoint ``step``, saying what to do."""
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    afresh = f"delete {self.directory} (and drop --resume) to start afresh"
+    todo = (f"Delete {self.step_dir(step)} to resume from the previous checkpoint (chunk "
+            f"{max(earlier)}) instead, or {afresh}." if earlier else
+            f"There is no earlier checkpoint: {afresh}.")
+    return CorruptCheckpointError(
+        f"refusing to resume from {self.step_dir(step)} (chunk {step}): the checkpoint is "
+        f"unreadable or corrupt: {what}. Nothing was restored. {todo}")
+
   def check(self, step: int) -> dict:
-    """Reads checkpoint ``step``'s record; raises `ConfigMismatchError` if it differs."""
+    """Reads checkpoint ``step``'s record.
+
+    Raises:
+      ConfigMismatchError: the record is of another experiment or config.
+      CorruptCheckpointError: the record cannot be read.
+    """
     ocp = self._ocp
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      meta = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many kinds; all mean "cannot read it".
+      raise self.corrupt(step, f"its record cannot be read: {_first_line(e)}") from e
+    if not isinstance(meta, dict) or meta.get("chunks_done") != step:
+      raise self.corrupt(step, "its record does not describe this checkpoint")
     problems = []
     if meta.get("experiment") != self.experiment:
       problems.append(f"experiment: {meta.get('experiment')!r} in the checkpoint, "
@@ -339,15 +399,35 @@ class Checkpoints:
         "carry": {str(i): abstract(x) for i, x in enumerate(carry_leaves)},
         "metrics": {str(i): abstract(x, step) for i, x in enumerate(metric_leaves)},
     }
-    state = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    # Checkpoints written before checksums existed have no "leaves"/"checksums".
+    for group, saved in (meta.get("leaves") or {}).items():
+      now = _leaf_specs(list(target[group].values()))
+      if saved != now:
+        diffs = [f"{group} leaf {i}: {a} in the checkpoint, {b} now"
+                 for i, (a, b) in enumerate(itertools.zip_longest(saved, now)) if a != b]
+        raise ConfigMismatchError(
+            f"refusing to resume from {self.directory} (chunk {step}): the {group} arrays' "
+            "[dtype, shape] differ from this code's (was the experiment's code changed?)\n  "
+            + "\n  ".join(diffs[:5]) + ("\n  ..." if len(diffs) > 5 else ""))
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"]
+      host = {group: [np.asarray(state[group][str(i)]) for i in range(len(target[group]))]
+              for group in target}
+    except Exception as e:  # orbax/tensorstore raise many kinds; all mean "cannot read it".
+      raise self.corrupt(step, f"its arrays cannot be read: {_first_line(e)}") from e
+    for group, expected in (meta.get("checksums") or {}).items():
+      if checksum(host[group]) != expected:
+        raise self.corrupt(
+            step, f"the {group} arrays read back differ from those saved: their SHA-256 "
+                  "checksum does not match the one recorded at save time")
     restored = []
-    for i, x in enumerate(carry_leaves):
-      data = jnp.asarray(state["carry"][str(i)])
+    for x, data in zip(carry_leaves, host["carry"]):
+      data = jnp.asarray(data)
       restored.append(jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
                       if _is_key(x) else data)
-    metrics = [np.asarray(state["metrics"][str(i)]) for i in range(len(metric_leaves))]
-    return step, jax.tree.unflatten(carry_def, restored), jax.tree.unflatten(metric_def, metrics)
+    return (step, jax.tree.unflatten(carry_def, restored),
+            jax.tree.unflatten(metric_def, host["metrics"]))
 
   def close(self) -> None:
     self._manager.close()
@@ -484,6 +564,8 @@ def run(
     KeyboardInterrupt: after rewriting the results file with status
       ``"interrupted"`` (it then holds every chunk finished before Ctrl-C).
     ConfigMismatchError: when resuming from a checkpoint of another config.
+    CorruptCheckpointError: when the checkpoint to resume from cannot be read
+      or its arrays fail their checksum (no fallback to an older one).
     FileExistsError: when ``checkpoint_dir`` has checkpoints and ``resume`` is False.
   """
   if num_chunks < 1:
@@ -509,19 +591,24 @@ def run(
     if latest is not None:
       try:
         checkpoints.check(latest)
-      except ConfigMismatchError:
+      except BaseException:
         checkpoints.close()
         raise
 
-  compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
-  _, metrics_shape = compiled.out_info
-  _check_metrics(metrics_shape, points_per_chunk)
+  try:
+    compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
+    _, metrics_shape = compiled.out_info
+    _check_metrics(metrics_shape, points_per_chunk)
 
-  carry, parts, start = init_carry, [], 0
-  if latest is not None:
-    start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
-    parts = [restored]
-    progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
+    carry, parts, start = init_carry, [], 0
+    if latest is not None:
+      start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
+      parts = [restored]
+      progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
+  except BaseException:
+    if checkpoints is not None:
+      checkpoints.close()
+    raise
 
   def write(status: str, chunks_done: int) -> dict:
     res = results_dict(

@@ -984,7 +984,7 @@ def main(argv=None) -> int:
   except FileExistsError as e:
     print(f"error: {e}; or pass --fresh to discard it", file=sys.stderr)
     return 2
-  except runner.ConfigMismatchError as e:
+  except (runner.ConfigMismatchError, runner.CorruptCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_summary(result.results))

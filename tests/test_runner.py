@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,146 @@ def test_resume_refuses_a_different_config(tmp_path):
   with pytest.raises(runner.ConfigMismatchError, match="extra: absent in the checkpoint"):
     run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.01, "extra": 1},
             checkpoint_dir=tmp_path / "ckpt", resume=True)
+
+
+# --- Corrupt checkpoints -------------------------------------------------------
+#
+# A toy whose carry also holds random bits (incompressible, so orbax stores them
+# as they are and a flipped bit cannot be noticed by any decoder: only the
+# checksum can).
+
+BITS = 2048
+
+
+def bits_chunk(carry, index):
+  walk, metrics = toy_chunk({"key": carry["key"], "x": carry["x"]}, index)
+  bits = carry["bits"] * jnp.uint32(1664525) + jnp.uint32(1013904223)
+  high = jnp.mean((bits >> 16).astype(jnp.float32), axis=1, keepdims=True)
+  metrics["a"]["bits"] = jnp.broadcast_to(high, (SEEDS, POINTS))
+  return {**walk, "bits": bits}, metrics
+
+
+def bits_carry(seed=0):
+  return {**toy_carry(seed),
+          "bits": jax.random.bits(jax.random.key(seed + 1), (SEEDS, BITS), jnp.uint32)}
+
+
+def run_bits(out, chunks=3, **kw):
+  kw.setdefault("progress", runner.Progress("bits", chunks, stream=None))
+  return runner.run(
+      bits_chunk, bits_carry(), num_chunks=chunks, config={"n": chunks, "tag": "bits"},
+      experiment="bits", points_per_chunk=POINTS, runs={"a": {}, "b": {}}, out_dir=out, **kw)
+
+
+@pytest.fixture(scope="module")
+def straight_bits(tmp_path_factory):
+  """results.json of an uninterrupted 3-chunk run, without checkpoints."""
+  out = tmp_path_factory.mktemp("straight_bits")
+  run_bits(out)
+  return (out / "results.json").read_bytes()
+
+
+def _data_file(step_dir, array):
+  """The file of a checkpoint holding ``array``'s bytes, and their offset in it."""
+  raw = np.asarray(array).tobytes()
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and (at := path.read_bytes().find(raw)) >= 0:
+      return path, at
+  raise AssertionError(f"no file of {step_dir} holds the array's bytes")
+
+
+def _truncate(path, at=None):
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path, at):
+  data = bytearray(path.read_bytes())
+  data[at] ^= 0x04
+  path.write_bytes(bytes(data))
+
+
+def _garble(path, at=None):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 3: len(data) // 3 + 8] = b"\xff" * 8
+  path.write_bytes(bytes(data))
+
+
+def _delete(path, at=None):
+  path.unlink()
+
+
+@pytest.mark.parametrize("target, damage, reason", [
+    ("bits", _truncate, "its arrays cannot be read"),
+    ("bits", _flip, "checksum does not match"),       # silent bit rot: only the checksum sees it
+    ("bits", _delete, "its arrays cannot be read"),
+    ("tree", _flip, "its arrays cannot be read"),     # orbax's own index (CRC-checked)
+    ("state/_METADATA", _delete, "its arrays cannot be read"),
+    ("meta/metadata", _garble, "its record cannot be read"),
+])
+def test_corrupt_checkpoint_is_refused_saying_why(tmp_path, straight_bits, target, damage, reason):
+  out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+  result = run_bits(out, checkpoint_dir=ckpt)  # Keeps the checkpoints of chunks 2 and 3.
+  step = ckpt / "3"
+  if target == "bits":
+    path, at = _data_file(step, result.carry["bits"])
+    at += 4 * (SEEDS * BITS // 2) + 1  # A bit in the middle of the array.
+  elif target == "tree":
+    (path,), at = list((step / "state" / "d").iterdir()), 40
+  else:
+    path, at = step / target, None
+  damage(path, at)
+  with pytest.raises(runner.CorruptCheckpointError) as err:
+    run_bits(out, checkpoint_dir=ckpt, resume=True)
+  message = str(err.value)
+  assert f"refusing to resume from {step} (chunk 3)" in message
+  assert "unreadable or corrupt" in message and reason in message
+  assert f"Delete {step} to resume from the previous checkpoint (chunk 2)" in message
+  assert f"delete {ckpt} (and drop --resume) to start afresh" in message
+  # Doing what it says: without the damaged checkpoint, the previous one resumes
+  # to the uninterrupted run's results, bit for bit.
+  shutil.rmtree(step)
+  resumed = run_bits(out, checkpoint_dir=ckpt, resume=True)
+  assert resumed.resumed_from == 2 and len(resumed.chunk_seconds) == 1
+  assert (out / "results.json").read_bytes() == straight_bits
+
+
+def test_corrupt_only_checkpoint_says_to_start_afresh(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  result = run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt)
+  path, at = _data_file(ckpt / "1", result.carry["bits"])
+  _flip(path, at + 7)
+  with pytest.raises(runner.CorruptCheckpointError,
+                     match="There is no earlier checkpoint: delete .* to start afresh"):
+    run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt, resume=True)
+
+
+def test_checksums_and_leaf_specs_are_recorded_and_checked(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  result = run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt)
+  meta_file = ckpt / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  bits = np.asarray(result.carry["bits"])
+  assert ["<u4", [SEEDS, BITS]] in meta["leaves"]["carry"]
+  assert len(meta["checksums"]["carry"]) == len(meta["checksums"]["metrics"]) == 64
+  # The recorded checksum is of exactly the saved arrays (keys as key data).
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in jax.tree.leaves(result.carry)]
+  assert runner.checksum(leaves) == meta["checksums"]["carry"]
+  assert runner.checksum([bits[:, ::-1]]) != runner.checksum([bits])
+  # A carry of other shapes is refused as a code change, not as corruption.
+  with pytest.raises(runner.ConfigMismatchError,
+                     match=r"carry leaf 0: \['<u4', \[4, 2048\]\] in the checkpoint, "
+                           r"\['<u4', \[4, 8\]\] now"):
+    runner.run(bits_chunk, {**bits_carry(), "bits": jnp.zeros((SEEDS, 8), jnp.uint32)},
+               num_chunks=1, config={"n": 1, "tag": "bits"}, experiment="bits",
+               points_per_chunk=POINTS, checkpoint_dir=ckpt, resume=True,
+               progress=runner.Progress("bits", 1, stream=None))
+  # Tampering with the record's checksum reads as corrupt data.
+  meta["checksums"]["carry"] = "0" * 64
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(runner.CorruptCheckpointError, match="carry arrays read back differ"):
+    run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt, resume=True)
 
 
 def test_existing_checkpoint_needs_resume(tmp_path):

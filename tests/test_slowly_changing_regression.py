@@ -199,3 +199,7 @@ def test_cli_and_plot(tmp_path, capsys):
   assert scr.main(args + ["--resume"]) == 0  # Finished already: nothing recomputed.
   assert scr.main(["--seeds", "3"] + args[2:] + ["--resume"]) == 2
   assert "different configuration" in capsys.readouterr().err
+  (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("{garbled")
+  assert scr.main(args + ["--resume"]) == 2  # A corrupt checkpoint: refused, saying why.
+  err = capsys.readouterr().err
+  assert "unreadable or corrupt" in err and str(tmp_path / "checkpoints" / "2") in err
