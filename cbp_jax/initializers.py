@@ -1,8 +1,9 @@
 """The initial weight distributions that CBP redraws replaced units from.
 
-All four are uniform on ``[-bound, bound]`` (SPEC step 8), with PyTorch's
-conventions so that runs match the reference: a conv kernel's fan-in is
-``C_in * kh * kw`` (every axis but the last) and its fan-out
+Four are uniform on ``[-bound, bound]`` (SPEC step 8) and ``kaiming_normal``
+is Gaussian with ``std = gain / sqrt(fan_in)`` (the CIFAR-100 ResNet's), with
+PyTorch's conventions so that runs match the reference: a conv kernel's
+fan-in is ``C_in * kh * kw`` (every axis but the last) and its fan-out
 ``C_out * kh * kw``.
 """
 
@@ -13,7 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-INITS = ("kaiming", "default", "xavier", "lecun")
+INITS = ("kaiming", "default", "xavier", "lecun", "kaiming_normal")
+NORMAL_INITS = ("kaiming_normal",)
 
 # torch.nn.init.calculate_gain; swish and elu use ReLU's gain as the reference does.
 _GAINS = {
@@ -39,25 +41,28 @@ def gain(activation: str) -> float:
   return _GAINS[activation]
 
 
-def bound(init: str, fan_in: int, fan_out: int, activation: str = "relu") -> float:
-  """Half-width of the uniform initial distribution.
+def scale(init: str, fan_in: int, fan_out: int, activation: str = "relu") -> float:
+  """Scale of the initial distribution: the bound ``b`` of ``U(-b, b)`` or the std.
 
   Args:
-    init: ``"kaiming"`` (gain * sqrt(3 / fan_in)), ``"default"``
-      (sqrt(1 / fan_in), PyTorch's Linear/Conv default), ``"xavier"``
-      (gain * sqrt(6 / (fan_in + fan_out))) or ``"lecun"`` (sqrt(3 / fan_in)).
+    init: ``"kaiming"`` (bound gain * sqrt(3 / fan_in)), ``"default"``
+      (bound sqrt(1 / fan_in), PyTorch's Linear/Conv default), ``"xavier"``
+      (bound gain * sqrt(6 / (fan_in + fan_out))), ``"lecun"`` (bound
+      sqrt(3 / fan_in)) or ``"kaiming_normal"`` (std gain / sqrt(fan_in)).
     fan_in: inputs per unit.
     fan_out: outputs per input.
     activation: hidden activation, for the gain.
 
   Returns:
-    The bound ``b`` of ``U(-b, b)``.
+    The bound (uniform inits) or standard deviation (`NORMAL_INITS`).
   """
   if init not in INITS:
     raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
   if fan_in <= 0 or fan_out <= 0:
     raise ValueError(f"fan_in and fan_out must be positive, got {fan_in}, {fan_out}")
   g = gain(activation)
+  if init == "kaiming_normal":
+    return g / math.sqrt(fan_in)
   if init == "kaiming":
     return g * math.sqrt(3.0 / fan_in)
   if init == "default":
@@ -67,7 +72,18 @@ def bound(init: str, fan_in: int, fan_out: int, activation: str = "relu") -> flo
   return math.sqrt(3.0 / fan_in)
 
 
-def uniform(init: str = "kaiming", activation: str = "relu") -> jax.nn.initializers.Initializer:
+def standard_draw(init: str, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Float32 draws of ``init``'s family at unit scale: ``U(-1, 1)`` or ``N(0, 1)``.
+
+  Multiplying by `scale` gives the initial distribution; one draw can thus
+  serve several layers of different fans.
+  """
+  if init in NORMAL_INITS:
+    return jax.random.normal(key, shape, jnp.float32)
+  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+
+
+def initializer(init: str = "kaiming", activation: str = "relu") -> jax.nn.initializers.Initializer:
   """A flax kernel initializer drawing from the same distribution CBP uses.
 
   Use it for the hidden layers so that replaced units start like the
@@ -87,7 +103,13 @@ def uniform(init: str = "kaiming", activation: str = "relu") -> jax.nn.initializ
   def init_fn(key, shape, dtype=jnp.float32):
     fan_in = math.prod(shape[:-1])
     fan_out = shape[-1] * math.prod(shape[:-2])
-    b = bound(init, fan_in, fan_out, activation)
-    return jax.random.uniform(key, shape, jnp.float32, -b, b).astype(dtype)
+    s = scale(init, fan_in, fan_out, activation)
+    if init in NORMAL_INITS:
+      return (s * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return jax.random.uniform(key, shape, jnp.float32, -s, s).astype(dtype)
 
   return init_fn
+
+
+# The name the models use; every init, uniform or not, goes through `initializer`.
+uniform = initializer

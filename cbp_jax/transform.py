@@ -199,23 +199,25 @@ def cbp(
     u = jax.tree.leaves(updates)
     chex.assert_equal(len(u), len(p))
 
-    key, reinit_key, *layer_keys = jax.random.split(state.key, 2 + len(layers))
+    # Few PRNG calls per step, whatever the depth: each is a loop on some
+    # backends, and on small nets their overhead rivals the whole step.
+    key, reinit_key, count_key, util_key = jax.random.split(state.key, 4)
+    lottery = None if accumulate else jax.random.uniform(count_key, (len(layers),))
     statistics, pending, selections, f_hats = {}, {}, {}, {}
     nonfinite = state.nonfinite
-    for layer, layer_key in zip(layers, layer_keys):
+    for n, layer in enumerate(layers):
       name = layer.layer.name
       post_kernel = p[layer.kernel] + u[layer.kernel]
       out_mag = utility_lib.outgoing_magnitude(
           [(p[c.kernel] + u[c.kernel], c.layout) for c in layer.consumers], layer.width)
       in_mag = utility_lib.incoming_magnitude(post_kernel)
-      util_key, count_key = jax.random.split(layer_key)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
           state.statistics[name], activations[name], out_mag, in_mag,
-          decay=decay_rate, utility=utility, key=util_key)
+          decay=decay_rate, utility=utility, key=jax.random.fold_in(util_key, n))
       nonfinite = nonfinite + bad
       eligible = stats.age > maturity_threshold
       count, pending[name] = _replacement_count(
-          eligible, state.pending[name], count_key, layer.width)
+          eligible, state.pending[name], None if lottery is None else lottery[n], layer.width)
       bound = _max_per_step(replacement_rate, layer.width, max_replacements_per_step)
       selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
       statistics[name], f_hats[name] = stats, f_hat
@@ -253,8 +255,11 @@ def cbp(
         decay_rate=state.decay_rate, key=key, inner_state=inner_state)
     return updates, new_state
 
-  def _replacement_count(eligible, pending, key, width):
-    """Units owed this step (SPEC 6) and the new pending fraction."""
+  def _replacement_count(eligible, pending, draw, width):
+    """Units owed this step (SPEC 6) and the new pending fraction.
+
+    ``draw`` is a uniform number in [0, 1), used when not accumulating.
+    """
     n_eligible = jnp.sum(eligible).astype(jnp.float32)
     if count_basis == "eligible":
       base = n_eligible
@@ -270,7 +275,7 @@ def cbp(
       owed = jnp.minimum(due, n_eligible)
       count = jnp.minimum(owed, bound)
       return count.astype(jnp.int32), total - count - (due - owed)
-    lucky = jax.random.uniform(key) < amount
+    lucky = draw < amount
     count = jnp.where(amount < 1.0, lucky.astype(jnp.float32), jnp.floor(amount))
     count = jnp.minimum(jnp.minimum(count, n_eligible), bound)
     return count.astype(jnp.int32), pending

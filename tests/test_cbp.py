@@ -184,13 +184,53 @@ def test_reset_zeroes_outgoing_redraws_incoming_and_leaves_the_rest(init):
     r1 = np.asarray(state[1].last_replaced["Dense_1"])
     seen += r0.sum() + r1.sum()
     for name, mask, fan_in, fan_out in (("Dense_0", r0, 4, 6), ("Dense_1", r1, 6, 5)):
-      b = initializers.bound(init, fan_in, fan_out, "relu")
       k = np.asarray(params[name]["kernel"])
-      assert np.all(np.abs(k[:, mask]) <= b * (1 + 1e-6))
+      if init not in initializers.NORMAL_INITS:
+        b = initializers.scale(init, fan_in, fan_out, "relu")
+        assert np.all(np.abs(k[:, mask]) <= b * (1 + 1e-6))
       assert np.all(np.asarray(params[name]["bias"])[mask] == 0)
     assert np.all(np.asarray(params["Dense_1"]["kernel"])[r0, :][:, ~r1] == 0)
     assert np.all(np.asarray(params["Dense_2"]["kernel"])[r1, :] == 0)
   assert seen > 0
+
+
+@pytest.mark.parametrize("init", initializers.INITS)
+def test_new_columns_follow_the_initial_distribution(init):
+  """Moments and range of 16 x 400 redrawn weights against SPEC 8's formulas."""
+  fan_in, width, slots = 400, 64, 16
+  params = {"hidden": {"kernel": jnp.full((fan_in, width), 7.0), "bias": jnp.zeros(width)},
+            "head": {"kernel": jnp.ones((width, 2)), "bias": jnp.zeros(2)}}
+  graph = cbp_jax.LayerGraph([cbp_jax.Layer("hidden", kernel="hidden/kernel", bias="hidden/bias",
+                                            consumers=(cbp_jax.Consumer("head/kernel"),))])
+  layers, _, _ = cbp_jax.graph.resolve(graph, params)
+  chosen = jnp.arange(0, 2 * slots, 2)
+  updates = jax.tree.map(jnp.zeros_like, params)
+  new = optax.apply_updates(params, cbp_jax.reset.reset_units(
+      updates, params, layers, {"hidden": cbp_jax.reset.Selection(chosen)}, jax.random.key(3),
+      init=init))
+  k = np.asarray(new["hidden"]["kernel"], np.float64)
+  drawn = k[:, np.asarray(chosen)].ravel()
+  untouched = np.delete(k, np.asarray(chosen), axis=1)
+  np.testing.assert_array_equal(untouched, 7.0)
+  gain = math.sqrt(2.0)
+  expected_std = {
+      "kaiming": gain * math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
+      "default": math.sqrt(1.0 / fan_in) / math.sqrt(3.0),
+      "xavier": gain * math.sqrt(6.0 / (fan_in + width)) / math.sqrt(3.0),
+      "lecun": math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
+      "kaiming_normal": gain / math.sqrt(fan_in),
+  }[init]
+  # 6,400 draws: the sample std is within 3% and the mean within 4 standard errors.
+  assert abs(drawn.std() / expected_std - 1) < 0.03
+  assert abs(drawn.mean()) < 4 * expected_std / math.sqrt(drawn.size)
+  if init in initializers.NORMAL_INITS:
+    assert np.abs(drawn).max() > math.sqrt(3.0) * expected_std  # Beyond any equal-variance uniform.
+  else:
+    assert np.abs(drawn).max() <= math.sqrt(3.0) * expected_std * (1 + 1e-6)
+  # Every new column has its own numbers (no column reuses another's draw).
+  columns = k[:, np.asarray(chosen)].T
+  assert len({c.tobytes() for c in columns}) == slots
+  np.testing.assert_array_equal(np.asarray(new["head"]["kernel"])[np.asarray(chosen)], 0.0)
 
 
 def test_untouched_entries_are_bitwise_the_plain_update():
@@ -330,7 +370,7 @@ def test_conv_reset_hits_exactly_the_channel_positions_after_flatten():
   r1 = np.asarray(state[1].last_replaced["Conv_1"])
   keep = ~np.asarray(state[1].last_replaced["Conv_2"])
   np.testing.assert_array_equal(new["Conv_2"]["kernel"][:, :, r1, :][..., keep], 0)
-  b = initializers.bound("kaiming", 3 * 3 * 32, 3 * 3 * 64, "relu")
+  b = initializers.scale("kaiming", 3 * 3 * 32, 3 * 3 * 64, "relu")
   assert np.all(np.abs(new["Conv_1"]["kernel"][..., r1]) <= b)
 
 

@@ -152,7 +152,7 @@ def test_block_reset_against_numpy():
     keep = ~mask
     # Incoming: a fresh draw within the kaiming bound (fan-in 3 * 3 * C_in), bias 0.
     kin = new_p[f"{b}/conv1/kernel"]
-    bound = initializers.bound("kaiming", math.prod(kin.shape[:-1]), 1, "relu")
+    bound = initializers.scale("kaiming", math.prod(kin.shape[:-1]), 1, "relu")
     assert np.all(np.abs(kin[..., mask]) <= bound) and not np.array_equal(
         kin[..., mask], old_p[f"{b}/conv1/kernel"][..., mask])
     np.testing.assert_array_equal(kin[..., keep], old_p[f"{b}/conv1/kernel"][..., keep])

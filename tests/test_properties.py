@@ -207,8 +207,10 @@ def init_bound(init: str, kernel_shape) -> float:
   fan_in = math.prod(kernel_shape[:-1])
   fan_out = kernel_shape[-1] * math.prod(kernel_shape[:-2])
   g = math.sqrt(2.0)
+  # kaiming_normal has no bound; 8 std is crossed with probability ~1e-15.
   return {"kaiming": g * math.sqrt(3 / fan_in), "default": math.sqrt(1 / fan_in),
-          "xavier": g * math.sqrt(6 / (fan_in + fan_out)), "lecun": math.sqrt(3 / fan_in)}[init]
+          "xavier": g * math.sqrt(6 / (fan_in + fan_out)), "lecun": math.sqrt(3 / fan_in),
+          "kaiming_normal": 8 * g / math.sqrt(fan_in)}[init]
 
 
 OPTIMIZERS = {
