@@ -25,19 +25,18 @@ block's output (the residual stream after the final ReLU) and ``stem_conv``
 the stem's. ``__call__(..., return_features=True)`` also returns the pooled
 features the head reads (the "last layer" of the plasticity metrics).
 
-`conv_im2col` computes a convolution as patches times a matrix. XLA's CPU
-backend runs the kernel gradient of a convolution inside a loop (``lax.scan``,
-``while``) about ten times slower than outside one
-(https://github.com/jax-ml/jax/issues/12868); whole-run-compiled training
-loops hit exactly that, so on CPU the models here use `conv_im2col`
-(``conv="auto"``), which only needs matrix products. Results agree with
-``lax.conv_general_dilated`` to float rounding (tested).
+The convolution is a field, ``conv`` (`cbp_jax.models.conv_function`):
+``"auto"`` (the default) runs `conv_im2col` on CPU, where XLA's convolution
+gradients inside whole-run-compiled loops are about ten times slower, and
+XLA's convolution elsewhere; ``"xla"``, ``"im2col"`` or a function with
+``lax.conv_general_dilated``'s signature choose explicitly. `cbp_jax.models.ConvNet`
+takes the same field.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,110 +44,31 @@ from flax import linen as nn
 
 from cbp_jax.activations import sow_activation
 from cbp_jax.graph import Consumer, Layer, LayerGraph
+# The convolution choice is shared with `cbp_jax.models.ConvNet`; these names
+# stay importable from here (experiments use ``resnet.CONV_IMPLS``).
+from cbp_jax.models import CONV_IMPLS, conv_function, conv_im2col, resolve_conv  # noqa: F401
 
-CONV_IMPLS = ("auto", "xla", "im2col")
 RESNET18_STAGES = (2, 2, 2, 2)
 
 
-# ---------------------------------------------------------------------------
-# Convolution as matrix products.
-# ---------------------------------------------------------------------------
-
-
-def conv_im2col(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int] = (1, 1),
-                padding: str | Sequence[tuple[int, int]] = "VALID", lhs_dilation=None,
-                rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                precision=None, preferred_element_type=None) -> jax.Array:
-  """A 2-D NHWC x HWIO convolution as patches @ kernel (``lax.conv_general_dilated``'s signature).
-
-  Supports what the models here use: any kernel size, strides and padding
-  (``"VALID"``, ``"SAME"`` or explicit pairs), no dilation, one feature group,
-  flax's default NHWC/HWIO/NHWC dimension numbers.
-
-  Args:
-    lhs: inputs ``(N, H, W, C)``.
-    rhs: kernel ``(kh, kw, C, O)``.
-    window_strides: ``(sh, sw)``.
-    padding: ``"VALID"``, ``"SAME"`` or ``((lo, hi), (lo, hi))``.
-    lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-    precision, preferred_element_type: accepted for compatibility; dilations
-      must be 1 and the group count 1.
-
-  Returns:
-    ``(N, H', W', O)``.
-  """
-  for name, d in (("lhs_dilation", lhs_dilation), ("rhs_dilation", rhs_dilation)):
-    if d is not None and any(int(v) != 1 for v in d):
-      raise ValueError(f"conv_im2col: {name} must be 1, got {d}")
-  if feature_group_count != 1:
-    raise ValueError(f"conv_im2col: feature_group_count must be 1, got {feature_group_count}")
-  if lhs.ndim != 4 or rhs.ndim != 4:
-    raise ValueError(
-        f"conv_im2col: expected NHWC inputs and an HWIO kernel, got shapes {lhs.shape}, {rhs.shape}")
-  del dimension_numbers, preferred_element_type  # NHWC/HWIO (flax's default) is assumed.
-  kh, kw, c, out = rhs.shape
-  if lhs.shape[-1] != c:
-    raise ValueError(f"conv_im2col: input has {lhs.shape[-1]} channels, kernel expects {c}")
-  sh, sw = (int(s) for s in window_strides)
-  if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
-  else:
-    pads = [tuple(int(v) for v in p) for p in padding]
-  x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  h = (x.shape[1] - kh) // sh + 1
-  w = (x.shape[2] - kw) // sw + 1
-  cols = [x[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  # Patch entry (i * kw + j) * C + c meets kernel[i, j, c]: the HWIO reshape order.
-  y = jnp.dot(patches.reshape(-1, kh * kw * c), rhs.reshape(kh * kw * c, out),
-              precision=precision)
-  return y.reshape(lhs.shape[0], h, w, out)
-
-
-def resolve_conv(conv: str) -> str:
-  """``"auto"`` -> ``"im2col"`` on CPU, ``"xla"`` elsewhere; others unchanged."""
-  if conv not in CONV_IMPLS:
-    raise ValueError(f"conv must be one of {CONV_IMPLS}, got {conv!r}")
-  if conv == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
-  return conv
-
-
-def conv_function(conv: str):
-  """The ``conv_general_dilated`` for flax ``nn.Conv``: None (XLA's) or `conv_im2col`."""
-  return conv_im2col if resolve_conv(conv) == "im2col" else None
-
-
 def im2col_interceptor(next_fun, args, kwargs, context):
-  """A `flax.linen.intercept_methods` interceptor running every ``nn.Conv`` with `conv_im2col`.
+  """Deprecated: pass ``conv="im2col"`` (or ``"auto"``) to the model instead.
 
-  For models that do not expose their convolution function (e.g.
-  `cbp_jax.models.ConvNet`): ``with nn.intercept_methods(im2col_interceptor):
-  model.apply(...)``. Convolutions it cannot express (dilation, groups,
-  circular padding, masks, unshared weights) and initialisation run as usual.
+  A `flax.linen.intercept_methods` interceptor that runs every ``nn.Conv``
+  call with `conv_im2col`, as ``conv="im2col"`` does, for callers written
+  before `cbp_jax.models.ConvNet` had a ``conv`` field:
+  ``with nn.intercept_methods(im2col_interceptor): model.apply(...)``.
+  Initialisation and convolutions that already name their function run as
+  usual.
   """
   module = context.module
   if (not isinstance(module, nn.Conv) or context.method_name != "__call__"
-      or module.is_initializing() or kwargs or len(args) != 1):
+      or module.is_initializing() or module.conv_general_dilated is not None):
     return next_fun(*args, **kwargs)
-  ones = (None, 1, (1, 1), [1, 1])
-  padding = module.padding
-  if (module.input_dilation not in ones or module.kernel_dilation not in ones
-      or module.feature_group_count != 1 or module.mask is not None
-      or not module.shared_weights or args[0].ndim != 4
-      or (isinstance(padding, str) and padding not in ("SAME", "VALID"))):
-    return next_fun(*args, **kwargs)
-  params = module.variables["params"]
-  kernel = params["kernel"]
-  x = args[0]
-  x, kernel, bias = module.promote_dtype(x, kernel, params.get("bias"), dtype=module.dtype)
-  strides = module.strides or 1
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  if not isinstance(padding, str):
-    padding = nn.linear.canonicalize_padding(padding, 2)
-  y = conv_im2col(x, kernel, strides, padding, precision=module.precision)
-  return y if bias is None else y + bias
+  # The same module with the function set explicitly, on the same parameters
+  # (its own call is not intercepted again: it names its function).
+  explicit = module.clone(parent=None, conv_general_dilated=conv_im2col)
+  return explicit.apply({"params": module.variables["params"]}, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +84,7 @@ class BasicBlock(nn.Module):
   """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; records both ReLUs."""
   features: int
   strides: int = 1
-  conv: str = "auto"
+  conv: str | Callable = "auto"
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -194,13 +114,15 @@ class ResNet18(nn.Module):
     width: channels of the stem and the first stage (64 for ResNet-18;
       stages have ``width * (1, 2, 4, 8)``). Small widths make test-sized nets.
     stage_sizes: blocks per stage (``(2, 2, 2, 2)`` is ResNet-18).
-    conv: ``"auto"``, ``"xla"`` or ``"im2col"`` (`resolve_conv`).
+    conv: ``"auto"``, ``"xla"``, ``"im2col"`` or a
+      ``lax.conv_general_dilated``-like function
+      (`cbp_jax.models.conv_function`).
     param_dtype: dtype of parameters and computation.
   """
   num_classes: int = 100
   width: int = 64
   stage_sizes: Sequence[int] = RESNET18_STAGES
-  conv: str = "auto"
+  conv: str | Callable = "auto"
   param_dtype: Any = jnp.float32
 
   @nn.compact

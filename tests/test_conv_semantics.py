@@ -6,7 +6,8 @@ Here: the explicit residual-block graph of `cbp_jax.resnet.resnet_graph`
 (``conv1 -> bn1 -> relu -> conv2``, skip path beside it), BatchNorm parameters
 and running statistics of replaced units, the ``conv2`` bias correction summed
 over the 3x3 window, exactness of the block's function away from the padded
-border, untouched skip paths, restarted momentum, and the im2col convolution.
+border, untouched skip paths, restarted momentum, the im2col convolution and the
+models' ``conv`` field (a name or any convolution function).
 """
 
 import functools
@@ -312,24 +313,56 @@ def test_im2col_convolution_and_gradients_match_xla(strides, padding):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(b))))
 
 
-def test_im2col_resnet_and_intercepted_convnet_match_xla():
+def test_im2col_resnet_and_convnet_match_xla():
   model_x, variables, x = small_resnet("xla")
   model_i = MODELS["im2col"]
   np.testing.assert_allclose(forward(model_i, variables, x)[0], forward(model_x, variables, x)[0],
                              rtol=1e-4, atol=1e-5)
-  # The interceptor runs models.ConvNet's convolutions as im2col: same outputs and activations.
-  convnet = cbp_jax.models.ConvNet(outputs=2)
+  # models.ConvNet takes the same field: same parameters, same outputs and activations.
   xc = jax.random.uniform(jax.random.key(4), (3, 32, 32, 3))
-  params = convnet.init(jax.random.key(0), xc)["params"]
+  convnets = {conv: cbp_jax.models.ConvNet(outputs=2, conv=conv) for conv in ("xla", "im2col")}
+  params = convnets["xla"].init(jax.random.key(0), xc)["params"]
+  for a, b in zip(jax.tree.leaves(params),
+                  jax.tree.leaves(convnets["im2col"].init(jax.random.key(0), xc)["params"])):
+    np.testing.assert_array_equal(a, b)
 
   @functools.partial(jax.jit, static_argnums=1)
-  def run(p, intercept):
-    if intercept:
+  def run(p, conv):
+    if conv == "intercepted":  # The deprecated interceptor, still used by older callers.
       with nn.intercept_methods(resnet.im2col_interceptor):
-        return cbp_jax.apply_with_activations(convnet, p, xc)
-    return cbp_jax.apply_with_activations(convnet, p, xc)
+        return cbp_jax.apply_with_activations(convnets["xla"], p, xc)
+    return cbp_jax.apply_with_activations(convnets[conv], p, xc)
 
-  for a, b in zip(jax.tree.leaves(run(params, True)), jax.tree.leaves(run(params, False))):
+  xla, im2col, intercepted = (jax.tree.leaves(run(params, c)) for c in ("xla", "im2col", "intercepted"))
+  assert len(xla) == 6  # Logits and the five recorded layers (3 conv, 2 dense).
+  for a, b, c in zip(im2col, xla, intercepted):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(c, a)  # The interceptor is conv="im2col", op for op.
   with pytest.raises(ValueError, match="feature_group_count"):
     resnet.conv_im2col(xc, jnp.ones((3, 3, 1, 2)), feature_group_count=3)
+
+
+def test_models_take_any_convolution_function():
+  """A function given as ``conv`` is the one every convolution calls (ConvNet and ResNet18)."""
+  calls = []
+
+  def conv(lhs, rhs, *args, **kwargs):
+    calls.append(rhs.shape)
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+  xc = jax.random.uniform(jax.random.key(4), (2, 32, 32, 3))
+  model = cbp_jax.models.ConvNet(outputs=2, conv=conv)
+  params = model.init(jax.random.key(0), xc)["params"]
+  calls.clear()
+  out = model.apply({"params": params}, xc)
+  assert calls == [(5, 5, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128)]
+  np.testing.assert_array_equal(out, cbp_jax.models.ConvNet(outputs=2).apply({"params": params}, xc))
+  calls.clear()
+  model_x, variables, x = small_resnet("xla")
+  resnet.ResNet18(num_classes=3, width=WIDTH, stage_sizes=STAGES, conv=conv).apply(
+      variables, x, train=False)
+  # Stem, two convolutions per block and block2_0's 1x1 shortcut.
+  assert calls == [(3, 3, 3, 4), (3, 3, 4, 4), (3, 3, 4, 4), (3, 3, 4, 8), (3, 3, 8, 8), (1, 1, 4, 8)]
+  for bad in ("fft", 3):
+    with pytest.raises(ValueError, match=repr(bad)):
+      cbp_jax.models.ConvNet(conv=bad).init(jax.random.key(0), xc)
