@@ -43,6 +43,8 @@ from cbp_jax import validation
 
 __all__ = [
     "dead_unit_fraction",
+    "active_fractions",
+    "rarely_active_fraction",
     "dormant_scores",
     "dormant_fraction",
     "effective_rank",
@@ -97,6 +99,12 @@ def _check_threshold(threshold: Any, fn: str) -> None:
     raise ValueError(f"{fn}: `threshold` must be in (0, 1], got {threshold!r}.")
 
 
+def _check_fraction(value: Any, name: str, fn: str) -> None:
+  v = validation.scalar(name, value)
+  if v is not None and not (0.0 <= v <= 1.0):  # also rejects NaN
+    raise ValueError(f"{fn}: `{name}` must be in [0, 1], got {value!r}.")
+
+
 def _check_tau(tau: Any, fn: str) -> None:
   v = validation.scalar("tau", tau)
   if v is not None and not (v >= 0.0):  # also rejects NaN
@@ -135,6 +143,61 @@ def dead_unit_fraction(h: jax.Array) -> jax.Array:
   h = _check_activations(h, "dead_unit_fraction")
   active = jnp.any(h > 0, axis=tuple(range(h.ndim - 1)))
   return jnp.mean(jnp.logical_not(active).astype(jnp.float32))
+
+
+def active_fractions(h: jax.Array) -> jax.Array:
+  """Fraction of the probe samples on which each unit is active (output ``> 0``).
+
+  Args:
+    h: activations of shape ``(batch, ..., n_units)``; the unit axis is last and middle axes (conv ``H, W``) are
+      treated as more samples, so a conv channel's fraction is over ``batch * H * W`` positions.
+
+  Returns:
+    A ``float32`` array of shape ``(n_units,)`` with entries in ``[0, 1]``.
+
+  Raises:
+    ValueError: if ``h`` has fewer than 2 dimensions or an empty axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h = jnp.array([[0., 1., 2.], [0., 0., 3.], [0., 0., 1.], [0., 0., 1.]])
+    >>> active_fractions(h)
+    Array([0.  , 0.25, 1.  ], dtype=float32)
+  """
+  h = _check_activations(h, "active_fractions")
+  return jnp.mean((h > 0).astype(jnp.float32), axis=tuple(range(h.ndim - 1)))
+
+
+def rarely_active_fraction(h: jax.Array, threshold: float | jax.Array = 0.01) -> jax.Array:
+  """Fraction of units active on fewer than a fraction ``threshold`` of the probe samples.
+
+  A unit counts when its :func:`active_fractions` entry is ``< threshold``, or when it is never active (``0``),
+  so ``threshold = 0`` gives exactly :func:`dead_unit_fraction`. This is the paper's dormant-unit measure for
+  class-incremental CIFAR-100 (ReLU units active on fewer than 1% of the probe images, ``threshold = 0.01``);
+  :func:`dormant_fraction` is ReDo's magnitude-based measure instead.
+
+  Args:
+    h: activations of shape ``(batch, ..., n_units)``; unit axis last, middle axes (conv ``H, W``) are more
+      samples.
+    threshold: fraction in ``[0, 1]``. May be a traced value (then it is not validated).
+
+  Returns:
+    A ``float32`` scalar in ``[0, 1]``.
+
+  Raises:
+    ValueError: if ``h`` has fewer than 2 dimensions or an empty axis, or ``threshold`` is not in ``[0, 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h = jnp.array([[0., 1., 2.], [0., 0., 3.], [0., 0., 1.], [0., 0., 1.]])  # active on 0, 1/4, 4/4
+    >>> float(rarely_active_fraction(h, 0.3)), float(rarely_active_fraction(h, 0.0))
+    (0.6666666865348816, 0.3333333432674408)
+  """
+  _check_fraction(threshold, "threshold", "rarely_active_fraction")
+  fractions = active_fractions(h)
+  # `< threshold` alone would count nothing at threshold 0; never-active units always count.
+  rare = (fractions < threshold) | (fractions == 0)
+  return jnp.mean(rare.astype(jnp.float32))
 
 
 def dormant_scores(h: jax.Array) -> jax.Array:
@@ -435,7 +498,8 @@ def gradient_norm(grads: Any) -> jax.Array:
 
 
 def layer_metrics(
-    activations: Mapping[str, jax.Array], tau: float = 0.0, threshold: float = 0.99
+    activations: Mapping[str, jax.Array], tau: float = 0.0, threshold: float = 0.99,
+    activity_threshold: float = 0.01,
 ) -> dict[str, dict[str, jax.Array]]:
   """All unit and rank metrics for a dict of layer activations.
 
@@ -445,10 +509,12 @@ def layer_metrics(
     activations: mapping from a layer name to its activations ``(batch, ..., n_units)`` on a probe batch.
     tau: dormancy threshold passed to :func:`dormant_fraction`.
     threshold: spectrum fraction passed to :func:`approximate_rank` and :func:`stable_rank`.
+    activity_threshold: fraction passed to :func:`rarely_active_fraction`.
 
   Returns:
-    ``{layer: {"dead_fraction", "dormant_fraction", "effective_rank", "stable_rank", "approximate_rank",
-    "feature_norm"}}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the rest ``float32``.
+    ``{layer: {"dead_fraction", "rarely_active_fraction", "dormant_fraction", "effective_rank", "stable_rank",
+    "approximate_rank", "feature_norm"}}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
+    rest ``float32``.
     Each layer's SVD is computed once and shared by the three rank measures.
 
   Raises:
@@ -468,12 +534,14 @@ def layer_metrics(
     )
   _check_tau(tau, "layer_metrics")
   _check_threshold(threshold, "layer_metrics")
+  _check_fraction(activity_threshold, "activity_threshold", "layer_metrics")
   out: dict[str, dict[str, jax.Array]] = {}
   for name, h in activations.items():
     h = _check_activations(h, f"layer_metrics[{name!r}]")
     sv = jnp.linalg.svd(h.reshape(-1, h.shape[-1]), compute_uv=False)
     out[name] = {
         "dead_fraction": dead_unit_fraction(h),
+        "rarely_active_fraction": rarely_active_fraction(h, activity_threshold),
         "dormant_fraction": dormant_fraction(h, tau),
         "effective_rank": _effective_rank_from_sv(sv),
         "stable_rank": _cumulative_rank(sv, threshold),

@@ -26,6 +26,13 @@ def np_dead_fraction(h):
     return float(np.mean(dead))
 
 
+def np_rarely_active_fraction(h, threshold):
+    h = np.asarray(h, np.float64)
+    units = h.reshape(-1, h.shape[-1])
+    fractions = [np.count_nonzero(units[:, i] > 0) / units.shape[0] for i in range(units.shape[1])]
+    return float(np.mean([f == 0 or f < threshold for f in fractions]))
+
+
 def np_dormant_scores(h):
     h = np.asarray(h, np.float64)
     units = np.abs(h.reshape(-1, h.shape[-1]))
@@ -119,6 +126,38 @@ def test_dead_fraction_conv_spatial_axes_are_samples():
     h[2, 3, 1, 4] = 1.0  # channel 4 active at one position of one image -> alive
     assert float(M.dead_unit_fraction(h)) == pytest.approx(np_dead_fraction(h))
     assert float(M.dead_unit_fraction(h)) == pytest.approx(1 / 6)
+
+
+def test_rarely_active_fraction_hand_computed():
+    # Unit i is active on exactly i of the 4 samples: fractions 0, 1/4, 1/2, 3/4, 1.
+    h = np.zeros((4, 5), np.float32)
+    for i in range(5):
+        h[:i, i] = 1.0 + i
+    h[3, 0] = -2.0  # Negative outputs are not active.
+    np.testing.assert_array_equal(M.active_fractions(h), [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert M.active_fractions(h).dtype == jnp.float32
+    for threshold, expected in [(0.0, 1 / 5), (0.25, 1 / 5), (0.26, 2 / 5), (0.5, 2 / 5), (0.51, 3 / 5),
+                                (1.0, 4 / 5)]:
+        assert float(M.rarely_active_fraction(h, threshold)) == pytest.approx(expected), threshold
+        assert float(M.rarely_active_fraction(h, threshold)) == pytest.approx(np_rarely_active_fraction(h, threshold))
+    assert float(M.rarely_active_fraction(h)) == pytest.approx(1 / 5)  # Default 1%: only the never-active unit.
+
+
+def test_rarely_active_fraction_threshold_zero_is_dead_fraction():
+    g = rng(5)
+    h = np.maximum(g.normal(size=(3, 4, 4, 9)) - 1.5, 0).astype(np.float32)  # Sparse ReLU conv outputs.
+    h[..., 2] = 0.0
+    h[..., 7] = 0.0
+    h[1, 2, 3, 7] = 0.5  # Active at one position of one image: not dead, but rarely active.
+    assert float(M.rarely_active_fraction(h, 0.0)) == pytest.approx(float(M.dead_unit_fraction(h)))
+    assert float(M.rarely_active_fraction(h, 0.0)) == pytest.approx(1 / 9)
+    fractions = M.active_fractions(h)  # Over 3 * 4 * 4 = 48 positions.
+    assert float(fractions[2]) == 0.0 and float(fractions[7]) == pytest.approx(1 / 48)
+    for threshold in (0.0, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0):
+        expected = np_rarely_active_fraction(h, threshold)
+        assert float(M.rarely_active_fraction(h, threshold)) == pytest.approx(expected), threshold
+        assert float(jax.jit(M.rarely_active_fraction)(h, threshold)) == pytest.approx(expected), threshold
+    np.testing.assert_allclose(M.active_fractions(h), (h.reshape(-1, 9) > 0).mean(axis=0), rtol=1e-6)
 
 
 def test_dormant_scores_hand_computed():
@@ -358,13 +397,15 @@ def test_layer_metrics_matches_individual_functions():
         "zero": np.zeros((5, 4), np.float32),
     }
     acts["fc"][:, 0] = 0.0
-    out = jax.jit(M.layer_metrics, static_argnames=())(acts, 0.1)
-    keys = {"dead_fraction", "dormant_fraction", "effective_rank", "stable_rank", "approximate_rank", "feature_norm"}
+    out = jax.jit(M.layer_metrics, static_argnames=())(acts, 0.1, activity_threshold=0.3)
+    keys = {"dead_fraction", "rarely_active_fraction", "dormant_fraction", "effective_rank", "stable_rank",
+            "approximate_rank", "feature_norm"}
     assert set(out) == set(acts)
     for name, h in acts.items():
         m = out[name]
         assert set(m) == keys
         assert float(m["dead_fraction"]) == pytest.approx(np_dead_fraction(h))
+        assert float(m["rarely_active_fraction"]) == pytest.approx(np_rarely_active_fraction(h, 0.3))
         assert float(m["dormant_fraction"]) == pytest.approx(float(np.mean(np_dormant_scores(h) <= 0.1)))
         assert float(m["effective_rank"]) == pytest.approx(np_effective_rank(h), rel=1e-4)
         assert int(m["approximate_rank"]) == np_approximate_rank(h)
@@ -395,6 +436,8 @@ def test_vmap_over_seed_axis_equals_loop():
     def all_metrics(h):
         return {
             "dead": M.dead_unit_fraction(h),
+            "rare": M.rarely_active_fraction(h, 0.4),
+            "active": M.active_fractions(h),
             "dormant": M.dormant_fraction(h, 0.2),
             "scores": M.dormant_scores(h),
             "er": M.effective_rank(h),
@@ -433,6 +476,7 @@ def test_bf16_inputs():
     assert int(M.approximate_rank(xb)) == 3
     assert int(M.stable_rank(xb)) == np_stable_rank(xr)
     assert float(M.dead_unit_fraction(hb)) == pytest.approx(np_dead_fraction(hr))
+    assert float(M.rarely_active_fraction(hb, 0.5)) == pytest.approx(np_rarely_active_fraction(hr, 0.5))
     np.testing.assert_allclose(M.dormant_scores(hb), np_dormant_scores(hr), rtol=1e-4)
     assert M.dormant_scores(hb).dtype == jnp.float32
     assert float(M.feature_norm(hb)) == pytest.approx(np_feature_norm(hr), rel=1e-4)
@@ -449,7 +493,8 @@ def test_bf16_inputs():
 
 
 @pytest.mark.parametrize(
-    "fn", [M.dead_unit_fraction, M.dormant_scores, M.dormant_fraction, M.feature_norm]
+    "fn", [M.dead_unit_fraction, M.active_fractions, M.rarely_active_fraction, M.dormant_scores, M.dormant_fraction,
+           M.feature_norm]
 )
 def test_1d_activations_raise(fn):
     with pytest.raises(ValueError, match=r"`h`.*ndim >= 2.*\(5,\)"):
@@ -480,6 +525,14 @@ def test_threshold_out_of_range_raises(fn, threshold):
         fn(np.eye(3, dtype=np.float32), threshold)
     with pytest.raises(ValueError, match="threshold"):
         M.layer_metrics({"fc": np.eye(3, dtype=np.float32)}, threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_activity_threshold_out_of_range_raises(threshold):
+    with pytest.raises(ValueError, match=r"`threshold` must be in \[0, 1\], got " + repr(threshold)):
+        M.rarely_active_fraction(np.eye(3, dtype=np.float32), threshold)
+    with pytest.raises(ValueError, match=r"`activity_threshold` must be in \[0, 1\]"):
+        M.layer_metrics({"fc": np.eye(3, dtype=np.float32)}, activity_threshold=threshold)
 
 
 def test_negative_tau_raises():
