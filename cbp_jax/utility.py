@@ -2,7 +2,7 @@
 
 Everything here is O(units) state and elementwise/reduction work; the only
 O(params) work per step is the weight-magnitude reductions, which read each
-kernel once.
+kernel (or, with a refresh interval, a slice of it) once.
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ class UnitStatistics(NamedTuple):
   age: jax.Array
 
 
+class MagnitudeCache(NamedTuple):
+  """Weight magnitudes kept between refreshes (`cbp`'s ``magnitude_refresh_every``).
+
+  Attributes:
+    incoming: per layer, ``mean |w_in|`` of each unit, ``(n,)`` float32.
+    outgoing: per layer, ``mean |w_out|`` of each unit, ``(n,)`` float32.
+    phase: which slice of every layer's units is refreshed next (int32).
+  """
+  incoming: dict[str, jax.Array]
+  outgoing: dict[str, jax.Array]
+  phase: jax.Array
+
+
 def init_statistics(width: int) -> UnitStatistics:
   # Separate buffers, so a training step may donate the whole state.
   return UnitStatistics(jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32),
@@ -53,27 +66,54 @@ def debias(running: jax.Array, decay: jax.Array, age: jax.Array) -> jax.Array:
   return jnp.where(age > 0, running / jnp.where(age > 0, correction, 1.0), 0.0)
 
 
-def incoming_magnitude(kernel: jax.Array) -> jax.Array:
-  """``mean |w_in[i, :]|`` per unit: all axes but the last (the units)."""
-  k = jnp.abs(kernel.astype(jnp.float32))
+def _post_step(param: jax.Array, update: jax.Array, axis: int,
+               units: tuple[jax.Array, int] | None) -> jax.Array:
+  """``|param + update|`` in float32, only units ``[start, start + size)`` of ``axis``.
+
+  Slicing before the add keeps the work (and memory traffic) to the slice.
+  """
+  if units is not None:
+    start, size = units
+    param = jax.lax.dynamic_slice_in_dim(param, start, size, axis)
+    update = jax.lax.dynamic_slice_in_dim(update, start, size, axis)
+  return jnp.abs(param.astype(jnp.float32) + update.astype(jnp.float32))
+
+
+def incoming_magnitude(kernel: jax.Array, update: jax.Array,
+                       units: tuple[jax.Array, int] | None = None) -> jax.Array:
+  """``mean |w_in[i, :]|`` per unit of the post-step kernel ``kernel + update``.
+
+  Units are the last axis; every other axis is averaged over. ``units`` =
+  ``(start, size)`` restricts the work to units ``[start, start + size)``.
+  """
+  k = _post_step(kernel, update, -1, units)
   return jnp.mean(k.reshape(-1, k.shape[-1]), axis=0)
 
 
-def outgoing_magnitude(kernels_and_layouts, width: int) -> jax.Array:
+def outgoing_magnitude(consumers, width: int,
+                       units: tuple[jax.Array, int] | None = None) -> jax.Array:
   """``mean |w_out[:, i]|`` per unit, averaged over consumers (as the reference).
 
-  A consumer's axis -2 holds ``n * P`` inputs: unit ``i`` sits at inputs
-  ``p * n + i`` (channels_last) or ``i * P + p`` (channels_first). Splitting
-  that axis by a reshape (no transpose) keeps this one fused read of the
-  kernel.
+  Args:
+    consumers: ``(kernel, update, layout)`` of each consumer; the post-step
+      kernel is ``kernel + update``. Its axis -2 holds ``n * P`` inputs: unit
+      ``i`` sits at inputs ``p * n + i`` (channels_last) or ``i * P + p``
+      (channels_first). Splitting that axis by a reshape (no transpose) keeps
+      this one fused read of the kernel.
+    width: the layer's ``n``.
+    units: optional ``(start, size)``: only units ``[start, start + size)``.
+
+  Returns:
+    ``(n,)`` magnitudes, or ``(size,)`` with ``units``.
   """
   mags = []
-  for kernel, layout in kernels_and_layouts:
+  for kernel, update, layout in consumers:
     *spatial, inputs, out = kernel.shape
     positions = inputs // width
     split = (positions, width) if layout == "channels_last" else (width, positions)
-    k = jnp.abs(kernel.astype(jnp.float32)).reshape(*spatial, *split, out)
     unit_axis = len(spatial) + (1 if layout == "channels_last" else 0)
+    k = _post_step(kernel.reshape(*spatial, *split, out), update.reshape(*spatial, *split, out),
+                   unit_axis, units)
     mags.append(jnp.mean(k, axis=tuple(a for a in range(k.ndim) if a != unit_axis)))
   return sum(mags) / len(mags)
 

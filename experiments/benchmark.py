@@ -46,7 +46,9 @@ untimed steps. Each timed call starts from the same state. Inputs come from a sm
 device (indexing it costs the same for every method). L2 is
 ``optax.add_decayed_weights(1e-4)`` before SGD; S&P is
 `cbp_jax.methods.shrink_and_perturb` after SGD (noise every step); ReDo is
-`cbp_jax.methods.redo` (tau 0, period 1000) after SGD. Methods other than BP,
+`cbp_jax.methods.redo` (tau 0, period 1000) after SGD. ``cbp_k10`` is CBP
+with ``magnitude_refresh_every=10`` (weight magnitudes refreshed for a tenth
+of the units per step). Methods other than BP,
 CBP and L2 are skipped when `cbp_jax.methods` is absent.
 
 Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
@@ -157,10 +159,11 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
   graph = cbp_jax.graph_from_params(params)
   if method == "bp":
     return sgd, False
-  if method == "cbp":
+  if method in ("cbp", "cbp_k10"):
+    settings = dict(net.cbp, magnitude_refresh_every=10 if method == "cbp_k10" else 1)
     if net.wrap:
-      return cbp_jax.cbp(graph, key=key, optimizer=sgd, **net.cbp), True
-    return optax.chain(sgd, cbp_jax.cbp(graph, key=key, **net.cbp)), True
+      return cbp_jax.cbp(graph, key=key, optimizer=sgd, **settings), True
+    return optax.chain(sgd, cbp_jax.cbp(graph, key=key, **settings)), True
   if method == "l2":
     return optax.chain(optax.add_decayed_weights(1e-4), sgd), False
   if method == "snp":
@@ -173,7 +176,7 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
 
 
 def available_methods(quick: bool = False) -> list[str]:
-  out = ["bp", "cbp", "l2"]
+  out = ["bp", "cbp", "cbp_k10", "l2"]
   if methods_lib is not None and not quick:
     out += ["snp", "redo"]
   return out
@@ -519,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict | None:
   parser.add_argument("--out", default="results/benchmark.json", help="JSON output path")
   parser.add_argument("--nets", default=None,
                       help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,sweep")
-  parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,l2,snp,redo")
+  parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,cbp_k10,l2,snp,redo")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", default=None, metavar="NET",
                       help="print an op-level profile of BP and CBP on NET instead")

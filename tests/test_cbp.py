@@ -445,3 +445,82 @@ def test_batch_norm_statistics_of_replaced_units_are_reset():
   assert mask.sum() == 3
   np.testing.assert_array_equal(new_stats["BatchNorm_0"]["mean"], np.where(mask, 0.0, 0.7).astype(np.float32))
   np.testing.assert_array_equal(new_stats["BatchNorm_0"]["var"], np.where(mask, 1.0, 3.0))
+
+
+# --- Weight magnitudes refreshed a slice at a time ----------------------------
+
+
+@pytest.mark.parametrize("every", [2, 3, 7])
+def test_magnitude_cache_refreshes_one_slice_per_step_and_is_exact_for_replaced_units(every):
+  """Emulates the rotating refresh in NumPy from the observed weights.
+
+  Width 5 and 6: slices of ceil(n / every) units, the last one clamped to end
+  at the last unit. Maturity 6 lets replacements start mid-run.
+  """
+  lr = 0.05
+  model, params = mlp(hidden=(6, 5))
+  graph = cbp_jax.graph_from_params(params)
+  tx = optax.chain(optax.sgd(lr), cbp_jax.cbp(
+      graph, key=0, replacement_rate=0.2, maturity_threshold=6,
+      magnitude_refresh_every=every))
+  state = tx.init(params)
+  step = make_step(model, tx)
+  grad_fn = jax.jit(jax.grad(
+      lambda p, x, y: jnp.mean((cbp_jax.apply_with_activations(model, p, x)[0] - y) ** 2)))
+  consumer = {"Dense_0": "Dense_1", "Dense_1": "Dense_2"}
+
+  def mags(kernel_in, kernel_out):
+    return (np.abs(np.asarray(kernel_in, np.float64)).mean(axis=0),
+            np.abs(np.asarray(kernel_out, np.float64)).mean(axis=1))
+
+  cache = state[1].magnitudes
+  for name in consumer:  # At init: the initial weights' magnitudes.
+    want_in, want_out = mags(params[name]["kernel"], params[consumer[name]]["kernel"])
+    np.testing.assert_allclose(cache.incoming[name], want_in, rtol=1e-6)
+    np.testing.assert_allclose(cache.outgoing[name], want_out, rtol=1e-6)
+  expected = {n: (np.asarray(cache.incoming[n], np.float64), np.asarray(cache.outgoing[n], np.float64))
+              for n in consumer}
+  replaced_any = 0
+  for t, (x, y) in enumerate(batches(20)):
+    g = grad_fn(params, x, y)
+    pre_reset = jax.tree.map(lambda p, g: p - lr * g, params, g)  # Post-step, before the reset.
+    params, state, _, _ = step(params, state, x, y)
+    cache = state[1].magnitudes
+    assert int(cache.phase) == (t + 1) % every
+    for name, width in (("Dense_0", 6), ("Dense_1", 5)):
+      size = -(-width // every)
+      start = min((t % every) * size, width - size)
+      s = slice(start, start + size)
+      want_in, want_out = expected[name]
+      fresh_in, fresh_out = mags(pre_reset[name]["kernel"], pre_reset[consumer[name]]["kernel"])
+      want_in[s], want_out[s] = fresh_in[s], fresh_out[s]
+      replaced = np.asarray(state[1].last_replaced[name])
+      replaced_any += replaced.sum()
+      after_in, _ = mags(params[name]["kernel"], params[consumer[name]]["kernel"])
+      want_in[replaced], want_out[replaced] = after_in[replaced], 0.0
+      np.testing.assert_allclose(cache.incoming[name], want_in, rtol=1e-5, err_msg=f"{name} t={t}")
+      np.testing.assert_allclose(cache.outgoing[name], want_out, rtol=1e-5, err_msg=f"{name} t={t}")
+  assert replaced_any > 0
+
+
+def test_magnitude_refresh_with_constant_weights_gives_the_exact_utilities():
+  """lr 0 and no replacement: cached magnitudes never go stale, so utilities equal every=1's."""
+  model, params = mlp(hidden=(6, 5))
+  graph = cbp_jax.graph_from_params(params)
+  runs = {}
+  for every in (1, 4):
+    tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(graph, key=0, replacement_rate=0.0,
+                                                 magnitude_refresh_every=every))
+    state, step, p = tx.init(params), make_step(model, tx), params
+    for x, y in batches(9):
+      p, state, _, _ = step(p, state, x, y)
+    runs[every] = cbp_jax.unit_stats(state)
+  for name in runs[1]:
+    np.testing.assert_allclose(runs[4][name]["utility"], runs[1][name]["utility"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, None])
+def test_magnitude_refresh_every_must_be_a_positive_int(bad):
+  _, params = mlp()
+  with pytest.raises(ValueError, match="magnitude_refresh_every"):
+    cbp_jax.cbp(cbp_jax.graph_from_params(params), key=0, magnitude_refresh_every=bad)
