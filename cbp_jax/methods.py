@@ -26,6 +26,7 @@ from cbp_jax import graph as graph_lib
 from cbp_jax import initializers
 from cbp_jax import metrics
 from cbp_jax import reset as reset_lib
+from cbp_jax import transform as transform_lib
 from cbp_jax import tree_paths
 from cbp_jax import validation
 
@@ -64,7 +65,7 @@ def l2(weight_decay: float | jax.Array | optax.Schedule) -> optax.GradientTransf
     ValueError: if ``weight_decay`` is negative or not a number.
 
   Example:
-    >>> tx = optax.chain(cbp_jax.l2(1e-4), optax.sgd(0.01))
+    >>> tx = optax.chain(cbp_jax.methods.l2(1e-4), optax.sgd(0.01))
   """
   if not callable(weight_decay):
     validation.check_nonnegative("weight_decay", weight_decay)
@@ -103,7 +104,7 @@ def l2_init(weight_decay: float | jax.Array) -> optax.GradientTransformation:
     ValueError: if ``weight_decay`` is negative or not a number.
 
   Example:
-    >>> tx = optax.chain(cbp_jax.l2_init(1e-3), optax.adam(1e-3))
+    >>> tx = optax.chain(cbp_jax.methods.l2_init(1e-3), optax.adam(1e-3))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
   """
@@ -189,7 +190,7 @@ def shrink_and_perturb(
 
   Example:
     >>> tx = optax.chain(optax.sgd(0.01),
-    ...                  cbp_jax.shrink_and_perturb(1 - 1e-4, 1e-4, key=0))
+    ...                  cbp_jax.methods.shrink_and_perturb(1 - 1e-4, 1e-4, key=0))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
@@ -256,6 +257,14 @@ class RedoState(NamedTuple):
   inner_state: optax.OptState
 
 
+# cbp and redo cannot be each other's optimizer=: the wrapping transform
+# passes no activations on to its optimizer, and restarting that optimizer's
+# statistics calls its init on optax's parameter placeholder, which theirs
+# cannot take (they resolve the layer graph against the real parameters).
+_COMPOSE = ("wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
+            "optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))")
+
+
 def redo(
     graph: graph_lib.LayerGraph,
     *,
@@ -291,6 +300,11 @@ def redo(
   (the same dict `cbp` takes, e.g. from `cbp_jax.apply_with_activations`),
   on every step: shapes are static under `jax.jit`.
 
+  With `cbp`, chain the two rather than nesting one as the other's
+  ``optimizer=`` (refused: neither would get the activations), e.g.
+  ``optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))``:
+  each resets its own units, and `reset_optimizer_for` handles the chain.
+
   Args:
     graph: the hidden layers (`cbp_jax.graph_from_params` or `LayerGraph`).
     key: PRNG key (or int seed) for the new incoming weights.
@@ -308,15 +322,17 @@ def redo(
     An `optax.GradientTransformationExtraArgs` whose state is a `RedoState`.
 
   Raises:
-    ValueError: naming an invalid argument; at trace time, a graph that does
-      not match the params or missing/misshaped activations.
+    ValueError: naming an invalid argument; in ``init``, an ``optimizer``
+      holding a `cbp` or `redo` transform, or ``redo`` itself nested as
+      another transform's ``optimizer``; at trace time, a graph that does not
+      match the params or missing/misshaped activations.
 
   Example:
     >>> model = cbp_jax.models.MLP(hidden=(16, 16), outputs=1)
     >>> x = jnp.ones((4, 8))
     >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> tx = cbp_jax.redo(cbp_jax.graph_from_params(params), key=1,
-    ...                   tau=0.025, period=1000, optimizer=optax.adam(1e-3))
+    >>> tx = cbp_jax.methods.redo(cbp_jax.graph_from_params(params), key=1,
+    ...                           tau=0.025, period=1000, optimizer=optax.adam(1e-3))
     >>> state = tx.init(params)
     >>> def loss(p):
     ...   y, acts = cbp_jax.apply_with_activations(model, p, x)
@@ -336,9 +352,16 @@ def redo(
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
+    if not jax.tree.leaves(params):
+      raise ValueError(
+          "redo: init needs the parameters, got a tree without arrays (as "
+          "optax.tree_utils.tree_map_params passes when redo is another transform's "
+          f"optimizer=, which is not supported: {_COMPOSE})")
     layers, _, _ = graph_lib.resolve(graph, params)
     if inner is not None:
       inner_state = inner.init(params)
+      if _unit_reset_states(inner_state):
+        raise ValueError(f"redo: optimizer= holds a cbp or redo transform: {_COMPOSE}")
       reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
     else:
       inner_state = optax.EmptyState()
@@ -383,6 +406,12 @@ def redo(
         inner_state = reset_lib.reset_optimizer_state(inner, inner_state, new_params, touched)
       return new_updates, inner_state
 
+    # Unlike cbp, the reset stays under lax.cond. ReDo may reset every unit of
+    # a layer, so its selections have K = width slots and the kernel draws and
+    # gathers a whole kernel of new weights; run on every step, that costs far
+    # more than the cond's copy of the updates (XLA's cost analysis of the
+    # 784-2000x3 MLP's step at batch 1 without the cond: 766M flops against
+    # plain SGD's 61M, the threefry draw of 9.6M weights).
     any_replaced = jnp.any(jnp.stack(
         [selections[l.layer.name].count(l.width) > 0 for l in layers]))
     updates, inner_state = jax.lax.cond(
@@ -455,8 +484,8 @@ def reset_layers(params: Any, fresh_params: Any, paths: str | Sequence[str]) -> 
 
   Example:
     >>> fresh = model.init(jax.random.key(task), x)["params"]
-    >>> params = cbp_jax.reset_layers(params, fresh, ["Dense_2"])
-    >>> opt_state = cbp_jax.reset_optimizer_for(tx, opt_state, params, ["Dense_2"])
+    >>> params = cbp_jax.methods.reset_layers(params, fresh, ["Dense_2"])
+    >>> opt_state = cbp_jax.methods.reset_optimizer_for(tx, opt_state, params, ["Dense_2"])
   """
   paths = _paths_list(paths, "reset_layers")
   index, leaves, treedef = tree_paths.flatten_by_path(params)
@@ -479,6 +508,28 @@ def reset_layers(params: Any, fresh_params: Any, paths: str | Sequence[str]) -> 
   return jax.tree.unflatten(treedef, out)
 
 
+def _unit_reset_states(opt_state: Any) -> list[Any]:
+  """The `cbp` and `redo` states (`CbpState`, `RedoState`) anywhere in ``opt_state``."""
+  kinds = (transform_lib.CbpState, RedoState)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+          if isinstance(s, kinds)]
+
+
+def _mirror_positions(positions: Any, params_def: Any, chosen: set[int]) -> set[int]:
+  """State leaf positions of the chosen parameters, in every subtree shaped like the parameters.
+
+  ``positions`` is the state with each leaf replaced by its position. A
+  subtree whose tree structure is the parameters' mirrors them leaf by leaf
+  (moments, traces, `l2_init`'s initial parameters); per-unit statistics,
+  counts and keys have other structures.
+  """
+  hits: set[int] = set()
+  for sub in jax.tree.leaves(positions, is_leaf=lambda t: jax.tree.structure(t) == params_def):
+    if jax.tree.structure(sub) == params_def:
+      hits.update(pos for i, pos in enumerate(jax.tree.leaves(sub)) if i in chosen)
+  return hits
+
+
 def reset_optimizer_for(
     tx: optax.GradientTransformation,
     opt_state: Any,
@@ -490,14 +541,22 @@ def reset_optimizer_for(
   Every state entry that mirrors a parameter under ``paths`` (moments,
   momentum traces, accumulators, `l2_init`'s initial parameters, ...) is
   replaced by its value in ``tx.init(new_params)``: zeros for moments, the
-  new parameters for `l2_init`. Entries are found with
-  `optax.tree_utils.tree_map_params`, so this works for any optimizer whose
-  ``init`` accepts a placeholder (plain optax optimizers and chains of them).
-  Shared scalars such as Adam's step count are kept: the other parameters
-  still need them. A full reset is ``tx.init(new_params)``.
+  new parameters for `l2_init`. Shared scalars such as Adam's step count are
+  kept: the other parameters still need them. A full reset is
+  ``tx.init(new_params)``.
+
+  Entries are found with `optax.tree_utils.tree_map_params`, which works for
+  plain optax optimizers and chains of them. `cbp` and `redo` transforms (as
+  ``tx``, or in a chain) need real parameters in ``init``, which that search
+  cannot give; for their states every subtree with the parameters' tree
+  structure is taken as mirroring them (a wrapped optimizer's moments inside
+  ``inner_state``, earlier transforms' statistics in a chain). Their own
+  per-unit statistics (utilities, ages, replacement counts) are not
+  per-parameter and are kept.
 
   Args:
-    tx: the optimizer that made ``opt_state``.
+    tx: the optimizer that made ``opt_state`` (e.g. ``optax.adam(...)``,
+      ``cbp(graph, ..., optimizer=optax.adam(...))`` or a chain holding one).
     opt_state: its state.
     new_params: the parameters after the reset (e.g. from `reset_layers`).
     paths: module or leaf paths, as for `reset_layers`.
@@ -506,15 +565,14 @@ def reset_optimizer_for(
     The new optimizer state, of the same structure.
 
   Raises:
-    ValueError: naming a path with no parameter under it, or when the
-      statistics of ``tx`` cannot be located (e.g. a `cbp`/`redo` transform,
-      whose ``init`` needs real parameters: pass the inner optimizer and its
-      state instead).
+    ValueError: naming a path with no parameter under it, when
+      ``opt_state`` does not have the structure of ``tx.init(new_params)``,
+      or when the statistics of ``tx`` cannot be located.
 
   Example:
-    >>> tx = optax.adam(1e-3)
-    >>> params = cbp_jax.reset_layers(params, fresh, "Dense_2")
-    >>> opt_state = cbp_jax.reset_optimizer_for(tx, opt_state, params, "Dense_2")
+    >>> tx = cbp_jax.cbp(graph, key=0, optimizer=optax.adam(1e-3))
+    >>> params = cbp_jax.methods.reset_layers(params, fresh, "Dense_2")
+    >>> opt_state = cbp_jax.methods.reset_optimizer_for(tx, opt_state, params, "Dense_2")
   """
   paths = _paths_list(paths, "reset_optimizer_for")
   index, p_leaves, p_def = tree_paths.flatten_by_path(new_params)
@@ -532,12 +590,13 @@ def reset_optimizer_for(
 
   try:
     optax.tree_utils.tree_map_params(tx, record, positions, selected)
-    fresh_state = tx.init(new_params)
-  except Exception as e:  # Any failure means we cannot locate the statistics.
-    raise ValueError(
-        "reset_optimizer_for cannot locate the per-parameter statistics of this "
-        f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
-  fresh, fresh_def = jax.tree.flatten(fresh_state)
+  except Exception as e:  # Any failure means optax cannot locate the statistics.
+    if not _unit_reset_states(opt_state):
+      raise ValueError(
+          "reset_optimizer_for cannot locate the per-parameter statistics of this "
+          f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
+    hits = _mirror_positions(positions, p_def, chosen)
+  fresh, fresh_def = jax.tree.flatten(tx.init(new_params))
   if fresh_def != state_def:
     raise ValueError(
         "reset_optimizer_for: opt_state does not have the structure of "
