@@ -13,6 +13,7 @@ import math
 from typing import Any, NamedTuple
 
 import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
@@ -59,14 +60,17 @@ class CbpState(NamedTuple):
 def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   """Static bound on replacements per step and layer (the ``top_k`` size).
 
-  With a concrete rate, ``floor(pending + rate * n)`` with ``pending < 1`` is
-  at most ``ceil(rate * n)``; the +1 only adds slack.
+  With a concrete rate the step's amount is at most ``a = rate * n``, and
+  ``floor(pending + a)`` with ``pending < 1`` is at most ``ceil(a)`` (taken
+  in float32, the precision the count is computed in). Every slot costs a
+  compare per kernel entry in the reset, so the bound is kept tight.
   """
   if user_bound is not None:
     return min(width, user_bound)
   rate = validation.concrete(rate)
   if rate is not None:
-    return min(width, max(1, math.ceil(float(rate) * width) + 1))
+    amount = np.float32(rate) * np.float32(width)
+    return min(width, max(1, math.ceil(float(amount))))
   return width
 
 

@@ -103,14 +103,18 @@ def simulate_counts(steps, width, rate, maturity):
   return counts
 
 
-@pytest.mark.parametrize("maturity", [0, 3, 7])
-def test_accumulate_mode_exact_counts_and_only_mature_units(maturity):
+@pytest.mark.parametrize("maturity,rate,bound", [
+    (0, 1 / 16, 8), (3, 1 / 16, 8), (7, 1 / 16, 8),
+    # The default static bound, ceil(rate * width): 1 and 2 slots; it must
+    # never hold back a replacement (rate * width 0.5, 1.5 and exactly 2).
+    (3, 1 / 16, None), (3, 3 / 16, None), (0, 1 / 4, None)])
+def test_accumulate_mode_exact_counts_and_only_mature_units(maturity, rate, bound):
   width = 8
   model, params = mlp(hidden=(width,))
-  rate = 1 / 16  # Dyadic, so float32 accumulation is exact.
+  # Dyadic rates, so float32 accumulation is exact.
   tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
       cbp_jax.graph_from_params(params), key=0, replacement_rate=rate,
-      maturity_threshold=maturity, max_replacements_per_step=width))
+      maturity_threshold=maturity, max_replacements_per_step=bound))
   state = tx.init(params)
   step = make_step(model, tx)
   expected = simulate_counts(60, width, rate, maturity)
