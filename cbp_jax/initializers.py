@@ -109,7 +109,3 @@ def initializer(init: str = "kaiming", activation: str = "relu") -> jax.nn.initi
     return jax.random.uniform(key, shape, jnp.float32, -s, s).astype(dtype)
 
   return init_fn
-
-
-# The name the models use; every init, uniform or not, goes through `initializer`.
-uniform = initializer

@@ -1,7 +1,7 @@
 """The paper's networks as flax linen modules that record their activations.
 
 Hidden kernels are drawn from the uniform distribution CBP redraws replaced
-units from (`cbp_jax.initializers.uniform`), so new units start like the
+units from (`cbp_jax.initializers.initializer`), so new units start like the
 originals did; biases start at 0, as replaced units' biases do.
 
 Convolutional models (`ConvNet` here, `cbp_jax.resnet.ResNet18`) take their
@@ -161,11 +161,11 @@ class MLP(nn.Module):
     act = activation_fn(self.activation)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      dense = nn.Dense(width, kernel_init=initializers.uniform(self.init_scheme, self.activation),
+      dense = nn.Dense(width, kernel_init=initializers.initializer(self.init_scheme, self.activation),
                        param_dtype=self.param_dtype, dtype=self.param_dtype)
       x = sow_activation(dense, act(dense(x)))
     # The head is drawn like the reference's output layer: U(+-sqrt(3/fan_in)).
-    return nn.Dense(self.outputs, kernel_init=initializers.uniform("lecun"),
+    return nn.Dense(self.outputs, kernel_init=initializers.initializer("lecun"),
                     param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
 
 
@@ -192,7 +192,7 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel_init = initializers.uniform(self.init_scheme, "relu")
+    kernel_init = initializers.initializer(self.init_scheme, "relu")
     conv_fn = conv_function(self.conv)
     for features, size in ((32, 5), (64, 3), (128, 3)):
       conv = nn.Conv(features, (size, size), padding="VALID", kernel_init=kernel_init,
@@ -205,5 +205,5 @@ class ConvNet(nn.Module):
       dense = nn.Dense(128, kernel_init=kernel_init,
                        param_dtype=self.param_dtype, dtype=self.param_dtype)
       x = sow_activation(dense, nn.relu(dense(x)))
-    return nn.Dense(self.outputs, kernel_init=initializers.uniform("default"),
+    return nn.Dense(self.outputs, kernel_init=initializers.initializer("default"),
                     param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
