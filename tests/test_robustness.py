@@ -572,10 +572,11 @@ def test_1m_steps_of_slowly_changing_regression_stay_finite(dtype):
 
 
 @pytest.mark.slow
-def test_100k_steps_of_the_mnist_sized_net_stay_finite():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_100k_steps_of_the_mnist_sized_net_stay_finite(dtype):
   """784-2000-2000-2000-10, batch 1, SGD 0.003, CBP rate 1e-4, maturity 100
-  (the paper's online permuted MNIST configuration), float32."""
+  (the paper's online permuted MNIST configuration)."""
   params, state, losses, _ = long_run(
-      100_000, jnp.float32, hidden=(2000, 2000, 2000), inputs=784, outputs=10,
+      100_000, dtype, hidden=(2000, 2000, 2000), inputs=784, outputs=10,
       stream=classification_stream, lr=0.003, rate=1e-4, maturity=100)
-  check_long_run(params, state, losses, jnp.float32, 100_000, 1e-4, 100)
+  check_long_run(params, state, losses, dtype, 100_000, 1e-4, 100)
