@@ -8,6 +8,7 @@ of width 2 with one block per stage on synthetic images (nothing downloaded).
 """
 
 import json
+import sys
 from typing import NamedTuple
 
 import jax
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 import cbp_jax
+from cbp_jax.data import shared_data_dir
 from experiments import incremental_cifar100 as ic
+from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
 
 TINY = dict(dataset="fashion_mnist", classes_per_task=2, tasks=2, epochs_per_task=3, batch_size=10,
             eval_batch_size=10, train_per_class=5, val_per_class=3, test_per_class=4, width=2,
@@ -224,3 +227,49 @@ def test_tiny_run_with_early_stopping(tmp_path):
   assert "cbp" in ic.format_summary(result.results)
   shapes = jax.eval_shape(jax.vmap(ic.make_train(config, data)), ic.seed_keys(config))
   assert shapes["cbp"]["stable_rank"].shape == (1, 2)
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_interrupt_and_resume_is_bit_identical(tmp_path):
+  """Stopped after its first task (chunk) and resumed from the checkpoint: the same
+  results file and final carry (best-epoch states included) as the uninterrupted run
+  (the config of the tiny run above, so its compiled program is reused)."""
+  config = ic.make_config(TINY, methods=["cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+  data = jax.device_put(tiny_data(config))
+  kw = dict(data=data, plot=False, progress=False)
+  full = ic.run_experiment(config, out_dir=tmp_path / "full", **kw)
+
+  def stop(done, results):
+    if done == 1:
+      raise _Stop
+
+  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
+  with pytest.raises(_Stop):
+    ic.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, on_chunk=stop, **kw)
+  assert json.loads((out / "results.json").read_text())["chunks_done"] == 1
+  resumed = ic.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True, **kw)
+  assert resumed.resumed_from == 1
+  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
+  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+FMNIST = shared_data_dir() / "fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any((FMNIST / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+    reason=f"Fashion-MNIST IDX files not found in {FMNIST} (tests never download data)")
+def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
+  """SIGKILL the CLI (--tiny: class-incremental Fashion-MNIST, width-4 ResNet-18) after
+  its first checkpoint, then --resume: the uninterrupted run's results, byte for byte."""
+  args = ["--tiny", "--tasks", "3", "--epochs-per-task", "1", "--methods", "plain,cbp",
+          "--no-plot"]
+  assert_resume_after_sigkill_is_bit_for_bit(
+      [sys.executable, "-m", "experiments.incremental_cifar100"] + args, tmp_path)

@@ -5,13 +5,7 @@ real MNIST training set in ../shared/data/mnist (skipped if it is absent;
 nothing is ever downloaded).
 """
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +15,8 @@ import pytest
 from cbp_jax.data import shared_data_dir
 from experiments import permuted_mnist as pm
 from experiments import runner
+from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
 
-ROOT = Path(__file__).resolve().parents[1]
 MNIST = shared_data_dir() / "mnist"
 
 pytestmark = pytest.mark.skipif(
@@ -225,26 +219,5 @@ def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """The real thing: SIGKILL the CLI after its first checkpoint, then --resume."""
   args = ["--width", "16", "--tasks", "6", "--examples-per-task", "3000", "--probe-size", "100",
           "--methods", "bp,cbp", "--seeds", "2", "--cbp-rate", "1e-3", "--no-plot"]
-  cmd = [sys.executable, "-m", "experiments.permuted_mnist"] + args
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  full, cut = tmp_path / "full", tmp_path / "cut"
-  subprocess.run(cmd + ["--out", str(full)], cwd=ROOT, env=env, check=True,
-                 capture_output=True, timeout=600)
-  proc = subprocess.Popen(cmd + ["--out", str(cut)], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 600
-    while not (cut / "checkpoints" / "1").is_dir():
-      assert proc.poll() is None, "the run ended before its first checkpoint"
-      assert time.time() < deadline
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  done = json.loads((cut / "results.json").read_text())["chunks_done"]
-  assert done < 6
-  subprocess.run(cmd + ["--out", str(cut), "--resume"], cwd=ROOT, env=env, check=True,
-                 capture_output=True, timeout=600)
-  assert (cut / "results.json").read_bytes() == (full / "results.json").read_bytes()
+  assert_resume_after_sigkill_is_bit_for_bit(
+      [sys.executable, "-m", "experiments.permuted_mnist"] + args, tmp_path)

@@ -1,13 +1,11 @@
 """The shared experiment runner: chunk loop, results file, Ctrl-C, checkpoints, plots."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import runner
+from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = 3
@@ -393,3 +392,28 @@ def test_real_sigint_leaves_valid_partial_results(tmp_path):
   assert 2 <= res["chunks_done"] < 200
   assert res["metrics"]["a"]["v"].shape == (2, res["chunks_done"])
   assert len(res["x"]) == res["chunks_done"]
+
+
+KILL_CHUNKS = 12
+SIGKILL_SCRIPT = textwrap.dedent("""
+    import argparse, time
+    from pathlib import Path
+    from tests.test_runner import KILL_CHUNKS, run_bits
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    run_bits(out, chunks=KILL_CHUNKS, checkpoint_dir=out / "checkpoints", resume=args.resume,
+             on_chunk=lambda done, results: time.sleep(0.1))  # Time to be killed in.
+""")
+
+
+def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
+  """A process running `runner.run` is SIGKILLed after its first checkpoint; a new
+  process resumes it to the uninterrupted run's results file, byte for byte."""
+  script = tmp_path / "kill_me.py"
+  script.write_text(SIGKILL_SCRIPT)
+  done = assert_resume_after_sigkill_is_bit_for_bit([sys.executable, str(script)], tmp_path)
+  assert done < KILL_CHUNKS

@@ -6,6 +6,7 @@ importable. Compiling the MJX ant dominates the time (about 20-40 s of CPU per c
 
 import json
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ pytest.importorskip("brax.envs", reason="brax is not installed: slippery Ant nee
 
 from experiments import runner  # noqa: E402
 from experiments import slippery_ant as sa  # noqa: E402
+from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit  # noqa: E402
 
 
 EPISODE = 10
@@ -125,13 +127,17 @@ def test_config_validation():
   assert sa.method_groups(sa.make_config(methods=["ppo", "l2"])) == {"adam": ["ppo", "l2"]}
 
 
+# The tiny configuration the run tests share (compiled once: `make_batched` caches it).
+TINY = dict(
+    seeds=2, total_steps=128, num_envs=2, rollout_len=16, epochs=2, minibatches=2,
+    hidden=[8, 8], episode_length=8, change_every=64, updates_per_point=1,
+    points_per_chunk=2, methods=["ppo", "cbp"],
+    hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}})
+
+
 def test_tiny_run_end_to_end(tmp_path):
   """Two seeds of PPO and PPO+CBP, vmapped in one compiled program, through the runner."""
-  config = sa.make_config(
-      seeds=2, total_steps=128, num_envs=2, rollout_len=16, epochs=2, minibatches=2,
-      hidden=[8, 8], episode_length=8, change_every=64, updates_per_point=1,
-      points_per_chunk=2, methods=["ppo", "cbp"],
-      hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}})
+  config = sa.make_config(TINY)
   result = sa.run_experiment(config, out_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt",
                              progress=False)
   assert result.status == "complete" and result.chunks_done == 2
@@ -164,3 +170,43 @@ def test_tiny_run_end_to_end(tmp_path):
   json.loads((tmp_path / "timing.json").read_text())
   assert runner.Checkpoints(tmp_path / "ckpt", experiment=sa.EXPERIMENT,
                             config=config).latest() == 2
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_interrupt_and_resume_is_bit_identical(tmp_path):
+  """Stopped after its first chunk and resumed from the checkpoint (MJX state, Adam
+  and CBP statistics, keys): the uninterrupted run's results file and final carry."""
+  config = sa.make_config(TINY)
+  kw = dict(plot=False, progress=False)
+  full = sa.run_experiment(config, out_dir=tmp_path / "full", **kw)
+
+  def stop(done, results):
+    if done == 1:
+      raise _Stop
+
+  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
+  with pytest.raises(_Stop):
+    sa.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, on_chunk=stop, **kw)
+  assert json.loads((out / "results.json").read_text())["chunks_done"] == 1
+  resumed = sa.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True, **kw)
+  assert resumed.resumed_from == 1
+  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
+  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
+  """SIGKILL the CLI (PPO and PPO+CBP replacing units, the paper's nets, 2 envs x 16-step
+  rollouts) after its first checkpoint, then --resume: the uninterrupted run's results,
+  byte for byte."""
+  args = ["--steps", "128", "--num-envs", "2", "--rollout-len", "16", "--updates-per-point", "1",
+          "--points-per-chunk", "1", "--change-every", "64", "--methods", "ppo,cbp",
+          "--set", "cbp.maturity_threshold=2", "--set", "cbp.replacement_rate=0.01", "--no-plot"]
+  assert_resume_after_sigkill_is_bit_for_bit(
+      [sys.executable, "-m", "experiments.slippery_ant"] + args, tmp_path)

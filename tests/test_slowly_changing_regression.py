@@ -1,6 +1,7 @@
 """Slowly-changing regression: input stream, LTU target, the loss-of-plasticity effect, determinism."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 from experiments import runner
 from experiments import slowly_changing_regression as scr
+from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
 
 # Small enough to compile and run in a few seconds; shared so that the
 # compiled program is reused (make_batched memoises per config).
@@ -203,3 +205,13 @@ def test_cli_and_plot(tmp_path, capsys):
   assert scr.main(args + ["--resume"]) == 2  # A corrupt checkpoint: refused, saying why.
   err = capsys.readouterr().err
   assert "unreadable or corrupt" in err and str(tmp_path / "checkpoints" / "2") in err
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
+  """SIGKILL the CLI after its first checkpoint (of 20), then --resume: the
+  uninterrupted run's results file, byte for byte."""
+  args = ["--seeds", "2", "--steps", "100000", "--bin-size", "5000", "--bins-per-chunk", "1",
+          "--methods", "bp,cbp,l2,snp,linear", "--no-plot"]
+  assert_resume_after_sigkill_is_bit_for_bit(
+      [sys.executable, "-m", "experiments.slowly_changing_regression"] + args, tmp_path)
