@@ -33,6 +33,10 @@ Nets (SPEC "Hyperparameters the paper used"):
   momentum of replaced units restarts.
 * ``sweep``: the ``scr`` net as a `jax.vmap` over 1, 8 and 64 seeds (the way
   `experiments.slowly_changing_regression` runs); reported per seed-step.
+* ``ant`` (only with the ``rl`` extra installed): environment steps/s of the
+  slippery-Ant experiment's reduced configuration, one seed, PPO alone and
+  PPO+CBP alone (rollouts on Brax MJX, GAE and minibatch updates, each its own
+  compiled chunk; `experiments.slippery_ant.benchmark`); ratio = CBP / PPO.
 
 ``--quick`` times fewer steps, 3 repeats and only BP, CBP and L2 (the full run
 adds S&P and ReDo and uses 7 repeats).
@@ -143,6 +147,14 @@ def nets() -> dict[str, Net]:
           dict(replacement_rate=3e-4, maturity_threshold=100, decay_rate=0.99,
                utility="adaptable_contribution", init="default", count_basis="layer"),
           True, 20, 4, loop="python"),
+      # The same net with the convolution as patches @ kernel (``conv="im2col"``),
+      # which XLA:CPU runs fast inside the scan too.
+      "convnet_im2col_b100": Net(
+          "convnet_im2col_b100", models.ConvNet(outputs=2, conv="im2col"), (32, 32, 3), 2, 100,
+          "xent", 0.01, 0.9,
+          dict(replacement_rate=3e-4, maturity_threshold=100, decay_rate=0.99,
+               utility="adaptable_contribution", init="default", count_basis="layer"),
+          True, 20, 4),
   }
 
 
@@ -466,6 +478,36 @@ def benchmark_sweep(net: Net, steps: dict[int, int], repeats: int, log) -> list[
   return rows
 
 
+def brax_available() -> bool:
+  try:
+    import brax  # noqa: F401  (only whether it imports)
+  except ImportError:
+    return False
+  return True
+
+
+def benchmark_ant(repeats: int, log) -> list[dict]:
+  """Environment steps/s of slippery-Ant PPO and PPO+CBP (one seed, reduced config).
+
+  Each method is its own compiled program (`experiments.slippery_ant.benchmark`),
+  timed over ``repeats`` chunks after a warm-up; ratio = CBP's steps/s over PPO's.
+  """
+  from experiments import slippery_ant
+  rows = []
+  for method in ("ppo", "cbp"):
+    config = {"seeds": 1, "methods": [method]}
+    b = slippery_ant.benchmark(config, chunks=repeats)
+    log(f"  ant/{method}: {b['env_steps_per_s']:,.0f} env steps/s (compile {b['compile_s']:.0f} s)")
+    rows.append({
+        "net": "ant", "method": method, "batch": slippery_ant.make_config(config)["num_envs"],
+        "seeds": 1, "repeats": repeats, "steps_per_s": b["env_steps_per_s"],
+        "seconds_per_chunk": b["seconds_per_chunk"], "compile_s": b["compile_s"],
+    })
+  for row in rows:
+    row["ratio_vs_bp"] = row["steps_per_s"] / rows[0]["steps_per_s"]
+  return rows
+
+
 def format_table(rows: list[dict]) -> str:
   head = f"{'net':14s} {'method':8s} {'batch':>5s} {'seeds':>5s} {'steps/s':>10s} {'ratio':>6s} {'replaced':>8s}  reference (PyTorch)"
   lines = [head, "-" * len(head)]
@@ -474,7 +516,7 @@ def format_table(rows: list[dict]) -> str:
     lines.append(
         f"{r['net']:14s} {r['method']:8s} {r['batch']:5d} {r['seeds']:5d} "
         f"{r['steps_per_s']:10.1f} {r['ratio_vs_bp']:6.2f} "
-        f"{'' if r['replaced'] is None else r['replaced']:>8}  {'' if ref is None else f'{ref:,.0f}'}")
+        f"{'' if r.get('replaced') is None else r['replaced']:>8}  {'' if ref is None else f'{ref:,.0f}'}")
   return "\n".join(lines)
 
 
@@ -521,7 +563,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                       help="fewer steps and repeats, methods bp,cbp,l2 only (< ~3 min)")
   parser.add_argument("--out", default="results/benchmark.json", help="JSON output path")
   parser.add_argument("--nets", default=None,
-                      help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,sweep")
+                      help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
+                           "(ant: slippery-Ant PPO env steps/s, needs the rl extra; default when installed)")
   parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,cbp_k10,l2,snp,redo")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", default=None, metavar="NET",
@@ -542,12 +585,14 @@ def main(argv: list[str] | None = None) -> dict | None:
       parser.error(f"unknown or unavailable methods {sorted(unknown)}")
     if "bp" not in methods:
       methods = ["bp"] + methods
-  selected = list(all_nets) + ["sweep"]
+  selected = list(all_nets) + ["sweep"] + (["ant"] if brax_available() else [])
   if args.nets:
     selected = [n for n in args.nets.split(",") if n]
-    unknown = set(selected) - set(all_nets) - {"sweep"}
+    unknown = set(selected) - set(all_nets) - {"sweep", "ant"}
     if unknown:
       parser.error(f"unknown nets {sorted(unknown)}")
+    if "ant" in selected and not brax_available():
+      parser.error("net 'ant' needs brax and mujoco-mjx: pip install -e .[rl]")
   repeats = args.repeats or (3 if args.quick else 7)
 
   def log(msg):
@@ -558,6 +603,10 @@ def main(argv: list[str] | None = None) -> dict | None:
   log(f"jax {info['jax']} on {info['backend']} ({info['nproc']} cores), {info['date']}")
   rows, sizes = [], []
   for name in selected:
+    if name == "ant":
+      log("ant: slippery-Ant PPO vs PPO+CBP, environment steps/s")
+      rows += benchmark_ant(2 if args.quick else 3, log)
+      continue
     if name == "sweep":
       net = all_nets["scr"]
       steps = SWEEP_QUICK_STEPS if args.quick else SWEEP_STEPS
