@@ -74,13 +74,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import json
 import math
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,37 +167,17 @@ REDUCED_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
-  out = copy.deepcopy(base)
-  for k, v in over.items():
-    if k not in out:
-      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
-    if isinstance(out[k], dict) and isinstance(v, Mapping):
-      out[k] = _merge(out[k], v, f"{path}{k}.")
-    else:
-      out[k] = copy.deepcopy(v)
-  return out
-
-
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs`` (nested dicts merge), validated."""
-  config = _merge(DEFAULT_CONFIG, overrides or {})
-  config = _merge(config, kwargs)
-  config["methods"] = list(config["methods"])
-  config = runner.normalize_config(config)
-  validate_config(config)
-  return config
+  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry."""
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-  for k in ("seeds", "tasks", "epochs_per_task", "batch_size", "train_per_class",
-            "test_per_class", "tasks_per_chunk"):
-    need(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 1,
-         f"{k} must be a positive int, got {c[k]!r}")
+  need = runner.require
+  runner.require_positive_ints(c, (
+      "seeds", "tasks", "epochs_per_task", "batch_size", "train_per_class", "test_per_class",
+      "tasks_per_chunk"))
   need(isinstance(c["seed"], int), f"seed must be an int, got {c['seed']!r}")
   need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
   need(c["tasks"] % c["tasks_per_chunk"] == 0,
@@ -211,10 +188,8 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(c["head_reset"] in HEAD_RESETS, f"head_reset must be one of {HEAD_RESETS}")
   need(c["conv"] in resnet.CONV_IMPLS, f"conv must be one of {resnet.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
-  need(len(c["methods"]) > 0 and len(set(c["methods"])) == len(c["methods"]),
-       f"methods must be a non-empty list without repeats, got {c['methods']}")
+  runner.require_methods(c["methods"], METHODS)
   for m in c["methods"]:
-    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
     lr = c["step_size"].get(m)
     need(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
          f"step_size[{m!r}] must be a number > 0, got {lr!r}")
@@ -329,13 +304,8 @@ def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None,
   return {"images": jax.device_put(load_class_array(config, data_dir, cache))}
 
 
-def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
-  """The key of seed ``index`` (independent of how many seeds are run)."""
-  return jax.random.fold_in(jax.random.key(config["seed"]), index)
-
-
-def seed_keys(config: Mapping[str, Any]) -> jax.Array:
-  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 def task_classes(key: jax.Array, task: int | jax.Array, num_classes: int) -> jax.Array:
@@ -378,22 +348,6 @@ def to_float(images: jax.Array) -> jax.Array:
 
 def make_model() -> cbp_jax.models.ConvNet:
   return cbp_jax.models.ConvNet(outputs=2, init_scheme="default")
-
-
-def _map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
-  """``jax.vmap(fn, in_axes)``, except for ``n == 1``: squeeze, call, expand.
-
-  A size-1 vmap would turn CBP's ``lax.cond`` ("replace anything?") into a
-  ``select`` running both branches every step.
-  """
-  if n != 1:
-    return jax.vmap(fn, in_axes=in_axes)
-
-  def call(*args):
-    args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
-    return jax.tree.map(lambda a: a[None], fn(*args))
-
-  return call
 
 
 class _Method:
@@ -566,94 +520,34 @@ def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None =
   """
   config = make_config(config)
   data = load_data(config) if data is None else data
-  init, chunk = make_chunked(config)
-  n = num_chunks(config)
-
-  def train(key):
-    carry = init(key)
-    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, data), carry,
-                              jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a.reshape(-1), metrics)
-
-  return train
+  return runner.whole_run(*make_chunked(config), num_chunks(config), data)
 
 
-class WithData:
-  """Adapts a jitted ``chunk(carry, index, data)`` to the runner's ``chunk(carry, index)``.
-
-  The data is an argument of the compiled program (one device buffer, never
-  copied or checkpointed) rather than a constant baked into it. Mimics the
-  part of the ``jax.jit`` API `experiments.runner.compile_chunk` uses.
-  """
-
-  def __init__(self, jitted: Callable, data: Any):
-    self._jit, self._data = jitted, data
-
-  def __call__(self, carry, index):
-    return self._jit(carry, index, self._data)
-
-  def lower(self, carry, index):
-    lowered = self._jit.lower(carry, index, self._data)
-    data = self._data
-
-    class _Lowered:
-      def compile(self):
-        compiled = lowered.compile()
-
-        class _Compiled:
-          out_info = compiled.out_info
-
-          def __call__(self, carry, index):
-            return compiled(carry, index, data)
-
-        return _Compiled()
-
-    return _Lowered()
-
-
-def make_batched(config: Mapping[str, Any]):
-  """Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds; metrics ``(seeds, tasks)``."""
-  return _batched(json.dumps(make_config(config), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _batched(config_json: str):
-  config = json.loads(config_json)
-  init, chunk = make_chunked(config)
-  seeds = config["seeds"]
-  if config["seed_axis"] == "map" and seeds > 1:
-    def batched_chunk(carry, index, data):
-      return jax.lax.map(lambda c: chunk(c, index, data), carry)
-  else:
-    batched_chunk = _map_leading(chunk, seeds, (0, None, None))
-  return jax.jit(_map_leading(init, seeds, (0,))), jax.jit(batched_chunk)
+# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
+# lax.map with ``seed_axis="map"``; a single seed unbatched, see
+# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
+make_batched = runner.batched_per_config(make_chunked, make_config=make_config, num_args=1)
 
 
 def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
                    data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
-                   resume: bool = False, plot: bool = True, progress: bool = True,
-                   on_chunk=None) -> runner.RunResult:
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
   """Runs the experiment with `experiments.runner.run`.
 
   Writes ``out_dir/results.json`` (runner schema; ``x`` = task number),
   ``out_dir/timing.json`` and ``out_dir/cimagenet.png``.
+  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+  ``on_chunk``) go to `experiments.runner.run`.
   """
   config = make_config(config)
   data = load_data(config, data_dir) if data is None else data
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  n = num_chunks(config)
-  labels = run_labels(config)
-  per_chunk = config["tasks_per_chunk"] * config["epochs_per_task"] * steps_per_epoch(config)
-  prog = runner.Progress(
-      "cimagenet", n, work_per_chunk=per_chunk * config["seeds"] * len(labels),
-      work_label="run-steps", stream="stderr" if progress else None)
-  result = runner.run(
-      WithData(chunk, data), carry, num_chunks=n, config=config, experiment=EXPERIMENT,
-      points_per_chunk=config["tasks_per_chunk"], x_step=1.0, x_label="task",
-      runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+  result = runner.run_seeds(
+      make_batched, config, args=(data,), experiment=EXPERIMENT, name="cimagenet",
+      num_chunks=num_chunks(config), points_per_chunk=config["tasks_per_chunk"], x_step=1.0,
+      x_label="task", runs=run_labels(config),
+      work_per_run_chunk=config["tasks_per_chunk"] * config["epochs_per_task"]
+      * steps_per_epoch(config), progress=progress, out_dir=out_dir, **run_kwargs)
   if plot and out_dir is not None:
     plot_results(result.results, Path(out_dir) / "cimagenet.png")
   return result
@@ -729,27 +623,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--step-size", type=float, help="one step size for every method")
   p.add_argument("--cbp-rate", type=float)
   p.add_argument("--cbp-maturity", type=int)
-  p.add_argument("--out", default="results/cimagenet")
-  p.add_argument("--checkpoint-every", type=int, default=1,
-                 help="orbax checkpoint every this many chunks (0: never)")
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--no-plot", action="store_true")
+  runner.add_run_arguments(p, out="results/cimagenet")
   return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
   over: dict[str, Any] = {}
   if args.paper:
-    over = _merge(DEFAULT_CONFIG, PAPER_OVERRIDES)
+    over = runner.merge_config(DEFAULT_CONFIG, PAPER_OVERRIDES)
   elif args.reduced:
-    over = _merge(DEFAULT_CONFIG, REDUCED_OVERRIDES)
-  simple = {"dataset": args.dataset, "seeds": args.seeds, "seed": args.seed, "tasks": args.tasks,
-            "epochs_per_task": args.epochs_per_task, "tasks_per_chunk": args.tasks_per_chunk,
-            "batch_size": args.batch_size, "head_reset": args.head_reset, "conv": args.conv,
-            "seed_axis": args.seed_axis}
-  over.update({k: v for k, v in simple.items() if v is not None})
-  if args.methods:
-    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    over = runner.merge_config(DEFAULT_CONFIG, REDUCED_OVERRIDES)
+  over.update(runner.overrides_from_args(
+      args, ("dataset", "seeds", "seed", "tasks", "epochs_per_task", "tasks_per_chunk",
+             "batch_size", "head_reset", "conv", "seed_axis")))
   if args.step_size is not None:
     over["step_size"] = {m: args.step_size for m in METHODS}
   cb = {}
@@ -768,31 +654,14 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     data = load_data(config, args.data_dir, args.class_array)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return runner.cli_error(e)
   out = Path(args.out)
-  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
   print(f"continual ImageNet protocol on {config['dataset']} ({data['images'].shape[0]} classes): "
         f"{config['seeds']} seed(s) x {config['tasks']} tasks x {config['epochs_per_task']} epochs, "
         f"methods {', '.join(config['methods'])}; conv {resnet.resolve_conv(config['conv'])}; "
         f"results -> {out}/results.json", file=sys.stderr)
-  tic = time.perf_counter()
-  try:
-    result = run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
-  except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json"
-          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
-    return 130
-  except (runner.ConfigMismatchError, runner.CorruptCheckpointError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(result.results))
-  print(f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, total "
-        f"{time.perf_counter() - tic:.1f} s; results {out}/results.json"
-        + ("" if args.no_plot else f", plot {out}/cimagenet.png"))
-  return 0
+  return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
+                             summary=format_summary, plots=("cimagenet.png",))
 
 
 if __name__ == "__main__":

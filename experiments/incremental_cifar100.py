@@ -83,13 +83,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import json
-import math
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +100,7 @@ from cbp_jax import resnet
 from cbp_jax.data import load_dataset
 from cbp_jax.methods import reset_optimizer_for, shrink_and_perturb
 from experiments import runner
-from experiments.continual_imagenet import IMAGE_SHAPE, WithData, class_array
+from experiments.continual_imagenet import IMAGE_SHAPE, class_array
 
 EXPERIMENT = "incremental_cifar100"
 METHODS = ("plain", "head_reset", "full_reset", "snp", "cbp")
@@ -174,26 +170,9 @@ TINY_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
-  out = copy.deepcopy(base)
-  for k, v in over.items():
-    if k not in out:
-      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
-    if isinstance(out[k], dict) and isinstance(v, Mapping):
-      out[k] = _merge(out[k], v, f"{path}{k}.")
-    else:
-      out[k] = copy.deepcopy(v)
-  return out
-
-
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs`` (nested dicts merge), validated."""
-  config = _merge(DEFAULT_CONFIG, overrides or {})
-  config = _merge(config, kwargs)
-  config["methods"] = list(config["methods"])
-  config = runner.normalize_config(config)
-  validate_config(config)
-  return config
+  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
 
 
 def num_classes_of(dataset: str) -> int:
@@ -202,14 +181,10 @@ def num_classes_of(dataset: str) -> int:
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry."""
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-  for k in ("seeds", "classes_per_task", "tasks", "epochs_per_task", "tasks_per_chunk",
-            "batch_size", "eval_batch_size", "train_per_class", "val_per_class",
-            "test_per_class", "width", "probe_size"):
-    need(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 1,
-         f"{k} must be a positive int, got {c[k]!r}")
+  need = runner.require
+  runner.require_positive_ints(c, (
+      "seeds", "classes_per_task", "tasks", "epochs_per_task", "tasks_per_chunk", "batch_size",
+      "eval_batch_size", "train_per_class", "val_per_class", "test_per_class", "width", "probe_size"))
   need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
   classes = num_classes_of(c["dataset"])
   need(c["classes_per_task"] * c["tasks"] <= classes,
@@ -232,10 +207,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(all(0 < b < 1 for b in c["lr_boundaries"]) and 0 < c["lr_decay"] <= 1,
        "lr_boundaries must be fractions in (0, 1) and lr_decay in (0, 1]")
   need(0 < c["dormant_threshold"] < 1, "dormant_threshold must be in (0, 1)")
-  need(len(c["methods"]) > 0 and len(set(c["methods"])) == len(c["methods"]),
-       f"methods must be a non-empty list without repeats, got {c['methods']}")
-  for m in c["methods"]:
-    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
+  runner.require_methods(c["methods"], METHODS)
   need(c["snp"]["noise_scale"] >= 0, "snp.noise_scale must be >= 0")
   cb = c["cbp"]
   need(0 <= cb["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
@@ -303,12 +275,8 @@ def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None) -> 
   return jax.device_put(build_data(config, train, test))
 
 
-def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(config["seed"]), index)
-
-
-def seed_keys(config: Mapping[str, Any]) -> jax.Array:
-  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 def class_order(key: jax.Array, num_classes: int) -> jax.Array:
@@ -382,18 +350,6 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
 def make_model(config: Mapping[str, Any]) -> resnet.ResNet18:
   return resnet.ResNet18(num_classes=num_classes_of(config["dataset"]), width=config["width"],
                          stage_sizes=tuple(config["stage_sizes"]), conv=config["conv"])
-
-
-def _map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
-  """``jax.vmap(fn, in_axes)``, except for ``n == 1`` (keeps ``lax.cond`` a branch)."""
-  if n != 1:
-    return jax.vmap(fn, in_axes=in_axes)
-
-  def call(*args):
-    args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
-    return jax.tree.map(lambda a: a[None], fn(*args))
-
-  return call
 
 
 def masked_logits(logits: jax.Array, n_active: jax.Array) -> jax.Array:
@@ -674,54 +630,31 @@ def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None =
   """A pure ``train(key) -> {method: {name: array(tasks,)}}`` for one seed (data closed over)."""
   config = make_config(config)
   data = load_data(config) if data is None else data
-  init, chunk = make_chunked(config)
-  n = num_chunks(config)
-
-  def train(key):
-    carry = init(key)
-    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, data), carry,
-                              jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a.reshape(-1), metrics)
-
-  return train
+  return runner.whole_run(*make_chunked(config), num_chunks(config), data)
 
 
-def make_batched(config: Mapping[str, Any]):
-  """Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds; metrics ``(seeds, tasks)``."""
-  return _batched(json.dumps(make_config(config), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _batched(config_json: str):
-  config = json.loads(config_json)
-  init, chunk = make_chunked(config)
-  seeds = config["seeds"]
-  if config["seed_axis"] == "map" and seeds > 1:
-    def batched_chunk(carry, index, data):
-      return jax.lax.map(lambda c: chunk(c, index, data), carry)
-  else:
-    batched_chunk = _map_leading(chunk, seeds, (0, None, None))
-  return jax.jit(_map_leading(init, seeds, (0,))), jax.jit(batched_chunk)
+# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
+# lax.map with ``seed_axis="map"``; a single seed unbatched, see
+# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
+make_batched = runner.batched_per_config(make_chunked, make_config=make_config, num_args=1)
 
 
 def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
                    data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
-                   resume: bool = False, plot: bool = True, progress: bool = True,
-                   on_chunk=None) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`; writes results, timing and ``icifar.png``."""
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
+  """Runs the experiment with `experiments.runner.run`; writes results, timing and ``icifar.png``.
+
+  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+  ``on_chunk``) go to `experiments.runner.run`.
+  """
   config = make_config(config)
   data = load_data(config, data_dir) if data is None else data
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  n = num_chunks(config)
-  labels = run_labels(config)
-  prog = runner.Progress("icifar", n, stream="stderr" if progress else None)
-  result = runner.run(
-      WithData(chunk, data), carry, num_chunks=n, config=config, experiment=EXPERIMENT,
-      points_per_chunk=config["tasks_per_chunk"], x_step=float(config["classes_per_task"]),
-      x_label="classes", runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+  result = runner.run_seeds(
+      make_batched, config, args=(data,), experiment=EXPERIMENT, name="icifar",
+      num_chunks=num_chunks(config), points_per_chunk=config["tasks_per_chunk"],
+      x_step=float(config["classes_per_task"]), x_label="classes", runs=run_labels(config),
+      progress=progress, out_dir=out_dir, **run_kwargs)
   if plot and out_dir is not None:
     plot_results(result.results, Path(out_dir) / "icifar.png")
   return result
@@ -771,21 +704,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--no-augment", action="store_true")
   p.add_argument("--no-early-stopping", action="store_true")
-  p.add_argument("--out", default="results/icifar")
-  p.add_argument("--checkpoint-every", type=int, default=1)
-  p.add_argument("--resume", action="store_true")
-  p.add_argument("--no-plot", action="store_true")
+  runner.add_run_arguments(p, out="results/icifar")
   return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = _merge(DEFAULT_CONFIG, TINY_OVERRIDES) if args.tiny else {}
-  simple = {"dataset": args.dataset, "seeds": args.seeds, "seed": args.seed, "tasks": args.tasks,
-            "classes_per_task": args.classes_per_task, "epochs_per_task": args.epochs_per_task,
-            "width": args.width, "conv": args.conv}
-  over.update({k: v for k, v in simple.items() if v is not None})
-  if args.methods:
-    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+  over: dict[str, Any] = (runner.merge_config(DEFAULT_CONFIG, TINY_OVERRIDES) if args.tiny
+                          else {})
+  over.update(runner.overrides_from_args(
+      args, ("dataset", "seeds", "seed", "tasks", "classes_per_task", "epochs_per_task", "width",
+             "conv")))
   if args.no_augment:
     over["augment"] = False
   if args.no_early_stopping:
@@ -799,29 +727,14 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     data = load_data(config, args.data_dir)
   except (FileNotFoundError, ValueError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return runner.cli_error(e)
   out = Path(args.out)
-  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
   print(f"class-incremental {config['dataset']}: {config['tasks']} tasks x "
         f"{config['classes_per_task']} classes x {config['epochs_per_task']} epochs, ResNet-18 "
         f"width {config['width']}, methods {', '.join(config['methods'])}; "
         f"results -> {out}/results.json", file=sys.stderr)
-  tic = time.perf_counter()
-  try:
-    result = run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
-  except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json", file=sys.stderr)
-    return 130
-  except (runner.ConfigMismatchError, runner.CorruptCheckpointError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(result.results))
-  print(f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, total "
-        f"{time.perf_counter() - tic:.1f} s")
-  return 0
+  return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
+                             summary=format_summary, plots=("icifar.png",))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ Program structure (purejaxrl style): `make_train` returns a pure per-seed
 ``init(key)`` and ``chunk(carry, chunk_index, data)`` (a ``lax.scan`` over
 the chunk's tasks, each a ``lax.scan`` over its steps with every method in
 one scan body); `run_experiment` vmaps them over seeds and drives them with
-`experiments.runner.run` (progress, results file, plot, orbax checkpoints
-at chunk = task boundaries, ``--resume``).
+`experiments.runner.run`, the data set an argument of the compiled program
+(progress, results file, plot, orbax checkpoints at chunk = task
+boundaries, ``--resume``).
 
 Usage::
 
@@ -76,11 +77,10 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,29 +165,15 @@ REDUCED_OVERRIDES: dict[str, Any] = {
 
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """`DEFAULT_CONFIG` updated with ``overrides`` and ``kwargs`` (nested dicts merge), validated."""
-  config = copy.deepcopy(DEFAULT_CONFIG)
-  for src in (overrides or {}), kwargs:
-    for k, v in src.items():
-      if k not in config:
-        raise ValueError(f"unknown config entry {k!r}; known: {sorted(config)}")
-      if isinstance(config[k], dict) and isinstance(v, Mapping):
-        config[k] = {**config[k], **copy.deepcopy(dict(v))}
-      else:
-        config[k] = copy.deepcopy(v)
-  config["methods"] = list(config["methods"])
-  validate_config(config)
-  return runner.normalize_config(config)
+  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry."""
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-  for k in ("seeds", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width",
-            "depth", "probe_size"):
-    need(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 1,
-         f"{k} must be a positive int, got {c[k]!r}")
+  need = runner.require
+  runner.require_positive_ints(c, (
+      "seeds", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width", "depth",
+      "probe_size"))
   need(isinstance(c["seed"], int), f"seed must be an int, got {c['seed']!r}")
   need(c["tasks"] % c["tasks_per_chunk"] == 0,
        f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})")
@@ -197,10 +183,8 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(c["dataset"] in ("mnist", "fashion_mnist"),
        f"dataset must be 'mnist' or 'fashion_mnist', got {c['dataset']!r}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}, got {c['seed_axis']!r}")
-  need(len(c["methods"]) > 0 and len(set(c["methods"])) == len(c["methods"]),
-       f"methods must be a non-empty list without repeats, got {c['methods']}")
+  runner.require_methods(c["methods"], METHODS)
   for m in c["methods"]:
-    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
     sizes = c["step_sizes"].get(m)
     need(isinstance(sizes, (list, tuple)) and len(sizes) > 0 and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in sizes),
@@ -259,13 +243,8 @@ def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None) -> 
   return {"images": jax.device_put(images), "labels": jax.device_put(ds.labels.astype(np.int32))}
 
 
-def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
-  """The key of seed ``index`` (independent of how many seeds are run)."""
-  return jax.random.fold_in(jax.random.key(config["seed"]), index)
-
-
-def seed_keys(config: Mapping[str, Any]) -> jax.Array:
-  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 def task_key(key: jax.Array, task: int | jax.Array) -> jax.Array:
@@ -350,23 +329,6 @@ def _optimizer(config, method, hp, graph, key):
       next_bias_correction=c["next_bias_correction"]))
 
 
-def _map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
-  """``jax.vmap(fn, in_axes)``, except for ``n == 1``: squeeze, call, expand.
-
-  A size-1 vmap would turn every ``lax.cond`` whose predicate depends on the
-  batched state (e.g. CBP's "replace anything this step?") into a ``select``
-  that runs both branches every step; calling ``fn`` unbatched keeps it a branch.
-  """
-  if n != 1:
-    return jax.vmap(fn, in_axes=in_axes)
-
-  def call(*args):
-    args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
-    return jax.tree.map(lambda a: a[None], fn(*args))
-
-  return call
-
-
 class _Method:
   """One method's per-variant init, SGD step and probe metrics (unbatched)."""
 
@@ -449,7 +411,7 @@ def make_chunked(config: Mapping[str, Any]):
   def init(key):
     learners = {}
     for m in methods:
-      learners[m.method] = _map_leading(m.init, m.variants, (None, 0, 0))(
+      learners[m.method] = runner.map_leading(m.init, m.variants, (None, 0, 0))(
           key, m.hp, jnp.arange(m.variants))
     return {"key": key, "learners": learners}
 
@@ -462,8 +424,8 @@ def make_chunked(config: Mapping[str, Any]):
       x, y = gather_examples(data, perm, order, step * batch + jnp.arange(batch))
       new, correct = {}, {}
       for m in methods:
-        new[m.method], correct[m.method] = _map_leading(m.step, m.variants, (0, 0, None, None))(
-            learners[m.method], m.hp, x, y)
+        step_fn = runner.map_leading(m.step, m.variants, (0, 0, None, None))
+        new[m.method], correct[m.method] = step_fn(learners[m.method], m.hp, x, y)
       return new, correct
 
     learners, correct = jax.lax.scan(body, carry["learners"], jnp.arange(steps))
@@ -472,7 +434,7 @@ def make_chunked(config: Mapping[str, Any]):
     for m in methods:
       total = jnp.sum(correct[m.method], axis=0)  # (V,) int32: exact.
       accuracy = total.astype(jnp.float32) / examples
-      probed = _map_leading(m.probe, m.variants, (0, None))(learners[m.method], probe_x)
+      probed = runner.map_leading(m.probe, m.variants, (0, None))(learners[m.method], probe_x)
       for v in range(m.variants):
         label = labels[len(out)]
         out[label] = {"accuracy": accuracy[v], **{k: a[v] for k, a in probed.items()}}
@@ -496,106 +458,34 @@ def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None =
   """
   config = make_config(config)
   data = load_data(config) if data is None else data
-  init, chunk = make_chunked(config)
-  n = num_chunks(config)
-
-  def train(key):
-    carry = init(key)
-    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, data), carry,
-                              jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a.reshape(-1), metrics)
-
-  return train
+  return runner.whole_run(*make_chunked(config), num_chunks(config), data)
 
 
-class _WithData:
-  """Adapts a jitted ``chunk(carry, index, data)`` to the runner's ``chunk(carry, index)``.
-
-  The data set is passed to the compiled program as an argument (one device
-  buffer, never copied, never checkpointed) rather than closed over, which
-  would embed 47 MB as a constant in the program. Mimics the slice of the
-  ``jax.jit`` API that `experiments.runner.compile_chunk` uses (``lower``,
-  ``compile``, ``out_info``, calling).
-  """
-
-  def __init__(self, jitted: Callable, data: Any):
-    self._jit = jitted
-    self._data = data
-
-  def __call__(self, carry, index):
-    return self._jit(carry, index, self._data)
-
-  def lower(self, carry, index):
-    return _WithData._Lowered(self._jit.lower(carry, index, self._data), self._data)
-
-  class _Lowered:
-    def __init__(self, lowered, data):
-      self._lowered, self._data = lowered, data
-
-    def compile(self):
-      return _WithData._Compiled(self._lowered.compile(), self._data)
-
-  class _Compiled:
-    def __init__(self, compiled, data):
-      self._compiled, self._data = compiled, data
-
-    @property
-    def out_info(self):
-      return self._compiled.out_info
-
-    def __call__(self, carry, index):
-      return self._compiled(carry, index, self._data)
-
-
-def make_batched(config: Mapping[str, Any]):
-  """``init(keys)`` and ``chunk(carry, index, data)`` over all seeds; metrics ``(seeds, tasks)``.
-
-  Seeds are batched with ``vmap`` (``seed_axis="vmap"``) or run one after
-  another with ``lax.map`` (``"map"``); a single seed is never vmapped (see
-  `_map_leading`). Both are jitted, and cached per config: running a config
-  again in the same process (a resume, a test) does not compile again.
-  """
-  return _batched(json.dumps(make_config(config), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _batched(config_json: str):
-  config = json.loads(config_json)
-  init, chunk = make_chunked(config)
-  seeds = config["seeds"]
-  if config["seed_axis"] == "map" and seeds > 1:
-    def batched_chunk(carry, index, data):
-      return jax.lax.map(lambda c: chunk(c, index, data), carry)
-  else:
-    batched_chunk = _map_leading(chunk, seeds, (0, None, None))
-  return jax.jit(_map_leading(init, seeds, (0,))), jax.jit(batched_chunk)
+# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
+# lax.map with ``seed_axis="map"``; a single seed unbatched, see
+# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
+make_batched = runner.batched_per_config(make_chunked, make_config=make_config, num_args=1)
 
 
 def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
                    data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
-                   resume: bool = False, plot: bool = True, progress: bool = True,
-                   on_chunk=None) -> runner.RunResult:
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
   """Runs the experiment with `experiments.runner.run`.
 
   Writes ``out_dir/results.json`` (runner schema; ``x`` = task number, one
   point per task), ``out_dir/timing.json`` and ``out_dir/pmnist.png``.
+  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+  ``on_chunk``) go to `experiments.runner.run`.
   """
   config = make_config(config)
   data = load_data(config, data_dir) if data is None else data
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  n = num_chunks(config)
-  labels = run_labels(config)
-  per_chunk = config["examples_per_task"] * config["tasks_per_chunk"] // config["batch_size"]
-  prog = runner.Progress(
-      "pmnist", n, work_per_chunk=per_chunk * config["seeds"] * len(labels),
-      work_label="run-steps", stream="stderr" if progress else None)
-  result = runner.run(
-      _WithData(chunk, data), carry, num_chunks=n, config=config, experiment=EXPERIMENT,
-      points_per_chunk=config["tasks_per_chunk"], x_step=1.0, x_label="task",
-      runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+  result = runner.run_seeds(
+      make_batched, config, args=(data,), experiment=EXPERIMENT, name="pmnist",
+      num_chunks=num_chunks(config), points_per_chunk=config["tasks_per_chunk"], x_step=1.0,
+      x_label="task", runs=run_labels(config),
+      work_per_run_chunk=config["examples_per_task"] * config["tasks_per_chunk"]
+      // config["batch_size"], progress=progress, out_dir=out_dir, **run_kwargs)
   if plot and out_dir is not None:
     plot_results(result.results, Path(out_dir) / "pmnist.png")
   return result
@@ -671,12 +561,12 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
                     step_sizes={method: base["step_sizes"][method][:1]})
     init, chunk = make_batched(c)
     carry = init(seed_keys(c))
-    compiled, compile_s = runner.compile_chunk(_WithData(chunk, data), carry)
-    jax.block_until_ready(compiled(carry, jnp.asarray(0, jnp.int32)))
+    compiled, compile_s = runner.compile_chunk(chunk, carry, (data,))
+    jax.block_until_ready(compiled(carry, jnp.asarray(0, jnp.int32), data))
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
       tic, cpu = time.perf_counter(), time.process_time()
-      jax.block_until_ready(compiled(carry, jnp.asarray(0, jnp.int32)))
+      jax.block_until_ready(compiled(carry, jnp.asarray(0, jnp.int32), data))
       best = min(best, time.perf_counter() - tic)
       best_cpu = min(best_cpu, time.process_time() - cpu)
     out[method] = {"steps_per_s": steps / best, "steps_per_cpu_s": steps / best_cpu,
@@ -687,10 +577,6 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
 # ---------------------------------------------------------------------------
 # CLI.
 # ---------------------------------------------------------------------------
-
-
-def _floats(text: str) -> list[float]:
-  return [float(v) for v in text.split(",") if v]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -718,19 +604,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dataset", choices=("mnist", "fashion_mnist"))
   p.add_argument("--data-dir", help="root holding mnist/ (default $CBP_JAX_DATA_DIR or ../shared/data)")
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--step-size", type=_floats,
+  p.add_argument("--step-size", type=runner.parse_floats,
                  help="step size(s) of the SGD methods (bp, l2, snp, cbp), comma-separated")
-  p.add_argument("--adam-step-size", type=_floats, help="Adam step size(s), comma-separated")
+  p.add_argument("--adam-step-size", type=runner.parse_floats, help="Adam step size(s), comma-separated")
   p.add_argument("--cbp-rate", type=float, help="CBP replacement rate (default 1e-6)")
   p.add_argument("--cbp-maturity", type=int, help="CBP maturity threshold (default 100)")
   p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-4)")
   p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay: shrink = 1 - lr * wd")
   p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-5)")
-  p.add_argument("--out", default="results/pmnist", help="output directory")
-  p.add_argument("--checkpoint-every", type=int, default=1,
-                 help="save an orbax checkpoint every this many chunks (0: never)")
-  p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-  p.add_argument("--no-plot", action="store_true")
+  runner.add_run_arguments(p, out="results/pmnist")
   p.add_argument("--benchmark", action="store_true",
                  help="measure steps/s of each method alone (one seed, one task) and exit")
   p.add_argument("--benchmark-steps", type=int, default=3000)
@@ -744,13 +626,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
     over.update(copy.deepcopy(PAPER_OVERRIDES))
   if args.reduced:
     over.update(copy.deepcopy(REDUCED_OVERRIDES))
-  simple = {"seeds": args.seeds, "seed": args.seed, "tasks": args.tasks,
-            "examples_per_task": args.examples_per_task, "tasks_per_chunk": args.tasks_per_chunk,
-            "batch_size": args.batch_size, "width": args.width, "depth": args.depth,
-            "probe_size": args.probe_size, "seed_axis": args.seed_axis, "dataset": args.dataset}
-  over.update({k: v for k, v in simple.items() if v is not None})
-  if args.methods:
-    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+  over.update(runner.overrides_from_args(
+      args, ("seeds", "seed", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size",
+             "width", "depth", "probe_size", "seed_axis", "dataset")))
   sizes = dict(over.get("step_sizes", DEFAULT_CONFIG["step_sizes"]))
   if args.step_size:
     sizes.update({m: list(args.step_size) for m in ("bp", "l2", "snp", "cbp")})
@@ -780,14 +658,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     config = config_from_args(args)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
     data = load_data(config, args.data_dir)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return runner.cli_error(e)
   if args.benchmark:
     net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
     print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
@@ -798,26 +671,11 @@ def main(argv=None) -> int:
             f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
     return 0
   out = Path(args.out)
-  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
   print(f"permuted MNIST: {config['seeds']} seeds x {config['tasks']} tasks x "
         f"{config['examples_per_task']:,} examples, width {config['width']}, runs "
         f"{', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  try:
-    result = run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
-  except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json"
-          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
-    return 130
-  except (runner.ConfigMismatchError, runner.CorruptCheckpointError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  total = sum(result.chunk_seconds)
-  print(format_summary(result.results))
-  print(f"compile {result.compile_seconds:.1f} s, run {total:.1f} s; results {out}/results.json"
-        + ("" if args.no_plot else f", plot {out}/pmnist.png"))
-  return 0
+  return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
+                             summary=format_summary, plots=("pmnist.png",))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ Every experiment in `experiments/` is written as two pure functions:
   returning the metrics of the points it finished.
 
 `run` compiles ``chunk`` once (ahead of time, so it can never recompile) and
-calls it ``num_chunks`` times from Python. Between chunks, and only there, the
-host syncs: it appends the chunk's metrics, rewrites the results file
-atomically, saves an orbax checkpoint if asked, and prints a progress line.
+calls it ``num_chunks`` times from Python; what is not carried (a data set on
+the device) goes in ``args``, arguments of the compiled program rather than
+constants baked into it. Between chunks, and only there, the host syncs: it
+appends the chunk's metrics, rewrites the results file atomically, saves an
+orbax checkpoint if asked, and prints a progress line.
 Ctrl-C therefore always leaves a valid results file (status ``"interrupted"``)
 holding every finished chunk, and ``resume=True`` continues from the last
 checkpoint to results identical, bit for bit, to an uninterrupted run.
@@ -40,6 +42,14 @@ squared error), ``"accuracy"``, and the plasticity correlates
 timings are deliberately *not* in the file (they would break the bit-for-bit
 determinism of results); `run` returns them and ``timing.json`` holds them.
 
+The experiments share the rest of their plumbing from here too: configs
+(`build_config`, `merge_config`, `require`), seeds (`seed_keys`, and
+`batch_over_seeds` / `batched_per_config` batching the per-seed ``init`` and
+``chunk``, a single seed unbatched by `map_leading`), the whole run as one
+program (`whole_run`), running all seeds (`run_seeds`) and the command line
+(`add_run_arguments`, `overrides_from_args`, `parse_hparam_sets`,
+`run_from_cli`).
+
 Checkpoints (orbax, one directory per saved chunk boundary) hold the carry
 (PRNG key arrays stored as their key data), the metrics so far, the chunk
 index, the config, and the dtype, shape and a SHA-256 checksum of every saved
@@ -52,12 +62,17 @@ falls back silently to an older checkpoint.
 
 from __future__ import annotations
 
+import argparse
+import collections
+import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -496,25 +511,27 @@ class Progress:
 # ---------------------------------------------------------------------------
 
 
-def compile_chunk(chunk_fn: Callable, carry: Any) -> tuple[Any, float]:
-  """Lowers and compiles ``chunk_fn(carry, int32 chunk index)`` once.
+def compile_chunk(chunk_fn: Callable, carry: Any, args: tuple = ()) -> tuple[Any, float]:
+  """Lowers and compiles ``chunk_fn(carry, int32 chunk index, *args)`` once.
 
   The returned executable only accepts arguments of exactly these shapes and
-  dtypes, so it cannot silently recompile per chunk.
+  dtypes, so it cannot silently recompile per chunk; call it as
+  ``compiled(carry, index, *args)``.
 
   Returns:
     ``(compiled, seconds)``.
   """
   start = time.perf_counter()
   jitted = chunk_fn if hasattr(chunk_fn, "lower") else jax.jit(chunk_fn)
-  compiled = jitted.lower(carry, jnp.zeros((), jnp.int32)).compile()
+  compiled = jitted.lower(carry, jnp.zeros((), jnp.int32), *args).compile()
   return compiled, time.perf_counter() - start
 
 
 def run(
-    chunk_fn: Callable[[Any, jax.Array], tuple[Any, Any]],
+    chunk_fn: Callable[..., tuple[Any, Any]],
     init_carry: Any,
     *,
+    args: tuple = (),
     num_chunks: int,
     config: Mapping[str, Any],
     experiment: str,
@@ -533,11 +550,15 @@ def run(
   """Runs ``chunk_fn`` ``num_chunks`` times, writing results after every chunk.
 
   Args:
-    chunk_fn: ``chunk(carry, chunk_index) -> (carry, metrics)``, pure and
-      jittable; ``chunk_index`` is an int32 scalar (traced: one compilation
+    chunk_fn: ``chunk(carry, chunk_index, *args) -> (carry, metrics)``, pure
+      and jittable; ``chunk_index`` is an int32 scalar (traced: one compilation
       serves every chunk). ``metrics`` is ``{label: {name: array(..., P)}}``
       with ``P = points_per_chunk`` on the last axis.
     init_carry: the carry before chunk 0 (also the template for restoring).
+    args: further arguments of every chunk that are not carried: e.g. a data
+      set on the device, passed to the compiled program as an argument (one
+      buffer, never copied, never checkpointed) rather than baked into it as
+      a constant.
     num_chunks: how many chunks make the whole run.
     config: JSON-serialisable settings that determine the results; written to
       the results file and checkpoints, compared on resume.
@@ -596,7 +617,7 @@ def run(
         raise
 
   try:
-    compiled, compile_seconds = compile_chunk(chunk_fn, init_carry)
+    compiled, compile_seconds = compile_chunk(chunk_fn, init_carry, args)
     _, metrics_shape = compiled.out_info
     _check_metrics(metrics_shape, points_per_chunk)
 
@@ -625,7 +646,7 @@ def run(
   try:
     for index in range(start, num_chunks):
       tic = time.perf_counter()
-      new_carry, metrics = compiled(carry, jnp.asarray(index, jnp.int32))
+      new_carry, metrics = compiled(carry, jnp.asarray(index, jnp.int32), *args)
       metrics = jax.device_get(metrics)  # The one host sync per chunk.
       jax.block_until_ready(new_carry)
       chunk_seconds.append(time.perf_counter() - tic)
@@ -658,6 +679,348 @@ def run(
       carry=carry, metrics=parts[0] if parts else {}, results=results,
       chunks_done=chunks_done, status="complete", compile_seconds=compile_seconds,
       chunk_seconds=chunk_seconds, resumed_from=start)
+
+
+# ---------------------------------------------------------------------------
+# Pieces every experiment uses: configs, seeds, batching over seeds.
+# ---------------------------------------------------------------------------
+
+
+def merge_config(base: Mapping[str, Any], over: Mapping[str, Any], *,
+                 replace: tuple[str, ...] = (), path: str = "") -> dict:
+  """``base`` updated with ``over``: nested dicts merge, other values (lists too) are replaced.
+
+  Args:
+    base: the full config (e.g. an experiment's defaults).
+    over: entries to change; every key must exist in ``base``.
+    replace: top-level keys whose dict is replaced as a whole, not merged.
+    path: prefix for error messages (used in recursion).
+
+  Raises:
+    ValueError: naming an entry of ``over`` that ``base`` does not have.
+  """
+  out = copy.deepcopy(dict(base))
+  for k, v in over.items():
+    if k not in out:
+      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
+    merge = isinstance(out[k], dict) and isinstance(v, Mapping)
+    if merge and not (path == "" and k in replace):
+      out[k] = merge_config(out[k], v, path=f"{path}{k}.")
+    else:
+      out[k] = copy.deepcopy(v)
+  return out
+
+
+def build_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None,
+                 kwargs: Mapping[str, Any], *, validate: Callable[[dict], None],
+                 replace: tuple[str, ...] = ()) -> dict:
+  """An experiment's ``make_config``: ``defaults`` merged with ``overrides``, then
+  ``kwargs`` (`merge_config`), as plain JSON data (`normalize_config`), validated."""
+  config = merge_config(defaults, overrides or {}, replace=replace)
+  config = normalize_config(merge_config(config, kwargs, replace=replace))
+  validate(config)
+  return config
+
+
+def require(ok: bool, message: str) -> None:
+  """Raises ``ValueError(message)`` unless ``ok`` (for validating configs)."""
+  if not ok:
+    raise ValueError(message)
+
+
+def require_positive_ints(config: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+  """Raises ValueError naming the first of ``keys`` whose entry is not an int >= 1."""
+  for k in keys:
+    v = config[k]
+    require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            f"{k} must be a positive int, got {v!r}")
+
+
+def require_methods(methods: Any, known: tuple[str, ...]) -> None:
+  """Raises ValueError unless ``methods`` is a non-empty list of ``known`` names without repeats."""
+  require(isinstance(methods, list) and len(methods) > 0 and len(set(methods)) == len(methods),
+          f"methods must be a non-empty list without repeats, got {methods}")
+  for m in methods:
+    require(m in known, f"unknown method {m!r}; expected some of {known}")
+
+
+def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
+  """The key of seed ``index``: ``fold_in(key(config["seed"]), index)``, so it does
+  not depend on how many seeds are run."""
+  return jax.random.fold_in(jax.random.key(config["seed"]), index)
+
+
+def seed_keys(config: Mapping[str, Any]) -> jax.Array:
+  """The keys of seeds ``0 .. config["seeds"] - 1``."""
+  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+
+
+def map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
+  """``jax.vmap(fn, in_axes)`` over a leading axis of size ``n``, except for
+  ``n == 1``: squeeze, call, expand.
+
+  A size-1 vmap would turn every ``lax.cond`` whose predicate depends on the
+  batched state (e.g. CBP's "replace anything this step?") into a ``select``
+  that runs both branches every step; calling ``fn`` unbatched keeps it a branch.
+  ``in_axes`` entries are 0 (batched) or None (shared).
+  """
+  if n != 1:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def call(*args):
+    args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x for x, ax in zip(args, in_axes)]
+    return jax.tree.map(lambda a: a[None], fn(*args))
+
+  return call
+
+
+def batch_over_seeds(init: Callable, chunk: Callable, seeds: int, *, seed_axis: str = "vmap",
+                     num_args: int = 0, squeeze_single: bool = True) -> tuple[Callable, Callable]:
+  """Jitted ``init(keys)`` and ``chunk(carry, index, *args)`` over all seeds, from the
+  per-seed ``init(key)`` and ``chunk(carry, index, *args)``.
+
+  Args:
+    init, chunk: the per-seed functions (``chunk`` takes ``num_args`` further
+      arguments shared by all seeds, e.g. the data set).
+    seeds: how many seeds (the carry's leading axis).
+    seed_axis: ``"vmap"`` (one batched program) or ``"map"`` (``lax.map``: seeds
+      one after another inside the program, each ``lax.cond`` stays a branch).
+    squeeze_single: run a single seed unbatched (`map_leading`); False vmaps it.
+
+  Returns:
+    ``(init, chunk)``, jitted; metrics leaves get the seed axis first.
+  """
+  if seed_axis not in ("vmap", "map"):
+    raise ValueError(f"seed_axis must be 'vmap' or 'map', got {seed_axis!r}")
+  in_axes = (0, None) + (None,) * num_args
+  if seed_axis == "map" and seeds > 1:
+    def batched_chunk(carry, index, *args):
+      return jax.lax.map(lambda c: chunk(c, index, *args), carry)
+  elif squeeze_single:
+    batched_chunk = map_leading(chunk, seeds, in_axes)
+  else:
+    batched_chunk = jax.vmap(chunk, in_axes=in_axes)
+  batched_init = map_leading(init, seeds, (0,)) if squeeze_single else jax.vmap(init)
+  return jax.jit(batched_init), jax.jit(batched_chunk)
+
+
+def cache_per_config(*, ignore: tuple[str, ...] = (), maxsize: int = 8):
+  """Decorator memoising ``build(config)`` by the config's JSON form.
+
+  Running a config again in one process (a resume, a test, a benchmark) then
+  reuses what ``build`` made, e.g. jitted functions and their compilations.
+  ``ignore`` names top-level entries that do not change what ``build`` makes
+  (e.g. the base seed, which only enters through the keys in the carry).
+  """
+  def decorator(build: Callable[[dict], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    @functools.wraps(build)
+    def cached(config: Mapping[str, Any]) -> Any:
+      config = normalize_config(config)
+      key = json.dumps({k: v for k, v in config.items() if k not in ignore}, sort_keys=True)
+      if key in cache:
+        cache.move_to_end(key)
+      else:
+        cache[key] = build(config)
+        while len(cache) > maxsize:
+          cache.popitem(last=False)
+      return cache[key]
+
+    cached.cache_clear = cache.clear
+    return cached
+
+  return decorator
+
+
+def batched_per_config(make_chunked: Callable, *, make_config: Callable[..., dict],
+                       num_args: int = 0, squeeze_single: bool = True,
+                       ignore: tuple[str, ...] = ()) -> Callable[[Mapping[str, Any]], tuple]:
+  """An experiment's ``make_batched(config) -> (init(keys), chunk(carry, index, *args))``.
+
+  ``make_chunked(config)`` gives the per-seed ``init`` and ``chunk``;
+  `batch_over_seeds` batches them over ``config["seeds"]`` along
+  ``config.get("seed_axis", "vmap")``. The config is completed and validated by
+  ``make_config`` first, and the pair is cached per config (`cache_per_config`,
+  ``ignore`` as there): running a config again in one process (a resume, a
+  test) does not compile again.
+  """
+  @cache_per_config(ignore=ignore)
+  def batched(config: dict) -> tuple:
+    init, chunk = make_chunked(config)
+    return batch_over_seeds(init, chunk, config["seeds"],
+                            seed_axis=config.get("seed_axis", "vmap"), num_args=num_args,
+                            squeeze_single=squeeze_single)
+
+  def make_batched(config: Mapping[str, Any]) -> tuple:
+    return batched(make_config(config))
+
+  make_batched.cache_clear = batched.cache_clear
+  return make_batched
+
+
+def run_seeds(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *,
+              experiment: str, name: str, num_chunks: int, points_per_chunk: int,
+              x_step: float, x_label: str, runs: Mapping[str, Any], args: tuple = (),
+              work_per_run_chunk: float | None = None, work_label: str = "run-steps",
+              progress: bool = True, **run_kwargs: Any) -> RunResult:
+  """Runs every seed of an experiment with `run`.
+
+  The carry is ``init(seed_keys(config))`` with ``init, chunk =
+  make_batched(config)`` (e.g. from `batched_per_config`); the progress line
+  (prefix ``name``, on stderr unless ``progress`` is False) reports
+  ``work_per_run_chunk`` (the work of one run label and seed in one chunk)
+  times seeds times runs per second. ``args`` and ``run_kwargs`` (``out_dir``,
+  ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``on_chunk``, ...) go
+  to `run` as they are.
+  """
+  init, chunk = make_batched(config)
+  carry = init(seed_keys(config))
+  work = None if work_per_run_chunk is None else work_per_run_chunk * config["seeds"] * len(runs)
+  prog = Progress(name, num_chunks, work_per_chunk=work, work_label=work_label,
+                  stream="stderr" if progress else None)
+  return run(chunk, carry, args=args, num_chunks=num_chunks, config=config, experiment=experiment,
+             points_per_chunk=points_per_chunk, x_step=x_step, x_label=x_label, runs=runs,
+             progress=prog, **run_kwargs)
+
+
+def whole_run(init: Callable, chunk: Callable, num_chunks: int, *args: Any) -> Callable:
+  """The pure per-seed ``train(key) -> metrics`` of a chunked experiment (purejaxrl style).
+
+  ``train`` scans ``chunk(carry, index, *args)`` over all ``num_chunks`` chunks
+  from ``init(key)`` and returns the metrics with the points of all chunks on
+  one axis. ``args`` are closed over: constants of the program.
+  """
+  def train(key):
+    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, *args), init(key),
+                              jnp.arange(num_chunks, dtype=jnp.int32))
+    return jax.tree.map(lambda a: a.reshape(-1), metrics)
+
+  return train
+
+
+# ---------------------------------------------------------------------------
+# Command lines.
+# ---------------------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+  """The flags every experiment's CLI has: ``--out``, ``--checkpoint-every``,
+  ``--resume``, ``--fresh``, ``--no-plot`` (see `run_from_cli`)."""
+  parser.add_argument("--out", default=out, help=f"output directory (default {out})")
+  parser.add_argument("--checkpoint-every", type=int, default=1,
+                      help="save an orbax checkpoint in OUT/checkpoints every this many chunks "
+                           "(0: never)")
+  parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+  parser.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
+  parser.add_argument("--no-plot", action="store_true")
+
+
+def parse_number(text: str) -> int | float:
+  """``"3"`` -> 3, ``"3.0"``, ``"1e3"`` -> float."""
+  v = float(text)
+  return int(v) if v.is_integer() and "e" not in text.lower() and "." not in text else v
+
+
+def parse_floats(text: str) -> list[float]:
+  """``"0.1,0.03"`` -> ``[0.1, 0.03]`` (an argparse ``type``)."""
+  return [float(v) for v in text.split(",") if v]
+
+
+def split_names(text: str) -> list[str]:
+  """``"bp, cbp"`` -> ``["bp", "cbp"]``."""
+  return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def overrides_from_args(args: argparse.Namespace, keys: tuple[str, ...] = (),
+                        **renamed: str) -> dict:
+  """Config entries given on the command line: ``keys`` (the flag's dest is the
+  entry's name) and ``renamed`` (entry = dest), those not None; ``--methods``
+  split at commas."""
+  over = {k: getattr(args, k) for k in keys}
+  over.update({k: getattr(args, dest) for k, dest in renamed.items()})
+  over = {k: v for k, v in over.items() if v is not None}
+  if getattr(args, "methods", None):
+    over["methods"] = split_names(args.methods)
+  return over
+
+
+def split_assignment(text: str, flag: str, methods: tuple[str, ...]) -> tuple[str, str, str]:
+  """``"cbp.maturity_threshold=100"`` -> ``("cbp", "maturity_threshold", "100")``."""
+  try:
+    lhs, rhs = text.split("=", 1)
+    method, name = lhs.split(".", 1)
+  except ValueError:
+    raise ValueError(f"{flag} {text!r}: expected METHOD.HPARAM=VALUE") from None
+  if method not in methods:
+    raise ValueError(f"{flag} {text!r}: unknown method {method!r}")
+  return method, name, rhs
+
+
+def parse_hparam_sets(texts: list[str], defaults: Mapping[str, Mapping[str, Any]],
+                      flag: str = "--set") -> dict[str, dict]:
+  """``--set METHOD.HPARAM=VALUE`` flags as ``{method: {hparam: value}}`` (every method
+  of ``defaults`` present), values typed like the defaults' (bool, str or number)."""
+  out: dict[str, dict] = {m: {} for m in defaults}
+  for text in texts:
+    method, name, value = split_assignment(text, flag, tuple(defaults))
+    if name not in defaults[method]:
+      raise ValueError(f"{flag} {text!r}: {method} has no hyperparameter {name!r} "
+                       f"({sorted(defaults[method])})")
+    default = defaults[method][name]
+    if isinstance(default, bool):
+      out[method][name] = value.lower() in ("1", "true", "yes")
+    elif isinstance(default, str):
+      out[method][name] = value
+    else:
+      out[method][name] = parse_number(value)
+  return out
+
+
+def cli_error(e: BaseException) -> int:
+  """Prints ``error: ...`` on stderr; returns the exit status 2."""
+  print(f"error: {e}", file=sys.stderr)
+  return 2
+
+
+def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResult], *,
+                 summary: Callable[[dict], str], plots: tuple[str, ...] = ()) -> int:
+  """Runs an experiment from its CLI; returns the exit status.
+
+  Calls ``run_experiment(out_dir=, checkpoint_dir=, checkpoint_every=, resume=,
+  plot=)`` as the `add_run_arguments` flags say, then prints ``summary(results)``
+  and a line with the compile and run times and where the results file and the
+  ``plots`` (file names in ``--out``) are.
+
+  Returns:
+    0; 130 after Ctrl-C (partial results written); 2 when the checkpoint
+    directory is in the way or a checkpoint is of another config or corrupt
+    (the message says why and what to do).
+  """
+  out = Path(args.out)
+  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
+  if args.fresh and (out / "checkpoints").exists():
+    shutil.rmtree(out / "checkpoints")
+  tic = time.perf_counter()
+  try:
+    result = run_experiment(out_dir=out, checkpoint_dir=ckpt,
+                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
+                            plot=not args.no_plot)
+  except KeyboardInterrupt:
+    print(f"interrupted: partial results in {out}/results.json"
+          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
+    return 130
+  except FileExistsError as e:
+    return cli_error(f"{e}; or pass --fresh to discard it")
+  except (ConfigMismatchError, CorruptCheckpointError) as e:
+    return cli_error(e)
+  print(summary(result.results))
+  line = (f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, "
+          f"total {time.perf_counter() - tic:.1f} s; results {out}/results.json")
+  if plots and not args.no_plot:
+    line += (", plot " if len(plots) == 1 else ", plots ") + ", ".join(f"{out}/{p}" for p in plots)
+  print(line)
+  return 0
 
 
 # ---------------------------------------------------------------------------

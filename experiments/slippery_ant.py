@@ -93,9 +93,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
+import functools
 import math
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -191,41 +190,21 @@ PAPER_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
-  out = copy.deepcopy(base)
-  for k, v in over.items():
-    if k not in out:
-      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
-    if isinstance(out[k], dict) and isinstance(v, Mapping):
-      out[k] = _merge(out[k], v, f"{path}{k}.")
-    else:
-      out[k] = copy.deepcopy(v)
-  return out
-
-
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
 
   Nested dicts merge (``hparams={"cbp": {"replacement_rate": 1e-3}}`` changes
   only that entry). Unknown keys raise.
   """
-  config = _merge(DEFAULT_CONFIG, overrides or {})
-  config = _merge(config, kwargs)
-  config["methods"] = list(config["methods"])
-  config = runner.normalize_config(config)
-  validate_config(config)
-  return config
+  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry."""
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-  for k in ("seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches",
-            "episode_length", "change_every", "updates_per_point", "points_per_chunk"):
-    need(isinstance(c[k], int) and not isinstance(c[k], bool) and c[k] >= 1,
-         f"{k} must be a positive int, got {c[k]!r}")
+  need = runner.require
+  runner.require_positive_ints(c, (
+      "seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
+      "change_every", "updates_per_point", "points_per_chunk"))
   need(steps_per_update(c) % c["minibatches"] == 0,
        f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len "
        f"({steps_per_update(c)})")
@@ -238,11 +217,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
        f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
   need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
-  need(isinstance(c["methods"], list) and len(c["methods"]) > 0
-       and len(set(c["methods"])) == len(c["methods"]),
-       f"methods must be a non-empty list without repeats, got {c['methods']}")
-  for m in c["methods"]:
-    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
+  runner.require_methods(c["methods"], METHODS)
   for m in METHODS:
     hp = c["hparams"][m]
     need(set(hp) == set(HPARAMS[m]), f"hparams.{m} must have exactly {sorted(HPARAMS[m])}")
@@ -287,13 +262,8 @@ def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
 # ---------------------------------------------------------------------------
 
 
-def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
-  """The key of seed ``index`` (independent of how many seeds are run)."""
-  return jax.random.fold_in(jax.random.key(config["seed"]), index)
-
-
-def seed_keys(config: Mapping[str, Any]) -> jax.Array:
-  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 def phase_of_update(config: Mapping[str, Any], update: jax.Array) -> jax.Array:
@@ -705,31 +675,13 @@ def make_train(config: Mapping[str, Any]):
   purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
   runs every seed of the whole experiment as one program.
   """
-  init, chunk = make_chunked(config)
-  n = num_chunks(config)
-
-  def train(key):
-    _, metrics = jax.lax.scan(chunk, init(key), jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a.reshape(-1), metrics)
-
-  return train
+  return runner.whole_run(*make_chunked(config), num_chunks(config))
 
 
-_BATCHED_CACHE: dict[str, tuple] = {}
-
-
-def make_batched(config: Mapping[str, Any]):
-  """Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (memoised per config).
-
-  Metrics leaves are ``(seeds, points_per_chunk)``, as the runner wants.
-  """
-  config = runner.normalize_config(config)
-  cache_key = json.dumps(config, sort_keys=True)
-  if cache_key not in _BATCHED_CACHE:
-    init, chunk = make_chunked(config)
-    _BATCHED_CACHE[cache_key] = (jax.jit(jax.vmap(init)),
-                                 jax.jit(jax.vmap(chunk, in_axes=(0, None))))
-  return _BATCHED_CACHE[cache_key]
+# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (one seed
+# too), memoised per config; metrics leaves ``(seeds, points_per_chunk)``.
+make_batched = runner.batched_per_config(make_chunked, make_config=make_config,
+                                         squeeze_single=False)
 
 
 # ---------------------------------------------------------------------------
@@ -738,31 +690,24 @@ def make_batched(config: Mapping[str, Any]):
 
 
 def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
-                   resume: bool = False, plot: bool = True, progress: bool = True,
-                   on_chunk=None) -> runner.RunResult:
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
   """Runs the experiment with `experiments.runner.run`.
 
   Writes ``out_dir/results.json`` (runner schema; ``x`` = environment steps
   per run at each point's end), ``out_dir/timing.json``,
   ``out_dir/slippery_ant.png`` (time series) and ``out_dir/phases.png``
   (mean return per friction phase).
+  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+  ``on_chunk``) go to `experiments.runner.run`.
   """
   config = make_config(config)
-  init, chunk_fn = make_batched(config)
-  carry = init(seed_keys(config))
-  n = num_chunks(config)
-  labels = run_labels(config)
-  prog = runner.Progress(
-      "slippery_ant", n,
-      work_per_chunk=steps_per_chunk(config) * config["seeds"] * len(labels),
-      work_label="env-steps", stream="stderr" if progress else None)
-  result = runner.run(
-      chunk_fn, carry, num_chunks=n, config=config, experiment=EXPERIMENT,
-      points_per_chunk=config["points_per_chunk"],
+  result = runner.run_seeds(
+      make_batched, config, experiment=EXPERIMENT, name="slippery_ant",
+      num_chunks=num_chunks(config), points_per_chunk=config["points_per_chunk"],
       x_step=steps_per_update(config) * config["updates_per_point"], x_label="environment steps",
-      runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+      runs=run_labels(config), work_per_run_chunk=steps_per_chunk(config),
+      work_label="env-steps", progress=progress, out_dir=out_dir, **run_kwargs)
   if plot and out_dir is not None:
     plot_results(result.results, out_dir)
   return result
@@ -886,11 +831,6 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
 # ---------------------------------------------------------------------------
 
 
-def _number(text: str) -> int | float:
-  v = float(text)
-  return int(v) if v.is_integer() and "e" not in text.lower() and "." not in text else v
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.slippery_ant",
@@ -911,12 +851,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
                  help="set a hyperparameter, e.g. l2.weight_decay=1e-4 (repeatable)")
-  p.add_argument("--out", default="results/slippery_ant")
-  p.add_argument("--checkpoint-every", type=int, default=1,
-                 help="save an orbax checkpoint in OUT/checkpoints every this many chunks (0: never)")
-  p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-  p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
-  p.add_argument("--no-plot", action="store_true")
+  runner.add_run_arguments(p, out="results/slippery_ant")
   p.add_argument("--benchmark", action="store_true",
                  help="print environment steps/s (PPO alone and PPO+CBP alone) and exit")
   return p.parse_args(argv)
@@ -924,31 +859,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> dict:
   over: dict[str, Any] = copy.deepcopy(PAPER_OVERRIDES) if args.paper else {}
-  simple = {"seeds": args.seeds, "seed": args.seed, "total_steps": args.steps,
-            "change_every": args.change_every, "num_envs": args.num_envs,
-            "rollout_len": args.rollout_len, "updates_per_point": args.updates_per_point,
-            "points_per_chunk": args.points_per_chunk}
-  over.update({k: v for k, v in simple.items() if v is not None})
-  if args.methods:
-    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-  hparams: dict[str, dict] = {m: {} for m in METHODS}
-  for text in args.set:
-    try:
-      lhs, value = text.split("=", 1)
-      method, name = lhs.split(".", 1)
-    except ValueError:
-      raise ValueError(f"--set {text!r}: expected METHOD.HPARAM=VALUE") from None
-    if method not in METHODS or name not in HPARAMS[method]:
-      raise ValueError(f"--set {text!r}: unknown method or hyperparameter "
-                       f"({method}: {sorted(HPARAMS.get(method, {}))})")
-    default = HPARAMS[method][name]
-    if isinstance(default, bool):
-      hparams[method][name] = value.lower() in ("1", "true", "yes")
-    elif isinstance(default, str):
-      hparams[method][name] = value
-    else:
-      hparams[method][name] = _number(value)
-  over["hparams"] = hparams
+  over.update(runner.overrides_from_args(
+      args, ("seeds", "seed", "change_every", "num_envs", "rollout_len", "updates_per_point",
+             "points_per_chunk"), total_steps="steps"))
+  over["hparams"] = runner.parse_hparam_sets(args.set, HPARAMS)
   return make_config(over)
 
 
@@ -957,8 +871,7 @@ def main(argv=None) -> int:
   try:
     config = config_from_args(args)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return runner.cli_error(e)
   if args.benchmark:
     for methods in (["ppo"], ["cbp"]):
       b = benchmark({**config, "methods": methods})
@@ -967,31 +880,11 @@ def main(argv=None) -> int:
             f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)")
     return 0
   out = Path(args.out)
-  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
-  if args.fresh and (out / "checkpoints").exists():
-    shutil.rmtree(out / "checkpoints")
   print(f"slippery ant: {config['seeds']} seeds x {num_chunks(config) * steps_per_chunk(config):,} "
         f"steps, friction every {config['change_every']:,}, runs "
         f"{', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  try:
-    result = run_experiment(config, out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
-  except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json"
-          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
-    return 130
-  except FileExistsError as e:
-    print(f"error: {e}; or pass --fresh to discard it", file=sys.stderr)
-    return 2
-  except (runner.ConfigMismatchError, runner.CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(format_summary(result.results))
-  print(f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s; results "
-        f"{out}/results.json" + ("" if args.no_plot else f", plots {out}/slippery_ant.png, "
-                                                          f"{out}/phases.png"))
-  return 0
+  return runner.run_from_cli(args, functools.partial(run_experiment, config),
+                             summary=format_summary, plots=("slippery_ant.png", "phases.png"))
 
 
 if __name__ == "__main__":

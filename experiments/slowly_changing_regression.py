@@ -73,9 +73,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import functools
 import math
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -167,40 +166,22 @@ PAPER_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def _merge(base: dict, over: Mapping[str, Any], path: str = "") -> dict:
-  out = copy.deepcopy(base)
-  for k, v in over.items():
-    if k not in out:
-      raise ValueError(f"unknown config entry {path}{k!r}; known: {sorted(out)}")
-    if isinstance(out[k], dict) and isinstance(v, Mapping) and k != "sweep":
-      out[k] = _merge(out[k], v, f"{path}{k}.")
-    else:
-      out[k] = copy.deepcopy(v)
-  return out
-
-
 def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
   """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
 
   Nested dicts merge (``hparams={"cbp": {"replacement_rate": 1e-3}}`` changes
   only that entry); ``sweep`` is replaced as a whole. Unknown keys raise.
   """
-  config = _merge(DEFAULT_CONFIG, overrides or {})
-  config = _merge(config, kwargs)
-  config["methods"] = list(config["methods"])
-  config = runner.normalize_config(config)
-  validate_config(config)
-  return config
+  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config,
+                             replace=("sweep",))
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry."""
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-  for k in ("seeds", "steps", "bin_size", "bins_per_chunk", "num_inputs", "change_every",
-            "target_hidden", "hidden", "probe_size"):
-    need(isinstance(c[k], int) and c[k] >= 1, f"{k} must be a positive int, got {c[k]!r}")
+  need = runner.require
+  runner.require_positive_ints(c, (
+      "seeds", "steps", "bin_size", "bins_per_chunk", "num_inputs", "change_every", "target_hidden",
+      "hidden", "probe_size"))
   need(isinstance(c["num_slow_bits"], int) and 0 <= c["num_slow_bits"] <= c["num_inputs"],
        f"num_slow_bits must be in [0, num_inputs], got {c['num_slow_bits']}")
   need(c["steps"] % (c["bin_size"] * c["bins_per_chunk"]) == 0,
@@ -210,11 +191,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
        f"slow_bits_mode must be one of {SLOW_BITS_MODES}, got {c['slow_bits_mode']!r}")
   need(c["activation"] in ACTIVATIONS,
        f"activation must be one of {ACTIVATIONS}, got {c['activation']!r}")
-  need(isinstance(c["methods"], list) and len(c["methods"]) > 0
-       and len(set(c["methods"])) == len(c["methods"]),
-       f"methods must be a non-empty list without repeats, got {c['methods']}")
-  for m in c["methods"]:
-    need(m in METHODS, f"unknown method {m!r}; expected some of {METHODS}")
+  runner.require_methods(c["methods"], METHODS)
   for m, swept in c["sweep"].items():
     need(m in METHODS, f"sweep: unknown method {m!r}")
     for k, values in swept.items():
@@ -282,13 +259,8 @@ def num_chunks(config: Mapping[str, Any]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def seed_key(config: Mapping[str, Any], index: int | jax.Array) -> jax.Array:
-  """The key of seed ``index`` (independent of how many seeds are run)."""
-  return jax.random.fold_in(jax.random.key(config["seed"]), index)
-
-
-def seed_keys(config: Mapping[str, Any]) -> jax.Array:
-  return jax.vmap(lambda i: seed_key(config, i))(jnp.arange(config["seeds"]))
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 def _data_keys(key: jax.Array) -> dict[str, jax.Array]:
@@ -540,60 +512,32 @@ def make_train(config: Mapping[str, Any]):
   purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
   runs every seed of the whole experiment as one program.
   """
-  init, chunk = make_chunked(config)
-  n = num_chunks(config)
-
-  def train(key):
-    carry = init(key)
-    _, metrics = jax.lax.scan(chunk, carry, jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a.reshape(-1), metrics)
-
-  return train
+  return runner.whole_run(*make_chunked(config), num_chunks(config))
 
 
-_BATCHED_CACHE: dict[str, tuple] = {}
-
-
-def make_batched(config: Mapping[str, Any]):
-  """Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds.
-
-  Metrics leaves are ``(seeds, bins_per_chunk)``: bins last, as the runner
-  wants. The pair is memoised per config, so running the same config again in
-  one process reuses the compiled program.
-  """
-  config = runner.normalize_config(config)
-  # The base seed only enters through the keys in the carry, not the program.
-  cache_key = json.dumps({**config, "seed": None}, sort_keys=True)
-  if cache_key not in _BATCHED_CACHE:
-    init, chunk = make_chunked(config)
-    _BATCHED_CACHE[cache_key] = (jax.jit(jax.vmap(init)),
-                                 jax.jit(jax.vmap(chunk, in_axes=(0, None))))
-  return _BATCHED_CACHE[cache_key]
+# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (one seed
+# too); metrics leaves ``(seeds, bins_per_chunk)``. Memoised per config, the base
+# seed aside: it only enters through the keys in the carry, not the program.
+make_batched = runner.batched_per_config(make_chunked, make_config=make_config,
+                                         squeeze_single=False, ignore=("seed",))
 
 
 def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
-                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
-                   resume: bool = False, plot: bool = True, progress: bool = True,
-                   on_chunk=None) -> runner.RunResult:
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
   """Runs the experiment with `experiments.runner.run`.
 
   Writes ``out_dir/results.json`` (runner schema; ``x`` = examples seen at
   each bin's end), ``out_dir/timing.json`` and ``out_dir/scr.png``.
+  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+  ``on_chunk``) go to `experiments.runner.run`.
   """
   config = make_config(config)
-  init, chunk_fn = make_batched(config)
-  carry = init(seed_keys(config))
-  n = num_chunks(config)
-  labels = run_labels(config)
-  per_chunk = config["bin_size"] * config["bins_per_chunk"]
-  prog = runner.Progress(
-      "scr", n, work_per_chunk=per_chunk * config["seeds"] * len(labels),
-      work_label="run-steps", stream="stderr" if progress else None)
-  result = runner.run(
-      chunk_fn, carry, num_chunks=n, config=config, experiment=EXPERIMENT,
-      points_per_chunk=config["bins_per_chunk"], x_step=config["bin_size"],
-      x_label="examples", runs=labels, out_dir=out_dir, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, resume=resume, progress=prog, on_chunk=on_chunk)
+  result = runner.run_seeds(
+      make_batched, config, experiment=EXPERIMENT, name="scr", num_chunks=num_chunks(config),
+      points_per_chunk=config["bins_per_chunk"], x_step=config["bin_size"], x_label="examples",
+      runs=run_labels(config), work_per_run_chunk=config["bin_size"] * config["bins_per_chunk"],
+      progress=progress, out_dir=out_dir, **run_kwargs)
   if plot and out_dir is not None:
     runner.plot_results(result.results, Path(out_dir) / "scr.png",
                         metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
@@ -632,15 +576,6 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-  return [float(v) for v in text.split(",") if v]
-
-
-def _number(text: str) -> int | float:
-  v = float(text)
-  return int(v) if v.is_integer() and "e" not in text.lower() and "." not in text else v
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.slowly_changing_regression",
@@ -671,35 +606,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="set any hyperparameter, e.g. cbp.maturity_threshold=100 (repeatable)")
   p.add_argument("--sweep", action="append", default=[], metavar="METHOD.HPARAM=V1,V2,...",
                  help="run one vmapped variant per value, e.g. bp.step_size=0.01,0.003 (repeatable)")
-  p.add_argument("--out", default="results/scr", help="output directory (default results/scr)")
-  p.add_argument("--checkpoint-every", type=int, default=1,
-                 help="save an orbax checkpoint in OUT/checkpoints every this many chunks (0: never)")
-  p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-  p.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
-  p.add_argument("--no-plot", action="store_true")
+  runner.add_run_arguments(p, out="results/scr")
   return p.parse_args(argv)
-
-
-def _split_assignment(text: str, flag: str) -> tuple[str, str, str]:
-  try:
-    lhs, rhs = text.split("=", 1)
-    method, name = lhs.split(".", 1)
-  except ValueError:
-    raise ValueError(f"{flag} {text!r}: expected METHOD.HPARAM=VALUE") from None
-  if method not in METHODS:
-    raise ValueError(f"{flag} {text!r}: unknown method {method!r}")
-  return method, name, rhs
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
   over: dict[str, Any] = copy.deepcopy(PAPER_OVERRIDES) if args.paper else {}
-  simple = {"seeds": args.seeds, "seed": args.seed, "steps": args.steps,
-            "bin_size": args.bin_size, "bins_per_chunk": args.bins_per_chunk,
-            "activation": args.activation, "hidden": args.hidden,
-            "slow_bits_mode": args.slow_bits_mode, "change_every": args.change_every}
-  over.update({k: v for k, v in simple.items() if v is not None})
-  if args.methods:
-    over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+  over.update(runner.overrides_from_args(
+      args, ("seeds", "seed", "steps", "bin_size", "bins_per_chunk", "activation", "hidden",
+             "slow_bits_mode", "change_every")))
   hparams: dict[str, dict] = {m: {} for m in METHODS}
   if args.step_size is not None:
     for m in METHODS:
@@ -714,23 +629,13 @@ def config_from_args(args: argparse.Namespace) -> dict:
     hparams["snp"]["weight_decay"] = args.snp_weight_decay
   if args.snp_noise is not None:
     hparams["snp"]["noise_scale"] = args.snp_noise
-  for text in args.set:
-    method, name, value = _split_assignment(text, "--set")
-    if name not in HPARAMS[method]:
-      raise ValueError(f"--set {text!r}: {method} has no hyperparameter {name!r} "
-                       f"({sorted(HPARAMS[method])})")
-    default = HPARAMS[method][name]
-    if isinstance(default, bool):
-      hparams[method][name] = value.lower() in ("1", "true", "yes")
-    elif isinstance(default, str):
-      hparams[method][name] = value
-    else:
-      hparams[method][name] = _number(value)
+  for m, values in runner.parse_hparam_sets(args.set, HPARAMS).items():  # --set comes last.
+    hparams[m].update(values)
   over["hparams"] = hparams
   sweep = copy.deepcopy(over.get("sweep", {}))
   for text in args.sweep:
-    method, name, values = _split_assignment(text, "--sweep")
-    sweep.setdefault(method, {})[name] = [_number(v) for v in values.split(",") if v]
+    method, name, values = runner.split_assignment(text, "--sweep", METHODS)
+    sweep.setdefault(method, {})[name] = [runner.parse_number(v) for v in values.split(",") if v]
   over["sweep"] = sweep
   return make_config(over)
 
@@ -740,33 +645,12 @@ def main(argv=None) -> int:
   try:
     config = config_from_args(args)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return runner.cli_error(e)
   out = Path(args.out)
-  ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
-  if args.fresh and (out / "checkpoints").exists():
-    shutil.rmtree(out / "checkpoints")
   print(f"slowly-changing regression: {config['seeds']} seeds x {config['steps']:,} examples, "
         f"runs {', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  try:
-    result = run_experiment(config, out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
-  except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json"
-          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
-    return 130
-  except FileExistsError as e:
-    print(f"error: {e}; or pass --fresh to discard it", file=sys.stderr)
-    return 2
-  except (runner.ConfigMismatchError, runner.CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  total = sum(result.chunk_seconds)
-  print(format_summary(result.results))
-  print(f"compile {result.compile_seconds:.1f} s, run {total:.1f} s; results {out}/results.json"
-        + ("" if args.no_plot else f", plot {out}/scr.png"))
-  return 0
+  return runner.run_from_cli(args, functools.partial(run_experiment, config),
+                             summary=format_summary, plots=("scr.png",))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,8 @@ def _delete(path, at=None):
   path.unlink()
 
 
+# orbax's reader threads may report "Event loop is closed" after a failed read.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("target, damage, reason", [
     ("bits", _truncate, "its arrays cannot be read"),
     ("bits", _flip, "checksum does not match"),       # silent bit rot: only the checksum sees it
@@ -322,6 +324,84 @@ def test_bad_metrics_shape_is_rejected(tmp_path):
   with pytest.raises(ValueError, match="last axis must be the chunk's 3 points"):
     runner.run(bad, toy_carry(), num_chunks=1, config={}, experiment="toy",
                points_per_chunk=POINTS, progress=runner.Progress("toy", 1, stream=None))
+
+
+def test_args_reach_every_chunk_as_arguments_of_the_program(tmp_path):
+  """``args`` (e.g. a data set) are passed to each call of the one compiled chunk."""
+  def chunk(carry, index, data, scale):
+    carry = carry + data[index] * scale
+    return carry, {"a": {"v": jnp.broadcast_to(carry[:, None], (SEEDS, 1))}}
+
+  data = jnp.arange(3.0)[:, None] * jnp.ones((3, SEEDS))
+  kw = dict(num_chunks=3, config={}, experiment="args", points_per_chunk=1,
+            progress=runner.Progress("args", 3, stream=None))
+  result = runner.run(chunk, jnp.zeros(SEEDS), args=(data, jnp.float32(2.0)), **kw)
+  np.testing.assert_array_equal(result.metrics["a"]["v"][0], [0.0, 2.0, 6.0])
+  compiled, _ = runner.compile_chunk(jax.jit(chunk), jnp.zeros(SEEDS), (data, jnp.float32(2.0)))
+  _, m = compiled(jnp.zeros(SEEDS), jnp.int32(2), data + 1, jnp.float32(1.0))  # Not constants.
+  np.testing.assert_array_equal(m["a"]["v"][:, 0], 3.0)
+
+
+def test_batch_over_seeds_and_whole_run():
+  def init(key):
+    return {"key": key, "x": jnp.zeros(())}
+
+  def chunk(carry, index, shift):
+    key, sub = jax.random.split(carry["key"])
+    x = carry["x"] + jax.random.normal(sub) + shift
+    return {"key": key, "x": x}, {"a": {"x": x[None]}}
+
+  config = {"seed": 3, "seeds": 2}
+  keys = runner.seed_keys(config)
+  np.testing.assert_array_equal(jax.random.key_data(keys[1]),
+                                jax.random.key_data(runner.seed_key(config, 1)))
+  outs = {}
+  for axis, squeeze in (("vmap", True), ("map", True), ("vmap", False)):
+    b_init, b_chunk = runner.batch_over_seeds(init, chunk, 2, seed_axis=axis, num_args=1,
+                                              squeeze_single=squeeze)
+    carry, m = b_chunk(b_init(keys), jnp.int32(0), jnp.float32(1.0))
+    outs[axis, squeeze] = np.asarray(m["a"]["x"])
+    assert outs[axis, squeeze].shape == (2, 1)
+  for v in outs.values():
+    np.testing.assert_allclose(v, outs["vmap", True], rtol=1e-6)
+  # One seed: unbatched inside (squeeze), the same numbers as seed 0 of two.
+  one_init, one_chunk = runner.batch_over_seeds(init, chunk, 1, num_args=1)
+  _, m1 = one_chunk(one_init(keys[:1]), jnp.int32(0), jnp.float32(1.0))
+  np.testing.assert_allclose(np.asarray(m1["a"]["x"]), outs["vmap", True][:1], rtol=1e-6)
+  # The whole run as one program: all chunks' points in order.
+  train = runner.whole_run(init, chunk, 3, jnp.float32(1.0))
+  whole = jax.jit(jax.vmap(train))(keys)["a"]["x"]
+  assert whole.shape == (2, 3)
+  np.testing.assert_allclose(whole[:, :1], outs["vmap", True], rtol=1e-6)
+
+
+def test_config_and_command_line_helpers():
+  base = {"a": 1, "nested": {"x": 1, "y": [1, 2]}, "sweep": {"m": {"k": [1]}}}
+  merged = runner.merge_config(base, {"nested": {"y": [3]}, "sweep": {"n": {}}},
+                               replace=("sweep",))
+  assert merged == {"a": 1, "nested": {"x": 1, "y": [3]}, "sweep": {"n": {}}}
+  with pytest.raises(ValueError, match="unknown config entry sweep.'n'"):
+    runner.merge_config(base, {"sweep": {"n": {}}})  # Merged (strictly) unless replaced.
+  assert base["nested"]["y"] == [1, 2]  # Not modified.
+  with pytest.raises(ValueError, match="unknown config entry nested.'z'"):
+    runner.merge_config(base, {"nested": {"z": 0}})
+  with pytest.raises(ValueError, match="seeds must be a positive int, got True"):
+    runner.require_positive_ints({"seeds": True}, ("seeds",))
+  with pytest.raises(ValueError, match="without repeats"):
+    runner.require_methods(["bp", "bp"], ("bp",))
+  defaults = {"cbp": {"rate": 1e-4, "maturity": 100, "utility": "c", "accumulate": False}}
+  sets = runner.parse_hparam_sets(["cbp.rate=1e-3", "cbp.maturity=7", "cbp.utility=u",
+                                   "cbp.accumulate=true"], defaults)
+  assert sets == {"cbp": {"rate": 1e-3, "maturity": 7, "utility": "u", "accumulate": True}}
+  assert type(sets["cbp"]["maturity"]) is int
+  for bad, message in (("cbp.nope=1", "cbp has no hyperparameter 'nope'"),
+                       ("bp.rate=1", "unknown method 'bp'"), ("cbp", "expected METHOD.HPARAM")):
+    with pytest.raises(ValueError, match=message):
+      runner.parse_hparam_sets([bad], defaults)
+  import argparse
+  args = argparse.Namespace(seeds=3, seed=None, steps=10, methods=" bp, cbp,")
+  assert runner.overrides_from_args(args, ("seeds", "seed"), total_steps="steps") == {
+      "seeds": 3, "total_steps": 10, "methods": ["bp", "cbp"]}
 
 
 def test_nan_round_trip_and_mean_stderr(tmp_path):
