@@ -83,6 +83,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbp_jax import sharding
+
 SCHEMA = "cbp_jax.experiments.results/1"
 STATUSES = ("running", "complete", "interrupted")
 
@@ -546,6 +548,7 @@ def run(
     resume: bool = False,
     progress: Progress | None = None,
     on_chunk: Callable[[int, dict], None] | None = None,
+    place: Callable[[Any], Any] | None = None,
 ) -> RunResult:
   """Runs ``chunk_fn`` ``num_chunks`` times, writing results after every chunk.
 
@@ -577,6 +580,8 @@ def run(
     progress: a `Progress` (None: a default one on stderr).
     on_chunk: called after every chunk (and its writes) with
       ``(chunks_done, results_dict)``.
+    place: puts a carry where the chunks run (e.g. its seed axis sharded over
+      devices); applied to the initial carry and to a restored one.
 
   Returns:
     A `RunResult`.
@@ -616,7 +621,9 @@ def run(
         checkpoints.close()
         raise
 
+  place = place or (lambda carry: carry)
   try:
+    init_carry = place(init_carry)
     compiled, compile_seconds = compile_chunk(chunk_fn, init_carry, args)
     _, metrics_shape = compiled.out_info
     _check_metrics(metrics_shape, points_per_chunk)
@@ -624,6 +631,7 @@ def run(
     carry, parts, start = init_carry, [], 0
     if latest is not None:
       start, carry, restored = checkpoints.restore(init_carry, metrics_shape)
+      carry = place(carry)
       parts = [restored]
       progress.message(f"resumed from {checkpoint_dir} at chunk {start}/{num_chunks}")
   except BaseException:
@@ -859,29 +867,48 @@ def batched_per_config(make_chunked: Callable, *, make_config: Callable[..., dic
   return make_batched
 
 
+def seed_placement(seeds: int) -> Callable[[Any], Any]:
+  """Lays a carry's leading (seed) axis over all devices (`cbp_jax.sharding`).
+
+  Each device then runs ``seeds / devices`` seeds of the same compiled chunk,
+  with no communication; the results equal the single-device run's. On a pod
+  the same holds after ``jax.distributed.initialize()`` (see
+  `cbp_jax.sharding`).
+  """
+  mesh = sharding.make_mesh("seeds")
+  if seeds % mesh.size:
+    raise ValueError(
+        f"shard_seeds: {seeds} seeds cannot be split evenly over {mesh.size} devices; "
+        f"use a multiple of {mesh.size} seeds")
+  return lambda carry: sharding.shard_leading_axis(carry, mesh)
+
+
 def run_seeds(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *,
               experiment: str, name: str, num_chunks: int, points_per_chunk: int,
               x_step: float, x_label: str, runs: Mapping[str, Any], args: tuple = (),
               work_per_run_chunk: float | None = None, work_label: str = "run-steps",
-              progress: bool = True, **run_kwargs: Any) -> RunResult:
+              progress: bool = True, shard_seeds: bool = False, **run_kwargs: Any) -> RunResult:
   """Runs every seed of an experiment with `run`.
 
   The carry is ``init(seed_keys(config))`` with ``init, chunk =
   make_batched(config)`` (e.g. from `batched_per_config`); the progress line
   (prefix ``name``, on stderr unless ``progress`` is False) reports
   ``work_per_run_chunk`` (the work of one run label and seed in one chunk)
-  times seeds times runs per second. ``args`` and ``run_kwargs`` (``out_dir``,
-  ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``on_chunk``, ...) go
-  to `run` as they are.
+  times seeds times runs per second. ``shard_seeds`` lays the seeds over all
+  devices (`seed_placement`; the results do not change, so it is not part of
+  the config). ``args`` and ``run_kwargs`` (``out_dir``, ``checkpoint_dir``,
+  ``checkpoint_every``, ``resume``, ``on_chunk``, ...) go to `run` as they are.
   """
   init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
+  place = seed_placement(config["seeds"]) if shard_seeds else None
+  keys = seed_keys(config)
+  carry = init(keys if place is None else place(keys))
   work = None if work_per_run_chunk is None else work_per_run_chunk * config["seeds"] * len(runs)
   prog = Progress(name, num_chunks, work_per_chunk=work, work_label=work_label,
                   stream="stderr" if progress else None)
   return run(chunk, carry, args=args, num_chunks=num_chunks, config=config, experiment=experiment,
              points_per_chunk=points_per_chunk, x_step=x_step, x_label=x_label, runs=runs,
-             progress=prog, **run_kwargs)
+             progress=prog, place=place, **run_kwargs)
 
 
 def whole_run(init: Callable, chunk: Callable, num_chunks: int, *args: Any) -> Callable:
@@ -906,7 +933,7 @@ def whole_run(init: Callable, chunk: Callable, num_chunks: int, *args: Any) -> C
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
   """The flags every experiment's CLI has: ``--out``, ``--checkpoint-every``,
-  ``--resume``, ``--fresh``, ``--no-plot`` (see `run_from_cli`)."""
+  ``--resume``, ``--fresh``, ``--no-plot``, ``--shard-seeds`` (see `run_from_cli`)."""
   parser.add_argument("--out", default=out, help=f"output directory (default {out})")
   parser.add_argument("--checkpoint-every", type=int, default=1,
                       help="save an orbax checkpoint in OUT/checkpoints every this many chunks "
@@ -914,6 +941,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
   parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
   parser.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
   parser.add_argument("--no-plot", action="store_true")
+  parser.add_argument("--shard-seeds", action="store_true",
+                      help="lay the seeds over all devices (jax.sharding; seeds must be a "
+                           "multiple of the device count); the results do not change")
 
 
 def parse_number(text: str) -> int | float:
@@ -988,7 +1018,7 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
   """Runs an experiment from its CLI; returns the exit status.
 
   Calls ``run_experiment(out_dir=, checkpoint_dir=, checkpoint_every=, resume=,
-  plot=)`` as the `add_run_arguments` flags say, then prints ``summary(results)``
+  plot=, shard_seeds=)`` as the `add_run_arguments` flags say, then prints ``summary(results)``
   and a line with the compile and run times and where the results file and the
   ``plots`` (file names in ``--out``) are.
 
@@ -1005,7 +1035,7 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
   try:
     result = run_experiment(out_dir=out, checkpoint_dir=ckpt,
                             checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot)
+                            plot=not args.no_plot, shard_seeds=args.shard_seeds)
   except KeyboardInterrupt:
     print(f"interrupted: partial results in {out}/results.json"
           + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)

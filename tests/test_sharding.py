@@ -230,8 +230,37 @@ def check_data_parallel_conv():
   _compare_data_parallel(model, params, tx, xs, ys, atol=2e-5, hlo_check=False)
 
 
+def check_experiment_shard_seeds():
+  """An experiment run with ``shard_seeds`` (the CLI's --shard-seeds) lays its
+  seeds over the 4 devices and writes the unsharded run's results; so does a
+  sharded resume from a checkpoint."""
+  import tempfile
+
+  from experiments import slowly_changing_regression as scr
+  config = dict(seeds=4, steps=30_000, bin_size=10_000, bins_per_chunk=1, methods=["bp", "cbp"])
+  ref = scr.run_experiment(config, plot=False, progress=False)
+  out = scr.run_experiment(config, plot=False, progress=False, shard_seeds=True)
+  for leaf in jax.tree.leaves(out.carry):
+    assert leaf.sharding.spec[0] == "seeds" and len(leaf.sharding.device_set) == DEVICES, leaf.sharding
+  assert_trees_close(out.metrics, ref.metrics, atol=1e-6)
+  with tempfile.TemporaryDirectory() as d:
+    def stop_after_one(done, _):
+      if done == 1:
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+      scr.run_experiment(config, plot=False, progress=False, shard_seeds=True,
+                         checkpoint_dir=f"{d}/ckpt", on_chunk=stop_after_one)
+    resumed = scr.run_experiment(config, plot=False, progress=False, shard_seeds=True,
+                                 checkpoint_dir=f"{d}/ckpt", resume=True)
+  assert resumed.resumed_from == 1
+  assert_trees_close(resumed.metrics, ref.metrics, atol=1e-6)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    scr.run_experiment({**config, "seeds": 6}, plot=False, progress=False, shard_seeds=True)
+
+
 CHECKS = {
     "sweep": check_sweep,
+    "experiment_shard_seeds": check_experiment_shard_seeds,
     "data_parallel": check_data_parallel,
     "data_parallel_conv": check_data_parallel_conv,
 }
