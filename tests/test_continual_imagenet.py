@@ -6,6 +6,7 @@ construction, the head reset with its momentum, the evaluation, and one tiny
 compiled run through the shared runner (synthetic images, 2 tasks).
 """
 
+import functools
 import json
 import sys
 
@@ -16,7 +17,8 @@ import pytest
 
 from cbp_jax.data import load_dataset, shared_data_dir
 from experiments import continual_imagenet as ci
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
+from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
+                                 assert_resume_after_sigkill_is_bit_for_bit)
 
 FMNIST = shared_data_dir() / "fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
@@ -203,11 +205,14 @@ def test_evaluation_counts_and_dead_units():
 # --- A whole (tiny) run -------------------------------------------------------
 
 
+# The tiny run the run tests share (compiled once: `make_batched` caches it).
+TINY_RUN = dict(
+    dataset="fashion_mnist", tasks=2, epochs_per_task=2, train_per_class=50, test_per_class=10,
+    tasks_per_chunk=1, methods=["bp", "cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+
+
 def test_tiny_run_through_the_runner(tmp_path):
-  config = ci.make_config(
-      dataset="fashion_mnist", tasks=2, epochs_per_task=2, train_per_class=50, test_per_class=10,
-      tasks_per_chunk=1, methods=["bp", "cbp"],
-      cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+  config = ci.make_config(TINY_RUN)
   data = {"images": jnp.asarray(synthetic_data(classes=4, per_class=60))}
   result = ci.run_experiment(config, data=data, out_dir=tmp_path, progress=False)
   res = json.loads((tmp_path / "results.json").read_text())
@@ -232,37 +237,13 @@ def test_tiny_run_through_the_runner(tmp_path):
   assert shapes["cbp"]["replaced_units"].shape == (1, 2)
 
 
-class _Stop(Exception):
-  pass
-
-
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first task (chunk) and resumed from the checkpoint: the same
-  results file and final carry as the uninterrupted run (the config of the tiny run
-  above, so the program compiled there is reused)."""
-  config = ci.make_config(
-      dataset="fashion_mnist", tasks=2, epochs_per_task=2, train_per_class=50, test_per_class=10,
-      tasks_per_chunk=1, methods=["bp", "cbp"],
-      cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+  results file and final carry as the uninterrupted run."""
   data = {"images": jnp.asarray(synthetic_data(classes=4, per_class=60))}
-  kw = dict(data=data, plot=False, progress=False)
-  full = ci.run_experiment(config, out_dir=tmp_path / "full", **kw)
-
-  def stop(done, results):
-    if done == 1:
-      raise _Stop
-
-  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
-  with pytest.raises(_Stop):
-    ci.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, on_chunk=stop, **kw)
-  assert json.loads((out / "results.json").read_text())["chunks_done"] == 1
-  resumed = ci.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True, **kw)
-  assert resumed.resumed_from == 1
-  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
-  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
+      ci.run_experiment, ci.make_config(TINY_RUN), data=data, plot=False, progress=False),
+      tmp_path)
 
 
 @pytest.mark.slow

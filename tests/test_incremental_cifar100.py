@@ -7,6 +7,7 @@ NumPy, and one tiny compiled run checking early stopping. Networks are ResNets
 of width 2 with one block per stage on synthetic images (nothing downloaded).
 """
 
+import functools
 import json
 import sys
 from typing import NamedTuple
@@ -19,7 +20,8 @@ import pytest
 import cbp_jax
 from cbp_jax.data import shared_data_dir
 from experiments import incremental_cifar100 as ic
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
+from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
+                                 assert_resume_after_sigkill_is_bit_for_bit)
 
 TINY = dict(dataset="fashion_mnist", classes_per_task=2, tasks=2, epochs_per_task=3, batch_size=10,
             eval_batch_size=10, train_per_class=5, val_per_class=3, test_per_class=4, width=2,
@@ -201,8 +203,12 @@ def test_probe_metrics_against_numpy():
 # --- A whole (tiny) run -------------------------------------------------------
 
 
+# The tiny run the run tests share (compiled once: `make_batched` caches it).
+TINY_RUN = dict(TINY, methods=["cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+
+
 def test_tiny_run_with_early_stopping(tmp_path):
-  config = ic.make_config(TINY, methods=["cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+  config = ic.make_config(TINY_RUN)
   data = jax.device_put(tiny_data(config))
   result = ic.run_experiment(config, data=data, out_dir=tmp_path, progress=False)
   res = json.loads((tmp_path / "results.json").read_text())
@@ -229,34 +235,13 @@ def test_tiny_run_with_early_stopping(tmp_path):
   assert shapes["cbp"]["stable_rank"].shape == (1, 2)
 
 
-class _Stop(Exception):
-  pass
-
-
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first task (chunk) and resumed from the checkpoint: the same
-  results file and final carry (best-epoch states included) as the uninterrupted run
-  (the config of the tiny run above, so its compiled program is reused)."""
-  config = ic.make_config(TINY, methods=["cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
-  data = jax.device_put(tiny_data(config))
-  kw = dict(data=data, plot=False, progress=False)
-  full = ic.run_experiment(config, out_dir=tmp_path / "full", **kw)
-
-  def stop(done, results):
-    if done == 1:
-      raise _Stop
-
-  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
-  with pytest.raises(_Stop):
-    ic.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, on_chunk=stop, **kw)
-  assert json.loads((out / "results.json").read_text())["chunks_done"] == 1
-  resumed = ic.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True, **kw)
-  assert resumed.resumed_from == 1
-  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
-  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  results file and final carry (best-epoch states included) as the uninterrupted run."""
+  config = ic.make_config(TINY_RUN)
+  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
+      ic.run_experiment, config, data=jax.device_put(tiny_data(config)), plot=False,
+      progress=False), tmp_path)
 
 
 FMNIST = shared_data_dir() / "fashion-mnist"

@@ -5,6 +5,7 @@ real MNIST training set in ../shared/data/mnist (skipped if it is absent;
 nothing is ever downloaded).
 """
 
+import functools
 import sys
 
 import jax
@@ -15,7 +16,8 @@ import pytest
 from cbp_jax.data import shared_data_dir
 from experiments import permuted_mnist as pm
 from experiments import runner
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
+from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
+                                 assert_resume_after_sigkill_is_bit_for_bit)
 
 MNIST = shared_data_dir() / "mnist"
 
@@ -140,39 +142,13 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
   assert any(differs)  # The check tells "before" from "after".
 
 
-class _Stop(Exception):
-  pass
-
-
 def test_resume_after_interruption_is_bit_for_bit(tmp_path, data):
   config = pm.make_config(CONFIG)
-  full = pm.run_experiment(config, data=data, out_dir=tmp_path / "full", plot=False,
-                           progress=False)
+  full, _, ckpt = assert_interrupt_and_resume_is_bit_for_bit(
+      functools.partial(pm.run_experiment, config, data=data, plot=False, progress=False),
+      tmp_path)
   assert full.status == "complete"
   assert np.all(full.metrics["cbp"]["replaced_units"][:, -1] > 0)
-
-  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
-
-  def stop_after_first_chunk(chunks_done, results):
-    if chunks_done == 1:
-      raise _Stop
-
-  with pytest.raises(_Stop):
-    pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, plot=False,
-                      progress=False, on_chunk=stop_after_first_chunk)
-  partial = runner.load_results(out / "results.json")
-  assert partial["chunks_done"] == 1 and partial["status"] == "running"
-  with pytest.raises(FileExistsError):  # No silent restart over a checkpoint.
-    pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, plot=False,
-                      progress=False)
-  resumed = pm.run_experiment(config, data=data, out_dir=out, checkpoint_dir=ckpt, resume=True,
-                              plot=False, progress=False)
-  assert resumed.resumed_from == 1
-  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
-  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Another config refuses to resume from these checkpoints.
   with pytest.raises(runner.ConfigMismatchError, match="width"):
     pm.run_experiment({**config, "width": 8}, data=data, out_dir=tmp_path / "other",

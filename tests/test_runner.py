@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import runner
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
+from tests.resume_checks import assert_resume_after_sigkill_is_bit_for_bit
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = 3

@@ -4,6 +4,7 @@ Needs brax and mujoco-mjx (pinned in pyproject's `rl` extra: `pip install -e .[r
 importable. Compiling the MJX ant dominates the time (about 20-40 s of CPU per compile).
 """
 
+import functools
 import json
 import math
 import sys
@@ -19,7 +20,8 @@ pytest.importorskip("brax.envs", reason="brax is not installed: slippery Ant nee
 
 from experiments import runner  # noqa: E402
 from experiments import slippery_ant as sa  # noqa: E402
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit  # noqa: E402
+from tests.resume_checks import (  # noqa: E402
+    assert_interrupt_and_resume_is_bit_for_bit, assert_resume_after_sigkill_is_bit_for_bit)
 
 
 EPISODE = 10
@@ -172,32 +174,11 @@ def test_tiny_run_end_to_end(tmp_path):
                             config=config).latest() == 2
 
 
-class _Stop(Exception):
-  pass
-
-
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first chunk and resumed from the checkpoint (MJX state, Adam
   and CBP statistics, keys): the uninterrupted run's results file and final carry."""
-  config = sa.make_config(TINY)
-  kw = dict(plot=False, progress=False)
-  full = sa.run_experiment(config, out_dir=tmp_path / "full", **kw)
-
-  def stop(done, results):
-    if done == 1:
-      raise _Stop
-
-  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
-  with pytest.raises(_Stop):
-    sa.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, on_chunk=stop, **kw)
-  assert json.loads((out / "results.json").read_text())["chunks_done"] == 1
-  resumed = sa.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True, **kw)
-  assert resumed.resumed_from == 1
-  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
-  for a, b in zip(jax.tree.leaves(resumed.carry), jax.tree.leaves(full.carry)):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
+      sa.run_experiment, sa.make_config(TINY), plot=False, progress=False), tmp_path)
 
 
 @pytest.mark.slow

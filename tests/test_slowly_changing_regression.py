@@ -10,7 +10,7 @@ import pytest
 
 from experiments import runner
 from experiments import slowly_changing_regression as scr
-from tests.sigkill import assert_resume_after_sigkill_is_bit_for_bit
+from tests.resume_checks import assert_resume_after_sigkill_is_bit_for_bit
 
 # Small enough to compile and run in a few seconds; shared so that the
 # compiled program is reused (make_batched memoises per config).

@@ -1,8 +1,8 @@
-"""Kill a run with SIGKILL after its first checkpoint, resume it, compare with an uninterrupted run.
+"""Interrupt a run, resume it from its checkpoint, compare with an uninterrupted run.
 
-Shared by the experiments' resume tests. ``cmd`` is a command line that
-accepts ``--out DIR`` (results in ``DIR/results.json``, orbax checkpoints in
-``DIR/checkpoints``) and ``--resume``, as every experiment's CLI does.
+Shared by the experiments' resume tests: in process (`assert_interrupt_and_resume_is_bit_for_bit`,
+an exception raised after the first chunk) and as a real process killed with SIGKILL after its
+first checkpoint (`assert_resume_after_sigkill_is_bit_for_bit`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,58 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Stop(Exception):
+  """Raised from ``on_chunk`` to stop a run between chunks."""
+
+
+def assert_same_carry(a: Any, b: Any) -> None:
+  """Two carries are equal leaf for leaf, bit for bit (PRNG keys by their key data)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_interrupt_and_resume_is_bit_for_bit(run: Callable[..., Any], tmp_path: Path):
+  """``run(out_dir=, checkpoint_dir=, on_chunk=, resume=)`` (an experiment's
+  ``run_experiment`` with its config bound) straight through, and again stopped
+  after its first chunk and resumed from the checkpoint: the results files are
+  byte-identical and the final carries bit-identical.
+
+  Returns:
+    ``(full, resumed, ckpt)``: both `RunResult`s and the checkpoint directory.
+  """
+  full = run(out_dir=tmp_path / "full")
+
+  def stop(done, results):
+    if done == 1:
+      raise Stop
+
+  out, ckpt = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
+  with pytest.raises(Stop):
+    run(out_dir=out, checkpoint_dir=ckpt, on_chunk=stop)
+  partial = json.loads((out / "results.json").read_text())
+  assert partial["chunks_done"] == 1 and partial["status"] == "running"
+  with pytest.raises(FileExistsError):  # No silent restart over a checkpoint.
+    run(out_dir=out, checkpoint_dir=ckpt)
+  resumed = run(out_dir=out, checkpoint_dir=ckpt, resume=True)
+  assert resumed.resumed_from == 1
+  assert (out / "results.json").read_bytes() == (tmp_path / "full" / "results.json").read_bytes()
+  assert_same_carry(resumed.carry, full.carry)
+  return full, resumed, ckpt
 
 
 def _env() -> dict:
