@@ -44,31 +44,10 @@ from flax import linen as nn
 
 from cbp_jax.activations import sow_activation
 from cbp_jax.graph import Consumer, Layer, LayerGraph
-# The convolution choice is shared with `cbp_jax.models.ConvNet`; these names
-# stay importable from here (experiments use ``resnet.CONV_IMPLS``).
-from cbp_jax.models import CONV_IMPLS, conv_function, conv_im2col, resolve_conv  # noqa: F401
+# The convolution choice (``conv`` field) is shared with `cbp_jax.models.ConvNet`.
+from cbp_jax.models import conv_function
 
 RESNET18_STAGES = (2, 2, 2, 2)
-
-
-def im2col_interceptor(next_fun, args, kwargs, context):
-  """Deprecated: pass ``conv="im2col"`` (or ``"auto"``) to the model instead.
-
-  A `flax.linen.intercept_methods` interceptor that runs every ``nn.Conv``
-  call with `conv_im2col`, as ``conv="im2col"`` does, for callers written
-  before `cbp_jax.models.ConvNet` had a ``conv`` field:
-  ``with nn.intercept_methods(im2col_interceptor): model.apply(...)``.
-  Initialisation and convolutions that already name their function run as
-  usual.
-  """
-  module = context.module
-  if (not isinstance(module, nn.Conv) or context.method_name != "__call__"
-      or module.is_initializing() or module.conv_general_dilated is not None):
-    return next_fun(*args, **kwargs)
-  # The same module with the function set explicitly, on the same parameters
-  # (its own call is not intercepted again: it names its function).
-  explicit = module.clone(parent=None, conv_general_dilated=conv_im2col)
-  return explicit.apply({"params": module.variables["params"]}, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -272,21 +272,16 @@ def cbp(
       selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
       statistics[name], f_hats[name] = stats, f_hat
 
-    def reset(operands):
-      updates, inner_state = operands
-      new_updates = reset_lib.reset_units(
-          updates, params, layers, selections, reinit_key, init=init,
-          mean_activation=f_hats if next_bias_correction else None)
-      if inner is not None:
-        new_params = optax.apply_updates(params, new_updates)
-        touched = reset_lib.touched_slices(layers, selections)
-        inner_state = reset_lib.reset_optimizer_state(inner, inner_state, new_params, touched)
-      return new_updates, inner_state
-
     # No lax.cond around the reset: its edits are masked selects that fuse
     # with the update, while a cond would force the whole update tree into
     # memory on every step (measured about 3x slower at batch 1).
-    updates, inner_state = reset((updates, inner_state))
+    updates = reset_lib.reset_units(
+        updates, params, layers, selections, reinit_key, init=init,
+        mean_activation=f_hats if next_bias_correction else None)
+    if inner is not None:
+      touched = reset_lib.touched_slices(layers, selections)
+      inner_state = reset_lib.reset_optimizer_state(
+          inner, inner_state, optax.apply_updates(params, updates), touched)
 
     replaced_total, last_replaced = {}, {}
     for layer in layers:

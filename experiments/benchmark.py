@@ -70,6 +70,7 @@ import collections
 import dataclasses
 import datetime
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -479,11 +480,7 @@ def benchmark_sweep(net: Net, steps: dict[int, int], repeats: int, log) -> list[
 
 
 def brax_available() -> bool:
-  try:
-    import brax  # noqa: F401  (only whether it imports)
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec("brax") is not None
 
 
 def benchmark_ant(repeats: int, log) -> list[dict]:

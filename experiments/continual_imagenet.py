@@ -52,7 +52,7 @@ Seed ``i`` uses ``fold_in(key(config["seed"]), i)``.
 Compute on CPU: XLA runs convolution gradients inside loops about ten times
 slower than outside (https://github.com/jax-ml/jax/issues/12868), so with
 ``conv="auto"`` on CPU every ``nn.Conv`` of the ConvNet runs as patches @
-kernel (`cbp_jax.resnet.im2col_interceptor`), equal up to float rounding.
+kernel (`cbp_jax.models.ConvNet`'s ``conv`` field), equal up to float rounding.
 
 Program structure (purejaxrl style): `make_train` returns a pure per-seed
 ``train(key)`` (the data closed over); `make_chunked` returns per-seed
@@ -85,11 +85,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from cbp_jax import resnet
 from cbp_jax.data import load_dataset
 from cbp_jax.methods import reset_layers, reset_optimizer_for, shrink_and_perturb
 from experiments import runner
@@ -186,7 +184,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
        f"2 * train_per_class ({2 * c['train_per_class']}) must be a multiple of batch_size "
        f"({c['batch_size']})")
   need(c["head_reset"] in HEAD_RESETS, f"head_reset must be one of {HEAD_RESETS}")
-  need(c["conv"] in resnet.CONV_IMPLS, f"conv must be one of {resnet.CONV_IMPLS}")
+  need(c["conv"] in cbp_jax.models.CONV_IMPLS, f"conv must be one of {cbp_jax.models.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
   runner.require_methods(c["methods"], METHODS)
   for m in c["methods"]:
@@ -346,8 +344,8 @@ def to_float(images: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def make_model() -> cbp_jax.models.ConvNet:
-  return cbp_jax.models.ConvNet(outputs=2, init_scheme="default")
+def make_model(conv: str = "xla") -> cbp_jax.models.ConvNet:
+  return cbp_jax.models.ConvNet(outputs=2, init_scheme="default", conv=conv)
 
 
 class _Method:
@@ -355,8 +353,7 @@ class _Method:
 
   def __init__(self, config, method, index):
     self.config, self.method, self.index = config, method, index
-    self.model = make_model()
-    self.im2col = resnet.resolve_conv(config["conv"]) == "im2col"
+    self.model = make_model(config["conv"])
     x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
     self.graph = cbp_jax.graph_from_params(shapes)
@@ -389,9 +386,6 @@ class _Method:
     return optax.chain(self.inner(), cbp_jax.cbp(self.graph, **kwargs))
 
   def apply(self, params, x):
-    if self.im2col:
-      with nn.intercept_methods(resnet.im2col_interceptor):
-        return cbp_jax.apply_with_activations(self.model, params, x)
     return cbp_jax.apply_with_activations(self.model, params, x)
 
   def init(self, key):
@@ -617,7 +611,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tasks-per-chunk", type=int)
   p.add_argument("--batch-size", type=int)
   p.add_argument("--head-reset", choices=HEAD_RESETS)
-  p.add_argument("--conv", choices=resnet.CONV_IMPLS)
+  p.add_argument("--conv", choices=cbp_jax.models.CONV_IMPLS)
   p.add_argument("--seed-axis", choices=SEED_AXES)
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--step-size", type=float, help="one step size for every method")
@@ -658,7 +652,7 @@ def main(argv=None) -> int:
   out = Path(args.out)
   print(f"continual ImageNet protocol on {config['dataset']} ({data['images'].shape[0]} classes): "
         f"{config['seeds']} seed(s) x {config['tasks']} tasks x {config['epochs_per_task']} epochs, "
-        f"methods {', '.join(config['methods'])}; conv {resnet.resolve_conv(config['conv'])}; "
+        f"methods {', '.join(config['methods'])}; conv {cbp_jax.models.resolve_conv(config['conv'])}; "
         f"results -> {out}/results.json", file=sys.stderr)
   return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
                              summary=format_summary, plots=("cimagenet.png",))

@@ -48,7 +48,8 @@ The problem (SPEC "Experiments"; reference: ``lop/incremental_cifar``)
   step, with the base weight decay as the shrink); ``cbp`` (`cbp_jax.cbp` over
   `cbp_jax.resnet.resnet_graph`: the inner units of every residual block,
   ``conv1 -> bn1 -> relu -> conv2``; replacement rate 1e-5, maturity 1000,
-  decay 0.99, ``contribution`` utility, kaiming init, the conv references'
+  decay 0.99, ``contribution`` utility, ``kaiming_normal`` init (as the
+  network's own), the conv references'
   ``count_basis="layer"``, accumulated; BatchNorm statistics of replaced units
   reset with `cbp_jax.reset_batch_stats`; the wrapped optimizer's momentum of
   replaced weights restarts).
@@ -56,9 +57,7 @@ The problem (SPEC "Experiments"; reference: ``lop/incremental_cifar``)
 Deliberate differences from the reference: CBP replaces only the blocks' inner
 units (see `cbp_jax.resnet.resnet_graph`: residual-stream channels have no
 removable outgoing weights); its running statistics decay (the reference
-accumulates |h| without decay); new kernels are kaiming-uniform (same variance
-as the reference's kaiming-normal: the library has only uniform inits);
-``full_reset`` also restarts the momentum.
+accumulates |h| without decay); ``full_reset`` also restarts the momentum.
 
 A real run (20 tasks x 200 epochs of ResNet-18, about 1M SGD steps of batch
 90) takes about a day on one GPU and is out of reach of a CPU; the code is
@@ -146,7 +145,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "maturity_threshold": 1000,
         "decay_rate": 0.99,
         "utility": "contribution",
-        "init": "kaiming",
+        "init": "kaiming_normal",
         "count_basis": "layer",
         "accumulate": True,
         "next_bias_correction": True,
@@ -200,7 +199,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(isinstance(c["stage_sizes"], list) and len(c["stage_sizes"]) >= 1
        and all(isinstance(s, int) and s >= 1 for s in c["stage_sizes"]),
        f"stage_sizes must be a list of positive ints, got {c['stage_sizes']!r}")
-  need(c["conv"] in resnet.CONV_IMPLS, f"conv must be one of {resnet.CONV_IMPLS}")
+  need(c["conv"] in cbp_jax.models.CONV_IMPLS, f"conv must be one of {cbp_jax.models.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
   need(c["step_size"] > 0 and 0 <= c["momentum"] < 1 and c["weight_decay"] >= 0,
        "need step_size > 0, momentum in [0, 1), weight_decay >= 0")
@@ -700,7 +699,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--classes-per-task", type=int)
   p.add_argument("--epochs-per-task", type=int)
   p.add_argument("--width", type=int)
-  p.add_argument("--conv", choices=resnet.CONV_IMPLS)
+  p.add_argument("--conv", choices=cbp_jax.models.CONV_IMPLS)
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--no-augment", action="store_true")
   p.add_argument("--no-early-stopping", action="store_true")

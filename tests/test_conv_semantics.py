@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 
 import cbp_jax
 from cbp_jax import initializers
@@ -304,10 +303,10 @@ def test_im2col_convolution_and_gradients_match_xla(strides, padding):
   def f(conv):
     return lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding, dimension_numbers=dn)))
 
-  np.testing.assert_allclose(resnet.conv_im2col(x, k, strides, padding, dimension_numbers=dn),
+  np.testing.assert_allclose(cbp_jax.models.conv_im2col(x, k, strides, padding, dimension_numbers=dn),
                              jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn),
                              rtol=1e-5, atol=1e-5)
-  g1 = jax.jit(jax.grad(f(resnet.conv_im2col), argnums=(0, 1)))(x, k)
+  g1 = jax.jit(jax.grad(f(cbp_jax.models.conv_im2col), argnums=(0, 1)))(x, k)
   g0 = jax.jit(jax.grad(f(jax.lax.conv_general_dilated), argnums=(0, 1)))(x, k)
   for a, b in zip(g1, g0):  # float32 sums in another order: compare to the gradients' scale.
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(b))))
@@ -328,18 +327,14 @@ def test_im2col_resnet_and_convnet_match_xla():
 
   @functools.partial(jax.jit, static_argnums=1)
   def run(p, conv):
-    if conv == "intercepted":  # The deprecated interceptor, still used by older callers.
-      with nn.intercept_methods(resnet.im2col_interceptor):
-        return cbp_jax.apply_with_activations(convnets["xla"], p, xc)
     return cbp_jax.apply_with_activations(convnets[conv], p, xc)
 
-  xla, im2col, intercepted = (jax.tree.leaves(run(params, c)) for c in ("xla", "im2col", "intercepted"))
+  xla, im2col = (jax.tree.leaves(run(params, c)) for c in ("xla", "im2col"))
   assert len(xla) == 6  # Logits and the five recorded layers (3 conv, 2 dense).
-  for a, b, c in zip(im2col, xla, intercepted):
+  for a, b in zip(im2col, xla):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(c, a)  # The interceptor is conv="im2col", op for op.
   with pytest.raises(ValueError, match="feature_group_count"):
-    resnet.conv_im2col(xc, jnp.ones((3, 3, 1, 2)), feature_group_count=3)
+    cbp_jax.models.conv_im2col(xc, jnp.ones((3, 3, 1, 2)), feature_group_count=3)
 
 
 def test_models_take_any_convolution_function():
