@@ -38,8 +38,8 @@ Nets (SPEC "Hyperparameters the paper used"):
   PPO+CBP alone (rollouts on Brax MJX, GAE and minibatch updates, each its own
   compiled chunk; `experiments.slippery_ant.benchmark`); ratio = CBP / PPO.
 
-``--quick`` times fewer steps, 3 repeats and only BP, CBP and L2 (the full run
-adds S&P and ReDo and uses 7 repeats).
+``--quick`` times fewer steps, 3 repeats and only BP, CBP, CBP k10 and L2 (the
+full run adds S&P and ReDo and uses 7 repeats).
 
 All CBP runs use ``adaptable_contribution``, decay 0.99 and the next-layer
 bias correction. The CBP state is aged past maturity before the warm-up
@@ -52,8 +52,7 @@ device (indexing it costs the same for every method). L2 is
 `cbp_jax.methods.shrink_and_perturb` after SGD (noise every step); ReDo is
 `cbp_jax.methods.redo` (tau 0, period 1000) after SGD. ``cbp_k10`` is CBP
 with ``magnitude_refresh_every=10`` (weight magnitudes refreshed for a tenth
-of the units per step). Methods other than BP,
-CBP and L2 are skipped when `cbp_jax.methods` is absent.
+of the units per step). ``--quick`` skips S&P and ReDo.
 
 Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
 Adam vs Adam): CBP's state beyond the wrapped optimizer's own is O(units),
@@ -87,13 +86,10 @@ import numpy as np
 import optax
 
 import cbp_jax
+from cbp_jax import methods as methods_lib
 from cbp_jax import models
 from cbp_jax import transform as transform_lib
-
-try:  # Written concurrently by other engineers; optional here.
-  from cbp_jax import methods as methods_lib
-except ImportError:  # pragma: no cover - depends on the checkout
-  methods_lib = None
+from experiments import runner
 
 SCHEMA = "cbp_jax.experiments.benchmark/1"
 
@@ -190,7 +186,7 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
 
 def available_methods(quick: bool = False) -> list[str]:
   out = ["bp", "cbp", "cbp_k10", "l2"]
-  if methods_lib is not None and not quick:
+  if not quick:
     out += ["snp", "redo"]
   return out
 
@@ -486,19 +482,37 @@ def brax_available() -> bool:
 def benchmark_ant(repeats: int, log) -> list[dict]:
   """Environment steps/s of slippery-Ant PPO and PPO+CBP (one seed, reduced config).
 
-  Each method is its own compiled program (`experiments.slippery_ant.benchmark`),
-  timed over ``repeats`` chunks after a warm-up; ratio = CBP's steps/s over PPO's.
+  Each method is its own compiled chunk (`experiments.slippery_ant.make_batched`),
+  warmed up by one chunk; then ``repeats`` rounds time one further chunk of each,
+  interleaved in alternating order (each run continues its own carry, so the
+  timed chunks are the run's chunks 1..repeats). Ratio = CBP's steps/s over PPO's.
   """
   from experiments import slippery_ant
-  rows = []
+  runs = {}
   for method in ("ppo", "cbp"):
-    config = {"seeds": 1, "methods": [method]}
-    b = slippery_ant.benchmark(config, chunks=repeats)
-    log(f"  ant/{method}: {b['env_steps_per_s']:,.0f} env steps/s (compile {b['compile_s']:.0f} s)")
+    config = slippery_ant.make_config({"seeds": 1, "methods": [method]})
+    init, chunk = slippery_ant.make_batched(config)
+    compiled, compile_s = runner.compile_chunk(chunk, init(runner.seed_keys(config)))
+    carry, _ = jax.block_until_ready(
+        compiled(init(runner.seed_keys(config)), jnp.asarray(0, jnp.int32)))
+    runs[method] = {"config": config, "compiled": compiled, "carry": carry,
+                    "compile_s": compile_s, "times": []}
+    log(f"  compiled ant/{method} ({compile_s:.0f} s) and ran its first chunk")
+  for r in range(repeats):
+    for method in (("ppo", "cbp") if r % 2 == 0 else ("cbp", "ppo")):
+      run = runs[method]
+      tic = time.perf_counter()
+      run["carry"], metrics = run["compiled"](run["carry"], jnp.asarray(r + 1, jnp.int32))
+      jax.block_until_ready((run["carry"], metrics))
+      run["times"].append(time.perf_counter() - tic)
+  rows = []
+  for method, run in runs.items():
+    per = float(np.median(run["times"]))
+    steps = slippery_ant.steps_per_chunk(run["config"])
     rows.append({
-        "net": "ant", "method": method, "batch": slippery_ant.make_config(config)["num_envs"],
-        "seeds": 1, "repeats": repeats, "steps_per_s": b["env_steps_per_s"],
-        "seconds_per_chunk": b["seconds_per_chunk"], "compile_s": b["compile_s"],
+        "net": "ant", "method": method, "batch": run["config"]["num_envs"], "seeds": 1,
+        "repeats": repeats, "steps_per_s": steps / per, "seconds_per_chunk": per,
+        "seconds_per_chunk_all": run["times"], "compile_s": run["compile_s"],
     })
   for row in rows:
     row["ratio_vs_bp"] = row["steps_per_s"] / rows[0]["steps_per_s"]
@@ -557,7 +571,7 @@ def profile(net: Net, steps: int, methods: list[str], top: int = 25) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="fewer steps and repeats, methods bp,cbp,l2 only (< ~3 min)")
+                      help="fewer steps and repeats, methods bp,cbp,cbp_k10,l2 only")
   parser.add_argument("--out", default="results/benchmark.json", help="JSON output path")
   parser.add_argument("--nets", default=None,
                       help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
