@@ -121,6 +121,17 @@ def _place_columns(update: jax.Array, idx: jax.Array, fresh: jax.Array,
   return _where_along(update, -1, idx, spread - param)
 
 
+def take_post_step(param: jax.Array, update: jax.Array, indices: jax.Array,
+                   axis: int) -> jax.Array:
+  """``param + update`` at ``indices`` along ``axis``, in float32 (0 at empty slots).
+
+  Gathering the two apart keeps ``param + update`` from being materialised
+  for the whole kernel when only a few rows or columns are needed.
+  """
+  return sum(jnp.take(x, indices, axis=axis, mode="fill", fill_value=0).astype(jnp.float32)
+             for x in (param, update))
+
+
 def consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
   """Inputs (axis -2 entries) of a consumer that read the selected units."""
   i = selection.indices[None, :]
@@ -194,10 +205,7 @@ def reset_units(
         # The replaced units' input rows, (..., K * P, out), and each row's
         # unit's f_hat in the same p-major order as `consumer_inputs`.
         rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
-        # Post-step rows; gathering p and u apart keeps p + u from being
-        # materialised for the whole kernel.
-        w = sum(jnp.take(x, rows, axis=-2, mode="fill", fill_value=0).astype(jnp.float32)
-                for x in (p[c.kernel], u_leaves[c.kernel]))
+        w = take_post_step(p[c.kernel], u_leaves[c.kernel], rows, axis=-2)
         f_rows = jnp.tile(f_hat, c.positions)
         delta = jnp.einsum("...ko,k->o", w, f_rows)
         u[c.bias] = u[c.bias] + delta.astype(u[c.bias].dtype)

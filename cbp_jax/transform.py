@@ -201,13 +201,11 @@ def cbp(
     magnitudes = None
     if magnitude_refresh_every > 1:
       p = jax.tree.leaves(params)
-      zero = [jnp.zeros_like(x) for x in p]
+      zero = [jnp.zeros_like(x) for x in p]  # All units' magnitudes of the initial weights.
+      initial = {l.layer.name: _magnitudes(l, p, zero, None) for l in layers}
       magnitudes = utility_lib.MagnitudeCache(
-          incoming={l.layer.name: utility_lib.incoming_magnitude(p[l.kernel], zero[l.kernel])
-                    for l in layers},
-          outgoing={l.layer.name: utility_lib.outgoing_magnitude(
-              [(p[c.kernel], zero[c.kernel], c.layout) for c in l.consumers], l.width)
-                    for l in layers},
+          incoming={name: in_mag for name, (_, in_mag) in initial.items()},
+          outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
           phase=jnp.zeros((), jnp.int32))
     return CbpState(
         statistics={l.layer.name: utility_lib.init_statistics(l.width) for l in layers},
@@ -316,8 +314,7 @@ def cbp(
       name = layer.layer.name
       idx = selections[name].indices
       out_mag, in_mag = magnitudes[name]
-      columns = sum(jnp.take(x, idx, axis=-1, mode="fill", fill_value=0).astype(jnp.float32)
-                    for x in (p[layer.kernel], new_u[layer.kernel]))
+      columns = reset_lib.take_post_step(p[layer.kernel], new_u[layer.kernel], idx, axis=-1)
       fresh = jnp.mean(jnp.abs(columns).reshape(-1, idx.shape[0]), axis=0)
       incoming[name] = in_mag.at[idx].set(fresh, mode="drop")
       outgoing[name] = out_mag.at[idx].set(0.0, mode="drop")
