@@ -468,7 +468,7 @@ def make_chunked(config: Mapping[str, Any]):
   def init(key):
     return {"key": key, "learners": {m.method: m.init(key) for m in methods}}
 
-  def one_task(data, carry, task):
+  def one_task(carry, task, data):
     key = carry["key"]
     num_classes = data["images"].shape[0]
     classes = task_classes(key, task, num_classes)
@@ -496,12 +496,7 @@ def make_chunked(config: Mapping[str, Any]):
       out[m.method]["train_accuracy"] = correct[m.method][-1].astype(jnp.float32) / n_train
     return {"key": key, "learners": learners}, out
 
-  def chunk(carry, chunk_index, data):
-    first = chunk_index.astype(jnp.int32) * tasks_per_chunk
-    return jax.lax.scan(lambda c, t: one_task(data, c, t), carry,
-                        first + jnp.arange(tasks_per_chunk, dtype=jnp.int32))
-
-  return init, chunk
+  return init, runner.scan_points(one_task, tasks_per_chunk)
 
 
 def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):

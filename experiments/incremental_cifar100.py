@@ -553,7 +553,7 @@ def make_chunked(config: Mapping[str, Any]):
   def init(key):
     return {"key": key, "learners": {l.method: l.init(key) for l in learners}}
 
-  def one_task(data, carry, task):
+  def one_task(carry, task, data):
     key = carry["key"]
     order = class_order(key, num_classes)
     n_active = active_classes(config, task)
@@ -617,12 +617,7 @@ def make_chunked(config: Mapping[str, Any]):
       }
     return {"key": key, "learners": states}, out
 
-  def chunk(carry, chunk_index, data):
-    first = chunk_index.astype(jnp.int32) * config["tasks_per_chunk"]
-    return jax.lax.scan(lambda c, t: one_task(data, c, t), carry,
-                        first + jnp.arange(config["tasks_per_chunk"], dtype=jnp.int32))
-
-  return init, chunk
+  return init, runner.scan_points(one_task, config["tasks_per_chunk"])
 
 
 def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):

@@ -415,7 +415,7 @@ def make_chunked(config: Mapping[str, Any]):
           key, m.hp, jnp.arange(m.variants))
     return {"key": key, "learners": learners}
 
-  def one_task(data, carry, task):
+  def one_task(carry, task, data):
     key = carry["key"]
     perm = task_permutation(key, task)
     order = task_order(key, task, data["images"].shape[0])
@@ -440,12 +440,7 @@ def make_chunked(config: Mapping[str, Any]):
         out[label] = {"accuracy": accuracy[v], **{k: a[v] for k, a in probed.items()}}
     return {"key": key, "learners": learners}, out
 
-  def chunk(carry, chunk_index, data):
-    first = chunk_index.astype(jnp.int32) * tasks_per_chunk
-    return jax.lax.scan(lambda c, t: one_task(data, c, t), carry,
-                        first + jnp.arange(tasks_per_chunk, dtype=jnp.int32))
-
-  return init, chunk
+  return init, runner.scan_points(one_task, tasks_per_chunk)
 
 
 def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):

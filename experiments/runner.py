@@ -911,6 +911,22 @@ def run_seeds(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mappin
              progress=prog, place=place, **run_kwargs)
 
 
+def scan_points(point: Callable, points_per_chunk: int) -> Callable:
+  """A chunk function ``chunk(carry, chunk_index, *args) -> (carry, metrics)`` that
+  scans ``point(carry, index, *args) -> (carry, point_metrics)`` over the chunk's
+  points ``chunk_index * points_per_chunk + [0, points_per_chunk)``.
+
+  Points get their index in the whole run (a task, a bin), from which they
+  derive their own keys, so any chunk computes what the uninterrupted run does.
+  """
+  def chunk(carry, chunk_index, *args):
+    first = chunk_index.astype(jnp.int32) * points_per_chunk
+    return jax.lax.scan(lambda c, i: point(c, i, *args), carry,
+                        first + jnp.arange(points_per_chunk, dtype=jnp.int32))
+
+  return chunk
+
+
 def whole_run(init: Callable, chunk: Callable, num_chunks: int, *args: Any) -> Callable:
   """The pure per-seed ``train(key) -> metrics`` of a chunked experiment (purejaxrl style).
 

@@ -640,9 +640,7 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
     out = {m: {k: out[m][k].astype(jnp.float32) for k in METRIC_NAMES} for m in config["methods"]}
     return carry, out
 
-  def chunk(carry, chunk_index):
-    first = chunk_index.astype(jnp.int32) * ppc
-    return jax.lax.scan(one_point, carry, first + jnp.arange(ppc, dtype=jnp.int32))
+  chunk = runner.scan_points(one_point, ppc)
 
   # The MJX data hold zero-size arrays (absent constraint types), which orbax
   # refuses to checkpoint: the carry the runner sees is the tuple of the

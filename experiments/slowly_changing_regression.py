@@ -498,12 +498,7 @@ def make_chunked(config: Mapping[str, Any]):
         out[label] = {"error": err[v], **{k: a[v] for k, a in probed.items()}}
     return {"key": key, "stream": stream, "learners": learners}, out
 
-  def chunk(carry, chunk_index):
-    first = chunk_index.astype(jnp.int32) * bins_per_chunk
-    carry, metrics = jax.lax.scan(one_bin, carry, first + jnp.arange(bins_per_chunk))
-    return carry, metrics  # Leaves (bins_per_chunk,).
-
-  return init, chunk
+  return init, runner.scan_points(one_bin, bins_per_chunk)  # Metrics (bins_per_chunk,).
 
 
 def make_train(config: Mapping[str, Any]):
