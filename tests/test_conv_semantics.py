@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 import cbp_jax
 from cbp_jax import initializers
@@ -361,3 +362,17 @@ def test_models_take_any_convolution_function():
   for bad in ("fft", 3):
     with pytest.raises(ValueError, match=repr(bad)):
       cbp_jax.models.ConvNet(conv=bad).init(jax.random.key(0), xc)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3)])
+def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
+  """The ConvNet's reshape max-pool: flax's VALID 2x2/2 pool, odd edges dropped."""
+  x = jax.random.normal(jax.random.key(5), shape)  # Continuous: no tied maxima.
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(cbp_jax.models.max_pool_2x2(x), ref(x))
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))
+  np.testing.assert_array_equal(jax.grad(loss(cbp_jax.models.max_pool_2x2))(x),
+                                jax.grad(loss(ref))(x))
+  # A window of tied zeros (a dead ReLU patch) passes no gradient through the ReLU.
+  relu_grad = jax.grad(lambda x: jnp.sum(cbp_jax.models.max_pool_2x2(nn.relu(x))))
+  np.testing.assert_array_equal(relu_grad(-jnp.abs(x)), np.zeros(shape))
