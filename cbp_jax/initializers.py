@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from cbp_jax import prng
+
 INITS = ("kaiming", "default", "xavier", "lecun", "kaiming_normal")
 NORMAL_INITS = ("kaiming_normal",)
 
@@ -79,8 +81,8 @@ def standard_draw(init: str, key: jax.Array, shape: tuple[int, ...]) -> jax.Arra
   serve several layers of different fans.
   """
   if init in NORMAL_INITS:
-    return jax.random.normal(key, shape, jnp.float32)
-  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    return prng.normal(key, shape)
+  return prng.uniform(key, shape, -1.0, 1.0)
 
 
 def initializer(init: str = "kaiming", activation: str = "relu") -> jax.nn.initializers.Initializer:

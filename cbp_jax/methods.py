@@ -25,6 +25,7 @@ import optax
 from cbp_jax import graph as graph_lib
 from cbp_jax import initializers
 from cbp_jax import metrics
+from cbp_jax import prng
 from cbp_jax import reset as reset_lib
 from cbp_jax import transform as transform_lib
 from cbp_jax import tree_paths
@@ -211,25 +212,27 @@ def shrink_and_perturb(
       raise ValueError(
           "shrink_and_perturb: update needs params (tx.update(grads, state, params))")
     count = state.count + 1
-    key, noise_key = jax.random.split(state.key)
+    key, noise_key = prng.split(state.key)
 
     def perturb(updates):
       u, treedef = jax.tree.flatten(updates)
       p = jax.tree.leaves(params)
-      keys = jax.random.split(noise_key, max(len(u), 1))
+      keys = prng.split(noise_key, max(len(u), 1))
       out = []
       for k, ui, pi in zip(keys, u, p):
         if not jnp.issubdtype(ui.dtype, jnp.floating):
           out.append(ui)
           continue
-        noise = jax.random.normal(k, ui.shape, jnp.float32)
+        noise = prng.normal(k, ui.shape)
         new = ((shrink - 1.0) * pi.astype(jnp.float32) + shrink * ui.astype(jnp.float32)
                + noise_scale * noise)
         out.append(new.astype(ui.dtype))
       return jax.tree.unflatten(treedef, out)
 
-    # Noise costs O(params): skip it on the other steps.
-    updates = jax.lax.cond(count % every == 0, perturb, lambda u: u, updates)
+    if validation.concrete(every) == 1:  # A cond would force the update tree through memory.
+      updates = perturb(updates)
+    else:  # Noise costs O(params): skip it on the other steps.
+      updates = jax.lax.cond(count % every == 0, perturb, lambda u: u, updates)
     return updates, ShrinkPerturbState(count=count, key=key)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -384,7 +387,7 @@ def redo(
 
     count = state.count + 1
     due = count % period == 0
-    key, reinit_key = jax.random.split(state.key)
+    key, reinit_key = prng.split(state.key)
     selections, means = {}, {}
     for layer in layers:
       name = layer.layer.name

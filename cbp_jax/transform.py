@@ -21,6 +21,7 @@ from flax import nnx
 
 from cbp_jax import graph as graph_lib
 from cbp_jax import initializers
+from cbp_jax import prng
 from cbp_jax import reset as reset_lib
 from cbp_jax import tree_paths
 from cbp_jax import utility as utility_lib
@@ -251,8 +252,9 @@ def cbp(
 
     # Few PRNG calls per step, whatever the depth: each is a loop on some
     # backends, and on small nets their overhead rivals the whole step.
-    key, reinit_key, count_key, util_key = jax.random.split(state.key, 4)
-    lottery = None if accumulate else jax.random.uniform(count_key, (len(layers),))
+    key, reinit_key, count_key, util_key = prng.split(state.key, 4)
+    lottery = None if accumulate else prng.uniform(count_key, (len(layers),))
+    util_keys = prng.split(util_key, len(layers)) if utility == "random" else [None] * len(layers)
     statistics, pending, selections, f_hats, magnitudes = {}, {}, {}, {}, {}
     nonfinite = state.nonfinite
     for n, layer in enumerate(layers):
@@ -261,7 +263,7 @@ def cbp(
       magnitudes[name] = (out_mag, in_mag)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
           state.statistics[name], activations[name], out_mag, in_mag,
-          decay=decay_rate, utility=utility, key=jax.random.fold_in(util_key, n))
+          decay=decay_rate, utility=utility, key=util_keys[n])
       nonfinite = nonfinite + bad
       eligible = stats.age > maturity_threshold
       count, pending[name] = _replacement_count(

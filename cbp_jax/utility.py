@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cbp_jax import prng
+
 UTILITIES = (
     "contribution",
     "adaptable_contribution",
@@ -180,6 +182,6 @@ def update_statistics(
   f_hat = debias(mean_activation, decay, age)
   corrected = debias(running, decay, age)
   if utility == "random":
-    corrected = jax.random.uniform(key, corrected.shape)
+    corrected = prng.uniform(key, corrected.shape)
   new_stats = UnitStatistics(running, mean_activation, age)
   return new_stats, corrected, f_hat, jnp.sum(~finite).astype(jnp.int32)
