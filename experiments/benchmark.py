@@ -4,7 +4,7 @@ One command measures everything in one process, so the ratios compare runs
 made under the same machine load::
 
     python -m experiments.benchmark [--quick] [--out results/benchmark.json]
-    python -m experiments.benchmark --profile mnist_b1   # op-level breakdown
+    python -m experiments.benchmark --profile mnist_b1   # op-level breakdown (--methods to choose)
 
 What is measured
 ----------------
@@ -58,7 +58,7 @@ Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
 Adam vs Adam): CBP's state beyond the wrapped optimizer's own is O(units),
 a fixed number of bytes per hidden unit plus a few scalars per layer.
 
-``--profile NET`` records one timed call of BP and of CBP with the JAX
+``--profile NET`` records one timed call of BP and of CBP (or ``--methods``) with the JAX
 profiler and prints the XLA operations that take the time (per step).
 """
 
@@ -579,15 +579,10 @@ def main(argv: list[str] | None = None) -> dict | None:
   parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,cbp_k10,l2,snp,redo")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", default=None, metavar="NET",
-                      help="print an op-level profile of BP and CBP on NET instead")
+                      help="print an op-level profile of NET instead (BP and CBP, or --methods)")
   args = parser.parse_args(argv)
 
   all_nets = nets()
-  if args.profile:
-    net = all_nets[args.profile]
-    profile(net, net.quick_steps, ["bp", "cbp"])
-    return None
-
   methods = available_methods(args.quick)
   if args.methods:
     methods = [m for m in args.methods.split(",") if m]
@@ -596,6 +591,10 @@ def main(argv: list[str] | None = None) -> dict | None:
       parser.error(f"unknown or unavailable methods {sorted(unknown)}")
     if "bp" not in methods:
       methods = ["bp"] + methods
+  if args.profile:
+    net = all_nets[args.profile]
+    profile(net, net.quick_steps, methods if args.methods else ["bp", "cbp"])
+    return None
   selected = list(all_nets) + ["sweep"] + (["ant"] if brax_available() else [])
   if args.nets:
     selected = [n for n in args.nets.split(",") if n]
