@@ -258,3 +258,17 @@ def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
           "--no-plot"]
   assert_resume_after_sigkill_is_bit_for_bit(
       [sys.executable, "-m", "experiments.incremental_cifar100"] + args, tmp_path)
+
+
+def test_reduced_preset_is_a_valid_fashion_mnist_config():
+  """--reduced (the CPU stand-in) builds a valid config; not a run of it."""
+  config = ic.make_config(ic.REDUCED_OVERRIDES)
+  assert config["dataset"] == "fashion_mnist"
+  assert config["classes_per_task"] * config["tasks"] == ic.num_classes_of(config["dataset"])
+  assert config["methods"] == list(ic.METHODS)
+  assert config["cbp"]["utility"] == "contribution"  # Nested entries merge with the defaults.
+  args = ic.parse_args(["--reduced", "--epochs-per-task", "3"])
+  assert ic.config_from_args(args) == ic.make_config(ic.REDUCED_OVERRIDES, epochs_per_task=3)
+  assert ic.config_from_args(ic.parse_args(["--reduced"])) == config
+  with pytest.raises(SystemExit):  # --tiny and --reduced are exclusive.
+    ic.parse_args(["--tiny", "--reduced"])
