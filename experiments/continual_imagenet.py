@@ -602,13 +602,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.continual_imagenet",
       description="Continual ImageNet-32 (binary tasks over class pairs), compiled and vmapped.")
-  preset = p.add_mutually_exclusive_group()
-  preset.add_argument("--paper", action="store_true",
-                      help="30 seeds x 5,000 tasks x 250 epochs (other flags still override)")
-  preset.add_argument("--reduced", action="store_true",
-                      help="the CPU stand-in (about 25 minutes on one core): MNIST pairs, 2 seeds, 24 "
-                           "tasks x 25 epochs of 200 images a class, step size 0.06 (other "
-                           "flags still override)")
+  runner.add_presets(
+      p, paper="30 seeds x 5,000 tasks x 250 epochs",
+      reduced="the CPU stand-in (about 25 minutes on one core): MNIST pairs, 2 seeds, 24 tasks x "
+              "25 epochs of 200 images a class, step size 0.06")
   p.add_argument("--dataset", choices=DATASETS)
   p.add_argument("--data-dir", help="tfds data_dir (ImageNet-32) or the root holding mnist/, "
                                     "fashion-mnist/ (default $CBP_JAX_DATA_DIR or ../shared/data)")
@@ -631,11 +628,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = {}
-  if args.paper:
-    over = runner.merge_config(DEFAULT_CONFIG, PAPER_OVERRIDES)
-  elif args.reduced:
-    over = runner.merge_config(DEFAULT_CONFIG, REDUCED_OVERRIDES)
+  over = runner.preset_overrides(args, DEFAULT_CONFIG, paper=PAPER_OVERRIDES,
+                                 reduced=REDUCED_OVERRIDES)
   over.update(runner.overrides_from_args(
       args, ("dataset", "seeds", "seed", "tasks", "epochs_per_task", "tasks_per_chunk",
              "batch_size", "head_reset", "conv", "seed_axis")))

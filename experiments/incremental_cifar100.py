@@ -721,13 +721,10 @@ def format_summary(results: Mapping[str, Any]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m experiments.incremental_cifar100",
                               description="Class-incremental CIFAR-100 with ResNet-18.")
-  preset = p.add_mutually_exclusive_group()
-  preset.add_argument("--tiny", action="store_true",
-                      help="a smoke-test configuration on Fashion-MNIST with a width-4 net")
-  preset.add_argument("--reduced", action="store_true",
-                      help="the CPU stand-in (about 20 minutes on one core): class-incremental "
-                           "Fashion-MNIST, 5 tasks x 2 classes x 15 epochs of 100 images a class, "
-                           "width-8 ResNet-18 (other flags still override)")
+  runner.add_presets(
+      p, tiny="a smoke-test configuration on Fashion-MNIST with a width-4 net",
+      reduced="the CPU stand-in (about 20 minutes on one core): class-incremental Fashion-MNIST, "
+              "5 tasks x 2 classes x 15 epochs of 100 images a class, width-8 ResNet-18")
   p.add_argument("--dataset", choices=DATASETS)
   p.add_argument("--data-dir", help="tfds data_dir (cifar100) or the root holding fashion-mnist/")
   p.add_argument("--seeds", type=int)
@@ -745,11 +742,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = {}
-  if args.tiny:
-    over = runner.merge_config(DEFAULT_CONFIG, TINY_OVERRIDES)
-  elif args.reduced:
-    over = runner.merge_config(DEFAULT_CONFIG, REDUCED_OVERRIDES)
+  over = runner.preset_overrides(args, DEFAULT_CONFIG, tiny=TINY_OVERRIDES,
+                                 reduced=REDUCED_OVERRIDES)
   over.update(runner.overrides_from_args(
       args, ("dataset", "seeds", "seed", "tasks", "classes_per_task", "epochs_per_task", "width",
              "conv")))

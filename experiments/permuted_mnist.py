@@ -75,7 +75,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import math
 import sys
@@ -578,13 +577,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m experiments.permuted_mnist",
       description="Online permuted MNIST (loss of plasticity), compiled and vmapped.")
-  preset = p.add_mutually_exclusive_group()
-  preset.add_argument("--paper", action="store_true",
-                      help="the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, "
-                           "784-2000-2000-2000-10 (other flags still override)")
-  preset.add_argument("--reduced", action="store_true",
-                      help="the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, "
-                           "width 100, step size 0.03, CBP rate 1e-4 (other flags still override)")
+  runner.add_presets(
+      p, paper="the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, "
+               "784-2000-2000-2000-10",
+      reduced="the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, width 100, "
+              "step size 0.03, CBP rate 1e-4")
   p.add_argument("--seeds", type=int)
   p.add_argument("--seed", type=int, help="base seed (default 0)")
   p.add_argument("--tasks", type=int, help="number of tasks (default 800)")
@@ -616,11 +613,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = {}
-  if args.paper:
-    over.update(copy.deepcopy(PAPER_OVERRIDES))
-  if args.reduced:
-    over.update(copy.deepcopy(REDUCED_OVERRIDES))
+  over = runner.preset_overrides(args, DEFAULT_CONFIG, paper=PAPER_OVERRIDES,
+                                 reduced=REDUCED_OVERRIDES)
   over.update(runner.overrides_from_args(
       args, ("seeds", "seed", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size",
              "width", "depth", "probe_size", "seed_axis", "dataset")))

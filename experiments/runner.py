@@ -962,6 +962,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
                            "multiple of the device count); the results do not change")
 
 
+def add_presets(parser: argparse.ArgumentParser, **helps: str) -> None:
+  """Mutually exclusive preset flags, ``--name`` for each ``name=help``; other
+  flags still override a preset's entries (see `preset_overrides`)."""
+  group = parser.add_mutually_exclusive_group()
+  for name, text in helps.items():
+    group.add_argument(f"--{name}", action="store_true",
+                       help=f"{text} (other flags still override)")
+
+
+def preset_overrides(args: argparse.Namespace, defaults: Mapping[str, Any],
+                     **presets: Mapping[str, Any]) -> dict:
+  """The config of the preset flag given (`add_presets`), merged over
+  ``defaults``; ``{}`` when none is."""
+  for name, over in presets.items():
+    if getattr(args, name):
+      return merge_config(defaults, over)
+  return {}
+
+
 def parse_number(text: str) -> int | float:
   """``"3"`` -> 3, ``"3.0"``, ``"1e3"`` -> float."""
   v = float(text)

@@ -1,5 +1,6 @@
 """The shared experiment runner: chunk loop, results file, Ctrl-C, checkpoints, plots."""
 
+import argparse
 import json
 import shutil
 import signal
@@ -502,3 +503,18 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
   script.write_text(SIGKILL_SCRIPT)
   done = assert_resume_after_sigkill_is_bit_for_bit([sys.executable, str(script)], tmp_path)
   assert done < KILL_CHUNKS
+
+
+def test_presets_are_exclusive_and_merge_over_the_defaults():
+  parser = argparse.ArgumentParser()
+  runner.add_presets(parser, small="a small run", big="a big run")
+  parser.add_argument("--width", type=int)
+  defaults = {"width": 100, "cbp": {"rate": 1e-4, "maturity": 100}}
+  presets = {"small": {"width": 10, "cbp": {"rate": 1e-2}}, "big": {"width": 1000}}
+  assert runner.preset_overrides(parser.parse_args([]), defaults, **presets) == {}
+  small = runner.preset_overrides(parser.parse_args(["--small"]), defaults, **presets)
+  assert small == {"width": 10, "cbp": {"rate": 1e-2, "maturity": 100}}
+  assert runner.preset_overrides(parser.parse_args(["--big"]), defaults, **presets)["width"] == 1000
+  assert "(other flags still override)" in parser.format_help()
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--small", "--big"])
