@@ -250,8 +250,8 @@ def cbp(
     u = jax.tree.leaves(updates)
     chex.assert_equal(len(u), len(p))
 
-    # Few PRNG calls per step, whatever the depth: each is a loop on some
-    # backends, and on small nets their overhead rivals the whole step.
+    # Few PRNG calls per step, whatever the depth, through `prng` (fused: a
+    # jax.random call is a loop on CPU, its overhead rivalling a small net's step).
     key, reinit_key, count_key, util_key = prng.split(state.key, 4)
     lottery = None if accumulate else prng.uniform(count_key, (len(layers),))
     util_keys = prng.split(util_key, len(layers)) if utility == "random" else [None] * len(layers)
