@@ -1,6 +1,6 @@
 """The initial weight distributions that CBP redraws replaced units from.
 
-Four are uniform on ``[-bound, bound]`` (SPEC step 8) and ``kaiming_normal``
+Four are uniform on ``[-bound, bound]`` (Semantics page, step 8) and ``kaiming_normal``
 is Gaussian with ``std = gain / sqrt(fan_in)`` (the CIFAR-100 ResNet's), with
 PyTorch's conventions so that runs match the reference: a conv kernel's
 fan-in is ``C_in * kh * kw`` (every axis but the last) and its fan-out

@@ -1,6 +1,6 @@
 """`cbp()`: Continual Backpropagation as an Optax gradient transformation.
 
-One step, as data flows (SPEC "Per step"):
+One step, as data flows ("Per step" on the Semantics page of the documentation):
   updates (from the optimizer) + params -> post-step weights
   activations -> per-unit statistics and utility        (`utility.py`)
   utility, age -> how many and which units to replace    (this module)
@@ -126,7 +126,8 @@ def cbp(
       ``"zero_contribution"``, ``"adaptation"``, ``"weight"``,
       ``"feature_by_input"``, ``"random"``.
     init: distribution of new incoming weights: ``"kaiming"``, ``"default"``,
-      ``"xavier"`` or ``"lecun"`` (uniform; see `cbp_jax.initializers`).
+      ``"xavier"``, ``"lecun"`` (uniform) or ``"kaiming_normal"`` (Gaussian);
+      see `cbp_jax.initializers` (``initializers.INITS``).
     accumulate: True accumulates fractional replacements and replaces
       ``floor`` of the total (exact long-run counts); False replaces one unit
       with probability ``rate * base`` when that is below 1.
@@ -323,7 +324,7 @@ def cbp(
     return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % magnitude_refresh_every)
 
   def _replacement_count(eligible, pending, draw, width):
-    """Units owed this step (SPEC 6) and the new pending fraction.
+    """Units owed this step (Semantics page, step 6) and the new pending fraction.
 
     ``draw`` is a uniform number in [0, 1), used when not accumulating.
     """
