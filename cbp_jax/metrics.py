@@ -512,8 +512,8 @@ def layer_metrics(
     activity_threshold: fraction passed to :func:`rarely_active_fraction`.
 
   Returns:
-    ``{layer: {"dead_fraction", "rarely_active_fraction", "dormant_fraction", "effective_rank", "stable_rank",
-    "approximate_rank", "feature_norm"}}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
+    A dict mapping each layer to ``{"dead_fraction", "rarely_active_fraction", "dormant_fraction",
+    "effective_rank", "stable_rank", "approximate_rank", "feature_norm"}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
     rest ``float32``.
     Each layer's SVD is computed once and shared by the three rank measures.
 

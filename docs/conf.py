@@ -24,6 +24,8 @@ autodoc_default_options = {"members": True, "member-order": "bysource"}
 autodoc_typehints = "description"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# Attributes as a field list: autodoc documents NamedTuple fields and dataclass fields as members already.
+napoleon_use_ivar = True
 # `name` in a docstring is a cross-reference where Sphinx can resolve it, and code otherwise.
 default_role = "py:obj"
 
