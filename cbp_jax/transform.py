@@ -10,7 +10,7 @@ One step, as data flows (SPEC "Per step"):
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import numpy as np
@@ -83,7 +83,7 @@ def cbp(
     maturity_threshold: int | jax.Array = 100,
     decay_rate: float | jax.Array = 0.99,
     utility: str = "contribution",
-    init: str = "kaiming",
+    init: str | Callable[..., jax.Array] = "kaiming",
     accumulate: bool = True,
     count_basis: str = "eligible",
     next_bias_correction: bool = True,
@@ -125,8 +125,16 @@ def cbp(
     utility: one of ``"contribution"``, ``"adaptable_contribution"``,
       ``"zero_contribution"``, ``"adaptation"``, ``"weight"``,
       ``"feature_by_input"``, ``"random"``.
-    init: distribution of new incoming weights: ``"kaiming"``, ``"default"``,
-      ``"xavier"`` or ``"lecun"`` (uniform; see `cbp_jax.initializers`).
+    init: distribution of new incoming weights: ``"kaiming"`` (uniform,
+      bound ``gain * sqrt(3 / fan_in)``), ``"default"`` (uniform,
+      ``sqrt(1 / fan_in)``), ``"xavier"`` (uniform,
+      ``gain * sqrt(6 / (fan_in + fan_out))``), ``"lecun"`` (uniform,
+      ``sqrt(3 / fan_in)``), ``"kaiming_normal"`` (std
+      ``gain / sqrt(fan_in)``), ``"lecun_normal"`` (flax's default kernel
+      init), with the gain of each layer's activation (`cbp_jax.initializers`);
+      or any ``jax.nn.initializers``-style callable ``init(key, shape,
+      dtype)``, e.g. the model's own ``kernel_init``, called with the
+      kernel's full shape on steps that replace units.
     accumulate: True accumulates fractional replacements and replaces
       ``floor`` of the total (exact long-run counts); False replaces one unit
       with probability ``rate * base`` when that is below 1.
@@ -175,8 +183,7 @@ def cbp(
   validation.check_nonnegative("maturity_threshold", maturity_threshold)
   if utility not in utility_lib.UTILITIES:
     raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
-  if init not in initializers.INITS:
-    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  initializers.check_initializer(init)
   if count_basis not in COUNT_BASES:
     raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
   if max_replacements_per_step is not None and (
