@@ -55,7 +55,7 @@ _ACTIVATION_NAMES = {
 # Primitives of the norms that may sit between a kernel and its activation.
 _NORM_PRIMS = frozenset("""
     add sub mul div integer_pow square rsqrt sqrt reduce_sum reduce_max broadcast_in_dim reshape
-    convert_element_type squeeze max copy copy_p stop_gradient select_n eq ne lt le gt ge
+    convert_element_type squeeze max copy copy_p stop_gradient select_n eq ne lt le gt ge neg
 """.split())
 
 
@@ -167,7 +167,8 @@ def _is_key(dtype) -> bool:
 def _split_static(tree):
   """Array leaves (traced) and everything else (closed over)."""
   leaves, treedef = jax.tree.flatten(tree)
-  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+              for x in leaves]
   arrays = [x for x, a in zip(leaves, is_array) if a]
 
   def rebuild(traced):
@@ -218,7 +219,6 @@ class _Tracer:
     self.paths = paths
     self.shapes = shapes
     self.records = records  # name -> _Value
-    self.recorded = {id(v) for v in records.values()}
     self.outputs = {id(v) for v in outputs}
     self.producer_order: dict[str, int] = {}
 
@@ -422,7 +422,7 @@ class _Tracer:
         if n in _ACTIVATION_NAMES:
           return _ACTIVATION_NAMES[n]
     prims = {e.prim for e in chain}
-    if "erf" in prims or ("tanh" in prims and any(
+    if prims & {"erf", "erfc"} or ("tanh" in prims and any(
         e.prim == "integer_pow" and e.params.get("y") == 3 for e in chain)):
       return "gelu"
     if "tanh" in prims:
@@ -451,7 +451,7 @@ class _Tracer:
     while stack:
       v = stack.pop()
       unit = tracked[id(v)]
-      if id(v) in self.outputs and id(v) not in self.recorded:
+      if id(v) in self.outputs:
         raise _Refusal(
             f"trace_graph: layer '{name}': its units reach the function's output directly, not "
             "through a consumer kernel (is it the output layer? only hidden layers can be reset)")
@@ -645,8 +645,11 @@ def trace_graph(
     fn: the forward function, ``fn(params, *args, **kwargs) -> (output,
       activations)``.
     params: the parameter pytree that the optimizer sees (linen
-      ``variables["params"]``, ``nnx.state(model, nnx.Param)``, ...).
-    *args: example inputs (shapes matter, values do not).
+      ``variables["params"]``, ``nnx.state(model, nnx.Param)``, ...). Only
+      shapes and dtypes are read: `jax.ShapeDtypeStruct` leaves (e.g. from
+      ``jax.eval_shape(model.init, key, x)``) do, without initialising.
+    *args: example inputs (shapes matter, values do not; arrays or
+      `jax.ShapeDtypeStruct`).
     activation: overrides the identified activation, for every layer (a
       name) or per layer (``{layer: name}``); names as in
       `cbp_jax.initializers.ACTIVATIONS`.

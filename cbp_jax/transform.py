@@ -1,6 +1,6 @@
 """`cbp()`: Continual Backpropagation as an Optax gradient transformation.
 
-One step, as data flows (SPEC "Per step"):
+One step, as data flows:
   updates (from the optimizer) + params -> post-step weights
   activations -> per-unit statistics and utility        (`utility.py`)
   utility, age -> how many and which units to replace    (this module)
@@ -73,6 +73,23 @@ def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
     amount = np.float32(rate) * np.float32(width)
     return min(width, max(1, math.ceil(float(amount))))
   return width
+
+
+def _check_state_widths(layers, state: CbpState) -> None:
+  """A state made by ``init`` for other parameters is refused, naming the layer."""
+  if not isinstance(state, CbpState):
+    raise ValueError(f"cbp: update needs the state that init returned, got {type(state).__name__}")
+  for layer in layers:
+    name = layer.layer.name
+    if name not in state.statistics:
+      raise ValueError(
+          f"cbp: the state has no statistics for layer '{name}' (it has "
+          f"{sorted(state.statistics)}); was it initialised with another graph?")
+    state_width = state.statistics[name].utility.shape[-1]
+    if state_width != layer.width:
+      raise ValueError(
+          f"cbp: layer '{name}' has {layer.width} units in these params but the state was "
+          f"initialised for {state_width}; call tx.init(params) for the new parameters")
 
 
 def cbp(
@@ -249,6 +266,7 @@ def cbp(
     if params is None:
       raise ValueError("cbp: update needs params (tx.update(grads, state, params, activations=...))")
     layers, p, _ = graph_lib.resolve(graph, params)
+    _check_state_widths(layers, state)
     validation.check_activations("cbp", layers, activations)
     if inner is not None:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -411,9 +429,19 @@ def reset_batch_stats(batch_stats: Any, graph: graph_lib.LayerGraph, opt_state: 
   state = find_cbp_state(opt_state)
   index, leaves, treedef = tree_paths.flatten_by_path(batch_stats)
   leaves = list(leaves)
-  for layer in graph:
-    if layer.norm is None:
-      continue
+  normed = [layer for layer in graph if layer.norm is not None]
+  expected = [f"{layer.norm}/{stat}" for layer in normed for stat in ("mean", "var")]
+  if normed and not any(path in index for path in expected):
+    hint = ""
+    if any(path.startswith("batch_stats/") for path in index):
+      hint = " It looks like a whole variables dict: pass variables['batch_stats']."
+    elif any(path.startswith(("params/",)) or path.endswith(("/kernel", "/scale")) for path in index):
+      hint = " It holds parameters: pass the running statistics (nnx.state(model, nnx.BatchStat))."
+    raise ValueError(
+        f"reset_batch_stats: batch_stats has none of the norms' running statistics "
+        f"({', '.join(expected[:4])}{' ...' if len(expected) > 4 else ''}); it has "
+        f"{sorted(index)[:6]}.{hint}")
+  for layer in normed:
     mask = state.last_replaced[layer.name]
     for stat, value in (("mean", 0.0), ("var", 1.0)):
       path = f"{layer.norm}/{stat}"
