@@ -100,9 +100,9 @@ def standard_draw(init: str, key: jax.Array, shape: tuple[int, ...]) -> jax.Arra
     return prng.normal(key, shape)
   if init in TRUNCATED_INITS:
     # Inverse CDF of the uniform on [Phi(-2), Phi(2)], as jax.random.truncated_normal does.
-    low, high = jax.scipy.special.ndtr(-2.0), jax.scipy.special.ndtr(2.0)
+    low, high = (0.5 * (1.0 + math.erf(b / math.sqrt(2.0))) for b in (-2.0, 2.0))
     u = prng.uniform(key, shape, low, high)
-    return jnp.clip(jnp.sqrt(2.0) * jax.scipy.special.erfinv(2.0 * u - 1.0), -2.0, 2.0)
+    return jnp.clip(math.sqrt(2.0) * jax.lax.erf_inv(2.0 * u - 1.0), -2.0, 2.0)
   return prng.uniform(key, shape, -1.0, 1.0)
 
 
@@ -122,7 +122,7 @@ def check_initializer(init) -> None:
           f"init must be one of {INITS} or a callable init(key, shape, dtype), got {init!r}")
     return
   try:
-    out = jax.eval_shape(init, jax.random.key(0), (3, 2), jnp.float32)
+    out = jax.eval_shape(lambda key: init(key, (3, 2), jnp.float32), jax.random.key(0))
   except Exception as e:  # Whatever the callable raises, say which argument it was.
     raise ValueError(
         f"init={init!r} is not a jax.nn.initializers-style callable init(key, shape, dtype): "
