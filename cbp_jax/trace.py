@@ -52,10 +52,12 @@ _ACTIVATION_NAMES = {
     "relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "leaky_relu": "leaky_relu",
     "elu": "elu", "selu": "selu", "sigmoid": "sigmoid", "tanh": "tanh",
 }
-# Primitives of the norms that may sit between a kernel and its activation.
-_NORM_PRIMS = frozenset("""
-    add sub mul div integer_pow square rsqrt sqrt reduce_sum reduce_max broadcast_in_dim reshape
-    convert_element_type squeeze max copy copy_p stop_gradient select_n eq ne lt le gt ge neg
+# Primitives that a norm, a bias or pooling between a kernel and its activation use: on
+# their own they are no activation function (the identity's gain applies).
+_NOT_ACTIVATIONS = frozenset("""
+    add sub mul div integer_pow square rsqrt sqrt reduce_sum reduce_max reduce_min broadcast_in_dim
+    reshape convert_element_type squeeze max copy copy_p stop_gradient select_n eq ne lt le gt ge neg
+    reduce_window_max reduce_window_sum pad slice transpose
 """.split())
 
 
@@ -190,10 +192,6 @@ class _Unit(NamedTuple):
   inner: int
 
 
-class _Refusal(ValueError):
-  pass
-
-
 def _param_source(v: _Value):
   """The params leaf a kernel operand is, through casts and reshapes; else None."""
   while v.kind == "inner" and v.producer is not None and v.producer.prim in (
@@ -226,7 +224,7 @@ class _Tracer:
 
   def _backward(self, name, h):
     """Equations between ``h`` and the contractions feeding it, and those contractions."""
-    seen, chain, stops, leaves = set(), [], [], []
+    seen, chain, stops, leaves = set(), {}, {}, []
     stack = [h]
     while stack:
       v = stack.pop()
@@ -238,28 +236,26 @@ class _Tracer:
         leaves.append(v)
         continue
       if e.prim in _CONTRACTIONS:
-        if all(s is not e for s in stops):
-          stops.append(e)
+        stops[e.order] = e
         continue
       if e.prim in _OPAQUE:
-        raise _Refusal(
+        raise ValueError(
             f"trace_graph: layer '{name}': its units come out of `{e.prim}` at {e.where}; units "
             "cannot be followed through loops or conditionals (record activations outside them)")
-      if all(c is not e for c in chain):
-        chain.append(e)
+      chain[e.order] = e
       stack.extend(e.ins)
-    return chain, stops, leaves
+    return list(chain.values()), [stops[k] for k in sorted(stops)], leaves
 
   def _producer(self, name, h):
     chain, stops, leaves = self._backward(name, h)
     kernels = [(e, self._kernel_operand(e)) for e in stops]
     if not stops:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}' is not produced by a kernel: no dot_general or "
           "convolution of a parameter feeds the recorded activation")
     if len(stops) > 1:
       what = ", ".join(self._describe_contraction(e, k) for e, k in kernels)
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': its units are made by more than one product ({what}), "
           "e.g. a residual connection adds a skip path into them or a gate multiplies two "
           "projections. Such units cannot be reset by redrawing one kernel's columns; record "
@@ -267,7 +263,7 @@ class _Tracer:
           "block's MLP, not the residual stream")
     e, kernel_pos = kernels[0]
     if kernel_pos is None:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': its units come from `{e.prim}` at {e.where}, which "
           "multiplies two activations (attention-like), not an activation and a parameter kernel")
     return e, kernel_pos, chain, leaves
@@ -300,7 +296,7 @@ class _Tracer:
       ok = (dn.rhs_spec[0] == len(kernel.shape) - 1 and dn.out_spec[1] == len(out.shape) - 1
             and e.params.get("feature_group_count", 1) == 1)
     if not ok:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': kernel '{path}' (shape {pshape}) in `{e.prim}` at "
           f"{e.where} does not make the units on its last axis and the output's last axis "
           "(expected a Dense/Conv kernel (..., in, units) applied as x @ kernel)")
@@ -312,7 +308,7 @@ class _Tracer:
     kernel, width = self._check_producer_geometry(name, e, kernel_pos)
     self.producer_order[name] = e.order
     if not h.shape or h.shape[-1] != width:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': the recorded activation has shape {h.shape}, but kernel "
           f"'{self.paths[kernel]}' makes {width} units; record the units on the last axis")
     z = e.outs[0]
@@ -340,7 +336,7 @@ class _Tracer:
         src, dst = eqn.ins[0].shape, eqn.outs[0].shape
         moved = bool(src) and src[-1] == width and (not dst or dst[-1] != width)
       if moved:
-        raise _Refusal(
+        raise ValueError(
             f"trace_graph: layer '{name}': `{eqn.prim}` at {eqn.where} moves the units off the "
             "last axis between the kernel and the recorded activation")
     return chain
@@ -351,13 +347,13 @@ class _Tracer:
     for v in leaves:
       if v.kind == "param":
         if self.shapes[v.leaf] != (width,):
-          raise _Refusal(
+          raise ValueError(
               f"trace_graph: layer '{name}': parameter '{self.paths[v.leaf]}' (shape "
               f"{self.shapes[v.leaf]}) enters the units between the kernel and the activation; "
               f"only per-unit vectors of shape ({width},) (bias, norm scale/offset) may")
         vectors[v.leaf] = self.paths[v.leaf]
       elif v.kind == "data" and math.prod(v.shape) not in (1, width):
-        raise _Refusal(
+        raise ValueError(
             f"trace_graph: layer '{name}': an input of shape {v.shape} is added into its units "
             "besides the kernel's product (a skip connection from the input?)")
     bias = None
@@ -376,7 +372,7 @@ class _Tracer:
       prefixes = {p.rsplit("/", 1)[0] if "/" in p else "" for p in vectors.values()}
       names = {p.rsplit("/", 1)[-1] for p in vectors.values()}
       if len(prefixes) != 1 or not names <= {"scale", "bias"} or "" in prefixes:
-        raise _Refusal(
+        raise ValueError(
             f"trace_graph: layer '{name}': per-unit parameters {sorted(vectors.values())} act on "
             "its units besides the kernel's bias; only one norm module's 'scale' and 'bias' are "
             "understood (flax LayerNorm/BatchNorm/RMSNorm)")
@@ -394,7 +390,7 @@ class _Tracer:
           if id(user) in in_chain or not any(id(o) in self.program.live for o in user.outs):
             continue
           if not self._only_statistics(user, width):
-            raise _Refusal(
+            raise ValueError(
                 f"trace_graph: layer '{name}': its pre-activation is also read by `{user.prim}` at "
                 f"{user.where}, outside the path to the recorded activation (a skip connection "
                 "taken before the activation?); the units cannot be removed by zeroing their "
@@ -434,10 +430,9 @@ class _Tracer:
     if any(e.prim == "max" and any(x.kind == "literal" and float(np.max(x.literal)) == 0.0
                                    for x in e.ins) for e in chain):
       return "relu"
-    unknown = sorted(prims - _NORM_PRIMS - {"reduce_min", "reduce_window_max", "pad", "slice",
-                                            "transpose", "reduce_window_sum"})
+    unknown = sorted(prims - _NOT_ACTIVATIONS)
     if unknown:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': cannot identify its activation function (saw "
           f"{unknown}); pass activation={{'{name}': ...}} with one of {initializers.ACTIVATIONS}")
     return "identity"
@@ -452,7 +447,7 @@ class _Tracer:
       v = stack.pop()
       unit = tracked[id(v)]
       if id(v) in self.outputs:
-        raise _Refusal(
+        raise ValueError(
             f"trace_graph: layer '{name}': its units reach the function's output directly, not "
             "through a consumer kernel (is it the output layer? only hidden layers can be reset)")
       for e in v.users:
@@ -469,11 +464,11 @@ class _Tracer:
             tracked[id(o)] = out_unit
             stack.append(o)
           elif prev != out_unit:
-            raise _Refusal(
+            raise ValueError(
                 f"trace_graph: layer '{name}': `{e.prim}` at {e.where} combines its units in "
                 "two different arrangements")
     if not found:
-      raise _Refusal(
+      raise ValueError(
           f"trace_graph: layer '{name}': no kernel reads its units, so it has no outgoing "
           "weights to zero (the output layer is not a hidden layer)")
     consumers, seen = [], set()
@@ -484,7 +479,7 @@ class _Tracer:
     return consumers
 
   def _refuse_read(self, name, e, why):
-    return _Refusal(
+    return ValueError(
         f"trace_graph: layer '{name}': its units are read by `{e.prim}` at {e.where} ({why}); "
         "zeroing their outgoing weights would not remove them. Record units that only "
         "Dense/Conv kernels read (through reshape, pooling, dropout)")
