@@ -315,7 +315,8 @@ def redo(
     key: PRNG key (or int seed) for the new incoming weights.
     tau: dormancy threshold, >= 0.
     period: reset every this many steps, >= 1.
-    init: distribution of new incoming weights (`cbp_jax.initializers.INITS`).
+    init: distribution of new incoming weights, as `cbp_jax.cbp`'s ``init``
+      (a name in `cbp_jax.initializers.INITS` or an initializer callable).
     optimizer: optional optimizer to wrap (second form above).
     next_bias_correction: if True, each consumer's bias absorbs
       ``w_out[i] * mean_batch(h_i)`` of a reset unit ``i`` (its mean
@@ -351,8 +352,7 @@ def redo(
         f"redo: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
   validation.check_nonnegative("tau", tau)
   validation.check_positive_int("period", period)
-  if init not in initializers.INITS:
-    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  initializers.check_initializer(init)
   key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
