@@ -10,6 +10,11 @@ from cbp_jax import initializers
 from cbp_jax import methods
 from cbp_jax import metrics
 from cbp_jax import models
+from cbp_jax import prng
+from cbp_jax import reset
+from cbp_jax import resnet
+from cbp_jax import sharding
+from cbp_jax import utility
 from cbp_jax.activations import apply_with_activations
 from cbp_jax.activations import capture_activations
 from cbp_jax.activations import collect_activations
@@ -41,6 +46,11 @@ __all__ = [
     "Layer",
     "LayerGraph",
     "models",
+    "prng",
+    "reset",
+    "resnet",
+    "sharding",
+    "utility",
     "reset_batch_stats",
     "sow_activation",
     "trace_graph",

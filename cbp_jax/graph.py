@@ -37,7 +37,7 @@ class Consumer:
   Attributes:
     kernel: path of the consumer's kernel, e.g. ``"Dense_1/kernel"``.
     bias: path of the consumer's bias (absorbs the contribution of a removed
-      unit), or None.
+      unit, see step 7 of the Semantics page), or None.
     layout: how a flatten between the layer and this consumer ordered its
       inputs when the kernel's axis ``-2`` has ``n * P`` entries:
       ``"channels_last"`` (NHWC flattened, input ``p * n + i``, flax's default)

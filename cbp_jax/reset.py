@@ -9,7 +9,7 @@ selects, not scatters, so they fuse with the optimizer's elementwise work.
 The kernel edits the optimizer's *updates* rather than the parameters, so
 that ``optax.apply_updates(params, updates)`` lands on the reset values while
 every untouched entry keeps exactly the update it had (bitwise the same
-result as without the reset). Per replaced unit ``i`` of a layer (SPEC 7):
+result as without the reset). Per replaced unit ``i`` of a layer (Semantics page, step 7):
 
 1. each consumer's bias absorbs ``sum w_out[.., i, :] * f_hat_i`` (optional);
 2. outgoing weights become 0 (``update = -param``, exact in floating point);

@@ -1,6 +1,6 @@
 """`cbp()`: Continual Backpropagation as an Optax gradient transformation.
 
-One step, as data flows:
+One step, as data flows ("Per step" on the Semantics page of the documentation):
   updates (from the optimizer) + params -> post-step weights
   activations -> per-unit statistics and utility        (`utility.py`)
   utility, age -> how many and which units to replace    (this module)
@@ -348,7 +348,7 @@ def cbp(
     return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % magnitude_refresh_every)
 
   def _replacement_count(eligible, pending, draw, width):
-    """Units owed this step (SPEC 6) and the new pending fraction.
+    """Units owed this step (Semantics page, step 6) and the new pending fraction.
 
     ``draw`` is a uniform number in [0, 1), used when not accumulating.
     """
