@@ -68,6 +68,20 @@ def test_utilities_match_numpy_over_several_steps(kind):
       assert int(stats[name]["replaced"]) == 0
 
 
+@pytest.mark.parametrize("kind", ["adaptable_contribution", "feature_by_input"])
+def test_a_unit_with_zero_incoming_weights_has_zero_utility_not_nan(kind):
+  """All of a unit's inputs replaced at once zero its incoming column: 0, not 0/0."""
+  stats = cbp_jax.utility.init_statistics(2)
+  h = jnp.asarray([[0.0, 1.0], [0.0, 3.0]])
+  out_mag, in_mag = jnp.asarray([0.5, 0.5]), jnp.asarray([0.0, 0.25])
+  new, corrected, _, bad = cbp_jax.utility.update_statistics(
+      stats, h, out_mag, in_mag, decay=0.5, utility=kind, key=None)
+  # Unit 1: f_hat = 2, deviation mean(|h - 2|) = 1, over in_mag 0.25 = 4 (times out_mag 0.5).
+  expected = 4.0 * (0.5 if kind == "adaptable_contribution" else 1.0)
+  np.testing.assert_allclose(corrected, [0.0, expected], rtol=1e-6)
+  assert int(bad) == 0
+
+
 def test_random_utility_is_uniform_noise_and_still_replaces():
   model, params = mlp()
   tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
