@@ -57,6 +57,7 @@ from cbp_jax.methods._injection import InjectionState
 from cbp_jax.methods._regrama import gradient_scores
 from cbp_jax.methods._regrama import regrama
 from cbp_jax.methods._scored_reset import RedoState
+from cbp_jax.methods._scored_reset import replaced_total
 from cbp_jax.methods._scored_reset import SnrState
 from cbp_jax.methods._snr import snr
 from cbp_jax.methods._snr import streak_log_probability

@@ -10,7 +10,10 @@ frozen, and a freshly initialised copy ``theta'`` and a frozen twin
 
 At injection ``theta' = theta'_0``, so the bracket is exactly 0 and the
 output unchanged; afterwards only ``theta'`` (and the layers that were not
-injected) learn.
+injected) learn. Inject a nonlinear part (a hidden layer with the head), as
+the paper does: for a single linear layer under SGD, ``theta' - theta'_0``
+receives exactly the updates ``theta`` would have had, so the function is the
+same as without the injection.
 
 Everything has static shapes, so an injection can happen inside a compiled
 run (``lax.scan``, ``jax.vmap`` over seeds): `injectable` builds the

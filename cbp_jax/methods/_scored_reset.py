@@ -82,6 +82,19 @@ def unit_reset_states(opt_state: Any) -> list[Any]:
           if isinstance(s, UNIT_RESET_STATES)]
 
 
+def replaced_total(opt_state: Any) -> jax.Array:
+  """Units reset so far by every `cbp`/`redo`/`regrama`/`snr` transform in ``opt_state``.
+
+  Summed over their layers (int32; 0 when there is none), e.g. to log a
+  method's resets the same way whichever of them a run uses.
+  """
+  total = jnp.zeros((), jnp.int32)
+  for s in unit_reset_states(opt_state):
+    for v in s.replaced_total.values():
+      total = total + jnp.sum(v).astype(jnp.int32)
+  return total
+
+
 def check_common(who: str, graph: Any, init: str) -> None:
   """Checks the arguments every unit-reset method takes."""
   if not isinstance(graph, graph_lib.LayerGraph):
