@@ -50,7 +50,8 @@ def layer_norm(method: str) -> bool:
 
 
 def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph, key: jax.Array,
-              *, init: str = "kaiming") -> optax.GradientTransformationExtraArgs:
+              *, init: str = "kaiming", sgd: optax.GradientTransformation | None = None
+              ) -> optax.GradientTransformationExtraArgs:
   """``method``'s optimizer around SGD of step ``hp["step_size"]`` (update takes ``activations=``).
 
   Args:
@@ -59,8 +60,10 @@ def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph, key
     graph: the learner's hidden layers.
     key: the method's PRNG key.
     init: distribution of reinitialised units' incoming weights.
+    sgd: the base optimizer (default ``optax.sgd(hp["step_size"])``; UPGD
+      replaces it).
   """
-  sgd = optax.sgd(hp["step_size"])
+  sgd = optax.sgd(hp["step_size"]) if sgd is None else sgd
   if method == "upgd":
     tx = methods_lib.upgd(hp["step_size"], key=key, beta_utility=hp["beta_utility"],
                           sigma=hp["sigma"], weight_decay=hp["weight_decay"])

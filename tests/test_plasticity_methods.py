@@ -65,8 +65,8 @@ def check_unit_reset(old, new, plain, layer, consumer, units):
 def upgd_numpy(params_list, grads_list, key, lr, beta, sigma, wd, hess_list=None):
   """The authors' global protecting UPGD, in NumPy, over a sequence of steps.
 
-  The noise is drawn with jax.random (split the key per step, then once per
-  leaf), the same numbers the transform's fused draws give.
+  The noise is drawn with jax.random (split the key per step, then one draw
+  for all leaves in tree order), the same numbers the transform's fused draws give.
   """
   w = [p.copy() for p in params_list[0]]
   avg = [np.zeros_like(p) for p in w]
@@ -77,9 +77,11 @@ def upgd_numpy(params_list, grads_list, key, lr, beta, sigma, wd, hess_list=None
       avg[i] = beta * avg[i] + (1 - beta) * u
     gmax = max(a.max() for a in avg)
     key, noise_key = jax.random.split(key)
-    keys = jax.random.split(noise_key, len(w))
+    draw = np.asarray(jax.random.normal(noise_key, (sum(g.size for g in grads),)), np.float64)
+    offset = 0
     for i, g in enumerate(grads):
-      noise = np.asarray(jax.random.normal(keys[i], g.shape), np.float64) * sigma
+      noise = draw[offset:offset + g.size].reshape(g.shape) * sigma
+      offset += g.size
       s = 1 / (1 + np.exp(-(avg[i] / (1 - beta ** t)) / gmax))
       w[i] = w[i] * (1 - lr * wd) - lr * (g + noise) * (1 - s)
   return w
@@ -125,7 +127,7 @@ def test_upgd_zero_gradients_are_finite():
   tx = M.upgd(0.1, key=0, sigma=1.0)
   u, _ = tx.update({"w": jnp.zeros((3,))}, tx.init(params), params)
   # Utility 0 everywhere: the gate is sigmoid(0) = 1/2, the step half the noise.
-  noise = jax.random.normal(jax.random.split(jax.random.split(jax.random.key(0))[1], 1)[0], (3,))
+  noise = jax.random.normal(jax.random.split(jax.random.key(0))[1], (3,))
   np.testing.assert_allclose(np.asarray(u["w"]), -0.1 * 0.5 * np.asarray(noise), rtol=1e-5)
 
 

@@ -21,6 +21,8 @@ of ``core/optim/weight_upgd`` in github.com/mohmdelsayed/upgd).
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -149,10 +151,14 @@ def scale_by_upgd(
     gates = scaled_utilities(utility, count, beta_utility)
     key, noise_key = prng.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
-    keys = prng.split(noise_key, max(len(leaves), 1))
-    noisy = [(g.astype(jnp.float32) + sigma * prng.normal(k, g.shape)) for k, g in zip(keys, leaves)]
-    out = [(n * (1.0 - s)).astype(g.dtype)
-           for n, s, g in zip(noisy, jax.tree.leaves(gates), leaves)]
+    # One draw serves every leaf (in tree order): on small nets the per-call
+    # cost of a draw, not the numbers drawn, dominates the step.
+    sizes = [math.prod(g.shape) for g in leaves]
+    noise = prng.normal(noise_key, (sum(sizes),))
+    offsets = itertools.accumulate(sizes, initial=0)
+    out = [((g.astype(jnp.float32) + sigma * noise[o:o + n].reshape(g.shape)) * (1.0 - s)
+            ).astype(g.dtype)
+           for g, s, n, o in zip(leaves, jax.tree.leaves(gates), sizes, offsets)]
     return (jax.tree.unflatten(treedef, out),
             ScaleByUpgdState(count=count, key=key, utility=utility))
 
