@@ -637,6 +637,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-4)")
   p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay: shrink = 1 - lr * wd")
   p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-5)")
+  p.add_argument("--injection-task", type=int,
+                 help="task (0-based) at whose start `injection` injects (default: the middle)")
   runner.add_run_arguments(p, out="results/pmnist")
   p.add_argument("--benchmark", action="store_true",
                  help="measure steps/s of each method alone (one seed, one task) and exit")
@@ -673,6 +675,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
     snp["noise_scale"] = args.snp_noise
   if snp:
     over["snp"] = snp
+  if args.injection_task is not None:
+    over["injection"] = {"at_task": args.injection_task}
   return make_config(over)
 
 
