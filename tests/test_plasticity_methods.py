@@ -32,6 +32,16 @@ def grads_and_acts(model, params, x, y):
   return g, acts
 
 
+def jitted_step(model, tx, x, y):
+  """One jitted training step of ``tx`` (with activations) on ``(x, y)``."""
+  @jax.jit
+  def step(p, state):
+    g, acts = grads_and_acts(model, p, x, y)
+    u, state = tx.update(g, state, p, activations=acts)
+    return optax.apply_updates(p, u), state
+  return step
+
+
 def kill(params, layer, unit):
   """Makes ``unit`` of ``layer`` output 0 on any input (ReLU of -1): no gradient reaches it."""
   params = jax.tree.map(lambda a: a, params)
@@ -456,14 +466,7 @@ def test_cbp_with_layer_norm_and_weight_decay():
   tx = optax.chain(M.l2(1e-3), optax.sgd(0.01),
                    cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0))
   state = tx.init(params)
-
-  @jax.jit
-  def step(p, state):
-    g, acts = grads_and_acts(model, p, x, y)
-    u, state = tx.update(g, state, p, activations=acts)
-    return optax.apply_updates(p, u), state
-
-  p, state = step(params, state)
+  p, state = jitted_step(model, tx, x, y)(params, state)
   replaced = np.asarray(state[2].last_replaced["Dense_0"])
   assert replaced.any()
   np.testing.assert_array_equal(np.asarray(p["LayerNorm_0"]["scale"])[replaced], 1.0)
@@ -493,13 +496,7 @@ def test_chains_of_new_methods_run_jitted():
   ]
   for tx in txs:
     state = tx.init(params)
-
-    @jax.jit
-    def step(p, state):
-      g, acts = grads_and_acts(model, p, x, y)
-      u, state = tx.update(g, state, p, activations=acts)
-      return optax.apply_updates(p, u), state
-
+    step = jitted_step(model, tx, x, y)
     p = params
     for _ in range(2):
       p, state = step(p, state)
