@@ -429,6 +429,9 @@ def test_injection_refuses_bad_input():
     M.injectable(params, "Head")
   with pytest.raises(ValueError, match="init needs InjectedParams"):
     M.injection_optimizer(optax.sgd(0.1)).init(params)
+  graph = cbp_jax.graph_from_params(params)
+  with pytest.raises(ValueError, match="cannot be initialised on InjectedParams.*'Dense_0/kernel'"):
+    M.injection_optimizer(cbp_jax.cbp(graph, key=0)).init(M.injectable(params, "Dense_2"))
   p = M.injectable(params, "Dense_2")
   state = M.injection_optimizer(optax.sgd(0.1)).init(p)
   with pytest.raises(ValueError, match=r"fresh_params\['Dense_2/bias'\] must have shape \(3,\), got \(4,\)"):

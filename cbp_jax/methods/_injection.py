@@ -166,7 +166,14 @@ def injection_optimizer(optimizer: optax.GradientTransformation) -> optax.Gradie
       raise ValueError(
           "injection_optimizer: init needs InjectedParams (cbp_jax.methods.injectable(params, "
           f"paths)), got {type(params).__name__}")
-    return InjectionState(injected=jnp.zeros((), bool), inner_state=inner.init(params))
+    try:
+      inner_state = inner.init(params)
+    except ValueError as e:
+      raise ValueError(
+          "injection_optimizer: the wrapped optimizer cannot be initialised on InjectedParams "
+          "(cbp, redo, regrama and snr resolve a layer graph of the plain network, which the "
+          "injected one no longer is; wrap a plain optax optimizer): " + str(e)) from e
+    return InjectionState(injected=jnp.zeros((), bool), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
