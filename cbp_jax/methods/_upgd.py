@@ -110,7 +110,10 @@ def scale_by_upgd(
     beta_utility: decay of the utility's running average, in [0, 1).
     sigma: standard deviation of the Gaussian perturbation, >= 0.
     order: 1 (utility ``-g w``) or 2 (adds ``h w**2 / 2``; ``update`` then
-      needs the keyword argument ``hessian_diag``, a tree like the params).
+      needs the keyword argument ``hessian_diag``, a tree like the params:
+      any diagonal estimate, e.g. the exact diagonal on a small net or
+      Hutchinson's ``z * (H z)`` with Rademacher ``z`` from a
+      ``jax.jvp`` of ``jax.grad(loss)``; the paper uses HesScale).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
