@@ -506,6 +506,7 @@ def test_chains_of_new_methods_run_jitted():
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(p))
 
 
+@pytest.mark.slow  # Six compilations; the experiments' tests vmap these methods in `make test`.
 def test_reset_methods_vmap_over_keys_and_traced_hyperparameters():
   """ReGraMa (tau, period), SNR (eta), Hare & Tortoise (decay, period): vmapped == one by one."""
   model, params, x, y = mlp()
