@@ -74,7 +74,8 @@ def regrama(
     tau: score threshold, >= 0 (0 resets units whose incoming gradient is
       exactly 0).
     period: reset every this many steps, >= 1.
-    init: distribution of new incoming weights (`cbp_jax.initializers.INITS`).
+    init: distribution of new incoming weights, as `cbp_jax.cbp`'s ``init``
+      (a name in `cbp_jax.initializers.INITS` or an initializer callable).
     optimizer: optional optimizer to wrap.
 
   Returns:

@@ -99,8 +99,7 @@ def check_common(who: str, graph: Any, init: str) -> None:
   """Checks the arguments every unit-reset method takes."""
   if not isinstance(graph, graph_lib.LayerGraph):
     raise ValueError(f"{who}: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
-  if init not in initializers.INITS:
-    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  initializers.check_initializer(init)
 
 
 class Scored(NamedTuple):

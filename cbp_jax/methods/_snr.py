@@ -84,7 +84,8 @@ def snr(
     graph: the hidden layers (`cbp_jax.graph_from_params` or `LayerGraph`).
     key: PRNG key (or int seed) of the new incoming weights.
     eta: probability threshold, in (0, 1).
-    init: distribution of new incoming weights (`cbp_jax.initializers.INITS`).
+    init: distribution of new incoming weights, as `cbp_jax.cbp`'s ``init``
+      (a name in `cbp_jax.initializers.INITS` or an initializer callable).
     optimizer: optional optimizer to wrap.
 
   Returns:
