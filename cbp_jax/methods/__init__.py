@@ -68,6 +68,17 @@ from cbp_jax.methods._upgd import scaled_utilities
 from cbp_jax.methods._upgd import upgd
 from cbp_jax.methods._upgd import utilities as upgd_utilities
 
+# The public names, also those of the private per-method modules (the API
+# reference documents what is listed here).
+__all__ = [
+    "gradient_scores", "hare_tortoise", "HareTortoiseState", "inject", "injectable",
+    "InjectedParams", "injection_apply", "injection_optimizer", "InjectionState", "l2",
+    "l2_init", "L2InitState", "redo", "RedoState", "regrama", "replaced_total",
+    "reset_layers", "reset_optimizer_for", "scale_by_upgd", "ScaleByUpgdState",
+    "scaled_utilities", "shrink_and_perturb", "ShrinkPerturbState", "snr", "SnrState",
+    "streak_log_probability", "tortoise_params", "update_firing", "upgd", "upgd_utilities",
+]
+
 
 def _copy(params: Any) -> Any:
   """Copies the array leaves (so the state never aliases donated params).

@@ -61,6 +61,7 @@ def hare_tortoise(
     ValueError: naming an argument out of range; at ``update``, missing params.
 
   Example:
+    >>> params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
     >>> tx = optax.chain(optax.adam(1e-3), cbp_jax.methods.hare_tortoise(0.999, 1000))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)

@@ -143,11 +143,16 @@ def injection_optimizer(optimizer: optax.GradientTransformation) -> optax.Gradie
     An `optax.GradientTransformation` whose state is an `InjectionState`.
 
   Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> apply = cbp_jax.methods.injection_apply(lambda p, x: model.apply({"params": p}, x))
     >>> tx = cbp_jax.methods.injection_optimizer(optax.adam(1e-3))
-    >>> p = cbp_jax.methods.injectable(params, "Dense_2")
+    >>> p = cbp_jax.methods.injectable(params, ["Dense_1", "Dense_2"])
     >>> state = tx.init(p)
     >>> # ... at the injection step (a traced condition works):
-    >>> p, state = cbp_jax.methods.inject(p, state, model.init(key, x)["params"])
+    >>> p, state = cbp_jax.methods.inject(p, state, model.init(jax.random.key(1), x)["params"])
+    >>> bool(jnp.array_equal(apply(p, x), model.apply({"params": params}, x)))
+    True
   """
   inner = optax.with_extra_args_support(optimizer)
 

@@ -88,6 +88,9 @@ def regrama(
       graph that does not match the params.
 
   Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
     >>> tx = cbp_jax.methods.regrama(cbp_jax.graph_from_params(params), key=0, tau=0.1,
     ...                              period=1000, optimizer=optax.adam(1e-3))
     >>> state = tx.init(params)

@@ -98,7 +98,15 @@ def snr(
       graph that does not match the params or missing activations.
 
   Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> graph = cbp_jax.graph_from_params(params)
     >>> tx = optax.chain(optax.sgd(0.01), cbp_jax.methods.snr(graph, key=0, eta=0.01))
+    >>> state = tx.init(params)
+    >>> def loss(p):
+    ...   y, acts = cbp_jax.apply_with_activations(model, p, x)
+    ...   return jnp.sum(y ** 2), acts
+    >>> (l, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
     >>> updates, state = tx.update(grads, state, params, activations=acts)
   """
   scored_reset.check_common("snr", graph, init)

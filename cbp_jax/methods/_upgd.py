@@ -210,6 +210,7 @@ def upgd(
     ValueError: naming an argument out of range.
 
   Example:
+    >>> params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
     >>> tx = cbp_jax.methods.upgd(1e-3, key=0, beta_utility=0.999, sigma=0.01)
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
