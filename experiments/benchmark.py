@@ -177,7 +177,8 @@ REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100}
 def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.GradientTransformation, bool]:
   """The method's optimizer and whether its update takes ``activations``."""
   sgd = base_optimizer(net)
-  graph = cbp_jax.graph_from_params(params)
+  x0 = jnp.zeros((1,) + net.x_shape, jnp.float32)
+  graph = plasticity_methods.layer_graph(net.model, params, x0)
   if method == "bp":
     return sgd, False
   if method in REFRESH_EVERY:

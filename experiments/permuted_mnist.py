@@ -356,7 +356,7 @@ class _Method:
     self.variants = int(self.hp["step_size"].shape[0])
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
-    self.graph = cbp_jax.graph_from_params(shapes)
+    self.graph = plasticity_methods.layer_graph(self.model, shapes, x)
 
   def init(self, key, hp, variant):
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)

@@ -49,6 +49,20 @@ def layer_norm(method: str) -> bool:
   return method == "ln_wd"
 
 
+def layer_graph(model: Any, params: Any, x: jax.Array, activation: str = "relu") -> cbp_jax.LayerGraph:
+  """The hidden layers of an MLP learner (``params`` may be shapes).
+
+  Read from the parameters (`cbp_jax.graph_from_params`) as the experiments
+  always have, except with LayerNorm: ``jax.eval_shape`` returns the
+  parameter dict with sorted keys, where the norms' places cannot be read, so
+  that graph is traced from the forward pass (`cbp_jax.trace_graph`).
+  """
+  if not getattr(model, "layer_norm", False):
+    return cbp_jax.graph_from_params(params, activation=activation)
+  return cbp_jax.trace_graph(
+      lambda p, x: cbp_jax.apply_with_activations(model, p, x), params, x)
+
+
 def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph, key: jax.Array,
               *, init: str = "kaiming", sgd: optax.GradientTransformation | None = None
               ) -> optax.GradientTransformationExtraArgs:

@@ -419,7 +419,7 @@ class _Method:
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
     self.graph = None
     if method != "linear":
-      self.graph = cbp_jax.graph_from_params(shapes, activation=config["activation"])
+      self.graph = plasticity_methods.layer_graph(self.model, shapes, x, config["activation"])
 
   def init(self, key, hp, variant):
     x = jnp.zeros((1, self.config["num_inputs"]), jnp.float32)
