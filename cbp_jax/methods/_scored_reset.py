@@ -64,6 +64,9 @@ class SnrState(NamedTuple):
   streak: dict[str, jax.Array]
 
 
+# SnrState's per-unit statistics: its fields beyond RedoState's.
+_STATS_FIELDS = SnrState._fields[len(RedoState._fields):]
+
 # The states that resolve a layer graph against real parameters in `init`.
 UNIT_RESET_STATES = (transform_lib.CbpState, RedoState, SnrState)
 
@@ -191,8 +194,7 @@ def unit_reset_transform(
 
     count = state.count + 1
     key, reinit_key = prng.split(state.key)
-    stats = {f: getattr(state, f) for f in SnrState._fields[len(RedoState._fields):]
-             } if init_stats is not None else {}
+    stats = {} if init_stats is None else {f: getattr(state, f) for f in _STATS_FIELDS}
     scored = select(layers, grads, params, activations, count, stats)
     selections = scored.selections
 
