@@ -423,6 +423,21 @@ def test_injection_inside_a_scan_vmapped_over_seeds():
     np.testing.assert_allclose(np.asarray(losses[s]), np.asarray(single_losses), rtol=1e-5)
 
 
+def test_plasticity_injection_recipe_is_the_four_pieces():
+  model, params, x, y = mlp()
+  fn = lambda p, x: model.apply({"params": p}, x)
+  recipe = M.plasticity_injection(fn, optax.sgd(0.1), ["Dense_1", "Dense_2"])
+  p = recipe.prepare(params)
+  assert set(p.fresh) == {"Dense_1/kernel", "Dense_1/bias", "Dense_2/kernel", "Dense_2/bias"}
+  state = recipe.optimizer.init(p)
+  p, state = recipe.inject(p, state, model.init(jax.random.key(3), x)["params"])
+  assert bool(state.injected)
+  np.testing.assert_array_equal(np.asarray(recipe.apply(p, x)), np.asarray(fn(params, x)))
+  for bad in ([], "", [3]):
+    with pytest.raises(ValueError, match="plasticity_injection: paths must be non-empty strings"):
+      M.plasticity_injection(fn, optax.sgd(0.1), bad)
+
+
 def test_injection_refuses_bad_input():
   _, params, _, _ = mlp()
   with pytest.raises(ValueError, match="no parameter at or under path 'Head'"):

@@ -19,8 +19,8 @@ state, so a whole training step stays one pure, jittable, vmappable function:
   their own firing rate (Farias & Jozefiak 2025);
 * `hare_tortoise`: a slow EMA copy and periodic resets of the fast weights
   to it (Lee et al. 2024);
-* `injectable` / `injection_apply` / `injection_optimizer` / `inject`:
-  plasticity injection (Nikishin et al. 2023).
+* `plasticity_injection` (`injectable` / `injection_apply` /
+  `injection_optimizer` / `inject`): plasticity injection (Nikishin et al. 2023).
 
 ReDo, ReGraMa and SNR share their machinery (`_scored_reset`) and the reset
 kernel of `cbp_jax.cbp` (`cbp_jax.reset`); each other method lives in its own
@@ -53,7 +53,9 @@ from cbp_jax.methods._injection import injectable
 from cbp_jax.methods._injection import InjectedParams
 from cbp_jax.methods._injection import injection_apply
 from cbp_jax.methods._injection import injection_optimizer
+from cbp_jax.methods._injection import InjectionRecipe
 from cbp_jax.methods._injection import InjectionState
+from cbp_jax.methods._injection import plasticity_injection
 from cbp_jax.methods._regrama import gradient_scores
 from cbp_jax.methods._regrama import regrama
 from cbp_jax.methods._scored_reset import RedoState
@@ -72,7 +74,8 @@ from cbp_jax.methods._upgd import utilities as upgd_utilities
 # reference documents what is listed here).
 __all__ = [
     "gradient_scores", "hare_tortoise", "HareTortoiseState", "inject", "injectable",
-    "InjectedParams", "injection_apply", "injection_optimizer", "InjectionState", "l2",
+    "InjectedParams", "injection_apply", "injection_optimizer", "InjectionRecipe", "InjectionState",
+    "l2", "plasticity_injection",
     "l2_init", "L2InitState", "redo", "RedoState", "regrama", "replaced_total",
     "reset_layers", "reset_optimizer_for", "scale_by_upgd", "ScaleByUpgdState",
     "scaled_utilities", "shrink_and_perturb", "ShrinkPerturbState", "snr", "SnrState",

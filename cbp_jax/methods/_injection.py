@@ -235,3 +235,59 @@ def inject(params: InjectedParams, opt_state: InjectionState, fresh_params: Any,
   anchor = {p: pick(new[p], params.anchor[p]) for p in new}
   return (InjectedParams(params.base, fresh, anchor),
           InjectionState(opt_state.injected | now, opt_state.inner_state))
+
+
+class InjectionRecipe(NamedTuple):
+  """The four pieces of `plasticity_injection`, bound to one network and optimizer.
+
+  Attributes:
+    prepare: ``prepare(params)`` -> `InjectedParams` (`injectable` with the paths).
+    apply: the network on `InjectedParams` (`injection_apply`).
+    optimizer: the masked optimizer (`injection_optimizer`).
+    inject: ``inject(params, opt_state, fresh_params, when=True)`` (`inject`).
+  """
+  prepare: Callable[[Any], InjectedParams]
+  apply: Callable[..., Any]
+  optimizer: optax.GradientTransformation
+  inject: Callable[..., tuple[InjectedParams, InjectionState]]
+
+
+def plasticity_injection(apply_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
+                         paths: str | Sequence[str]) -> InjectionRecipe:
+  """Plasticity injection (Nikishin et al., NeurIPS 2023) of the layers under ``paths``, as one recipe.
+
+  Bundles `injectable`, `injection_apply`, `injection_optimizer` and `inject`
+  (see the module docstring for the rule): train ``recipe.prepare(params)``
+  with ``recipe.apply`` and ``recipe.optimizer``, and call ``recipe.inject``
+  at the injection point (a traced ``when`` works inside `jax.lax.scan`).
+
+  Args:
+    apply_fn: the network, ``apply_fn(params, *args)``.
+    optimizer: any optax optimizer.
+    paths: module or leaf paths to inject; include a hidden layer with the head.
+
+  Returns:
+    An `InjectionRecipe`.
+
+  Raises:
+    ValueError: if ``paths`` is empty or not strings (an unknown path is
+      named by ``prepare``).
+
+  Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((1, 4))
+    >>> recipe = cbp_jax.methods.plasticity_injection(
+    ...     lambda p, x: model.apply({"params": p}, x), optax.sgd(0.1), ["Dense_1", "Dense_2"])
+    >>> p = recipe.prepare(model.init(jax.random.key(0), x)["params"])
+    >>> state = recipe.optimizer.init(p)
+    >>> p, state = recipe.inject(p, state, model.init(jax.random.key(1), x)["params"])
+    >>> recipe.apply(p, x).shape
+    (1, 2)
+  """
+  names = [paths] if isinstance(paths, str) else list(paths)
+  if not names or not all(isinstance(n, str) and n.strip("/") for n in names):
+    raise ValueError(
+        f"plasticity_injection: paths must be non-empty strings like 'Dense_2', got {paths!r}")
+  return InjectionRecipe(prepare=lambda params: injectable(params, names),
+                         apply=injection_apply(apply_fn),
+                         optimizer=injection_optimizer(optimizer),
+                         inject=inject)
