@@ -167,12 +167,16 @@ class MLP(nn.Module):
     activation: hidden activation name (`ACTIVATION_FNS`).
     init_scheme: initial distribution of hidden kernels (`cbp_jax.initializers.INITS`).
     param_dtype: dtype of the parameters.
+    layer_norm: if True, a LayerNorm (``LayerNorm_i``) between each hidden
+      layer and its activation, as in the LayerNorm + weight decay baseline
+      (Lyle et al. 2024); `cbp_jax.graph_from_params` pairs each with its layer.
   """
   hidden: Sequence[int]
   outputs: int
   activation: str = "relu"
   init_scheme: str = "kaiming"
   param_dtype: jnp.dtype = jnp.float32
+  layer_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -181,7 +185,10 @@ class MLP(nn.Module):
     for width in self.hidden:
       dense = nn.Dense(width, kernel_init=initializers.initializer(self.init_scheme, self.activation),
                        param_dtype=self.param_dtype, dtype=self.param_dtype)
-      x = sow_activation(dense, act(dense(x)))
+      x = dense(x)
+      if self.layer_norm:
+        x = nn.LayerNorm(param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
+      x = sow_activation(dense, act(x))
     # The head is drawn like the reference's output layer: U(+-sqrt(3/fan_in)).
     return nn.Dense(self.outputs, kernel_init=initializers.initializer("lecun"),
                     param_dtype=self.param_dtype, dtype=self.param_dtype)(x)

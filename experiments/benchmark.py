@@ -1,4 +1,4 @@
-"""Throughput of BP vs CBP (and L2, Shrink & Perturb, ReDo) on the paper's networks.
+"""Throughput of BP vs CBP (and L2, Shrink & Perturb, ReDo, the newer methods) on the paper's networks.
 
 One command measures everything in one process, so the ratios compare runs
 made under the same machine load::
@@ -53,7 +53,13 @@ device (indexing it costs the same for every method). L2 is
 `cbp_jax.methods.redo` (tau 0, period 1000) after SGD. ``cbp_k10`` and
 ``cbp_k100`` are CBP with ``magnitude_refresh_every=10`` / ``100`` (weight
 magnitudes refreshed for a tenth / a hundredth of the units per step).
-``--quick`` skips ``cbp_k100``, S&P and ReDo.
+The newer methods (``upgd``, ``regrama``, ``snr``, ``hare_tortoise``,
+``ln_wd``, ``injection``) are built by `experiments.plasticity_methods` with
+its default settings, around the net's SGD (UPGD replaces it); ``ln_wd``
+adds LayerNorm to the MLPs and is skipped on the ConvNet; ``injection`` is
+timed before its injection point (the masked optimizer and the three-part
+forward pass cost the same before and after it).
+``--quick`` skips ``cbp_k100``, S&P, ReDo and the newer methods.
 
 Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
 Adam vs Adam): CBP's state beyond the wrapped optimizer's own is O(units),
@@ -90,6 +96,7 @@ import cbp_jax
 from cbp_jax import methods as methods_lib
 from cbp_jax import models
 from cbp_jax import transform as transform_lib
+from experiments import plasticity_methods
 from experiments import runner
 
 SCHEMA = "cbp_jax.experiments.benchmark/1"
@@ -170,7 +177,8 @@ REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100}
 def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.GradientTransformation, bool]:
   """The method's optimizer and whether its update takes ``activations``."""
   sgd = base_optimizer(net)
-  graph = cbp_jax.graph_from_params(params)
+  x0 = jnp.zeros((1,) + net.x_shape, jnp.float32)
+  graph = plasticity_methods.layer_graph(net.model, params, x0)
   if method == "bp":
     return sgd, False
   if method in REFRESH_EVERY:
@@ -186,14 +194,32 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
   if method == "redo":
     return optax.chain(sgd, methods_lib.redo(graph, key=key, tau=0.0, period=1000,
                                              init=net.cbp["init"])), True
+  if method in NEWER_METHODS:
+    hp = {"step_size": net.lr, **plasticity_methods.DEFAULTS[method]}
+    return plasticity_methods.optimizer(method, hp, graph, key, init=net.cbp["init"],
+                                        sgd=sgd), True
   raise ValueError(f"unknown method {method!r}")
+
+
+# The newer methods, built as the experiments build them (ReDo keeps its own
+# row above: tau 0, as before).
+NEWER_METHODS = tuple(m for m in plasticity_methods.NAMES if m != "redo")
 
 
 def available_methods(quick: bool = False) -> list[str]:
   out = ["bp", "cbp", "cbp_k10", "l2"]
   if not quick:
-    out += ["cbp_k100", "snp", "redo"]
+    out += ["cbp_k100", "snp", "redo", *NEWER_METHODS]
   return out
+
+
+def net_for(net: Net, method: str) -> Net | None:
+  """``net`` as ``method`` trains it (LayerNorm for ``ln_wd``), or None where it does not apply."""
+  if not plasticity_methods.layer_norm(method):
+    return net
+  if not isinstance(net.model, models.MLP):
+    return None  # LayerNorm + weight decay is benchmarked on the MLPs only.
+  return dataclasses.replace(net, model=net.model.clone(layer_norm=True))
 
 
 def age_past_maturity(opt_state: Any, maturity: int) -> Any:
@@ -241,7 +267,7 @@ def make_step(net: Net, tx: optax.GradientTransformation, needs_acts: bool, data
 
   def loss_fn(params, x, y):
     if needs_acts:
-      out, acts = cbp_jax.apply_with_activations(net.model, params, x)
+      out, acts = plasticity_methods.apply_with_activations(net.model, params, x)
     else:
       out, acts = net.model.apply({"params": params}, x), None
     if net.loss == "mse":
@@ -268,6 +294,8 @@ def init_carry(net: Net, method: str, key: jax.Array):
   x0 = jnp.zeros((net.batch,) + net.x_shape, jnp.float32)
   params = net.model.init(k_params, x0)["params"]
   tx, _ = make_tx(net, method, params, k_tx)
+  if method == "injection":
+    params = plasticity_methods.injectable(params)
   opt_state = age_past_maturity(tx.init(params), net.cbp["maturity_threshold"])
   return params, opt_state
 
@@ -432,7 +460,10 @@ def _jaxlib_version() -> str:
 def benchmark_net(net: Net, methods: list[str], steps: int, repeats: int, log) -> list[dict]:
   programs = []
   for m in methods:
-    p = build(net, m, steps)
+    if net_for(net, m) is None:
+      log(f"  skipped {net.name}/{m} (not applicable)")
+      continue
+    p = build(net_for(net, m), m, steps)
     log(f"  compiled {net.name}/{m} ({p.compile_s:.1f} s incl. warm-up)")
     programs.append(p)
   times = time_interleaved(programs, repeats)
@@ -525,12 +556,12 @@ def benchmark_ant(repeats: int, log) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-  head = f"{'net':14s} {'method':8s} {'batch':>5s} {'seeds':>5s} {'steps/s':>10s} {'ratio':>6s} {'replaced':>8s}  reference (PyTorch)"
+  head = f"{'net':14s} {'method':13s} {'batch':>5s} {'seeds':>5s} {'steps/s':>10s} {'ratio':>6s} {'replaced':>8s}  reference (PyTorch)"
   lines = [head, "-" * len(head)]
   for r in rows:
     ref = r.get("reference_steps_per_s")
     lines.append(
-        f"{r['net']:14s} {r['method']:8s} {r['batch']:5d} {r['seeds']:5d} "
+        f"{r['net']:14s} {r['method']:13s} {r['batch']:5d} {r['seeds']:5d} "
         f"{r['steps_per_s']:10.1f} {r['ratio_vs_bp']:6.2f} "
         f"{'' if r.get('replaced') is None else r['replaced']:>8}  {'' if ref is None else f'{ref:,.0f}'}")
   return "\n".join(lines)
@@ -581,7 +612,8 @@ def main(argv: list[str] | None = None) -> dict | None:
   parser.add_argument("--nets", default=None,
                       help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
                            "(ant: slippery-Ant PPO env steps/s, needs the rl extra; default when installed)")
-  parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,cbp_k10,cbp_k100,l2,snp,redo")
+  parser.add_argument("--methods", default=None,
+                      help=f"comma-separated subset of {','.join(available_methods())}")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", default=None, metavar="NET",
                       help="print an op-level profile of NET instead (BP and CBP, or --methods)")

@@ -92,10 +92,13 @@ import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax.data import load_dataset
 from cbp_jax.methods import shrink_and_perturb
+from experiments import plasticity_methods
 from experiments import runner
 
 EXPERIMENT = "permuted_mnist"
-METHODS = ("bp", "adam", "l2", "snp", "cbp")
+METHODS = ("bp", "adam", "l2", "snp", "cbp") + plasticity_methods.NAMES
+# SGD-based methods: --step-size sets theirs.
+SGD_METHODS = ("bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 SEED_AXES = ("vmap", "map")
 NUM_PIXELS = 784
 NUM_CLASSES = 10
@@ -122,7 +125,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # has several step sizes.
     "methods": ["bp", "adam", "l2", "snp", "cbp"],
     "step_sizes": {"bp": [0.003], "adam": [1e-4], "l2": [0.003], "snp": [0.003],
-                   "cbp": [0.003]},
+                   "cbp": [0.003], **{m: [0.003] for m in plasticity_methods.NAMES}},
     "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
     "l2": {"weight_decay": 1e-4},
     "snp": {"weight_decay": 1e-4, "noise_scale": 1e-5},
@@ -135,6 +138,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "accumulate": True,
         "next_bias_correction": True,
     },
+    # The newer methods (`experiments.plasticity_methods`; not in the paper),
+    # selectable by name; "injection" injects the output layer at the start
+    # of task ``at_task`` (0-based; the middle of the run by default).
+    **plasticity_methods.DEFAULTS,
+    "injection": {"at_task": 400},
 }
 
 # The paper's figure: 10 runs x 800 tasks x 60,000 examples, 3 x 2000 net.
@@ -152,8 +160,10 @@ REDUCED_OVERRIDES: dict[str, Any] = {
     "tasks_per_chunk": 5,
     "width": 100,
     "probe_size": 1000,
-    "step_sizes": {"bp": [0.03], "adam": [1e-3], "l2": [0.03], "snp": [0.03], "cbp": [0.03]},
+    "step_sizes": {"bp": [0.03], "adam": [1e-3], "l2": [0.03], "snp": [0.03], "cbp": [0.03],
+                   **{m: [0.03] for m in plasticity_methods.NAMES}},
     "cbp": {"replacement_rate": 1e-4},
+    "injection": {"at_task": 20},
 }
 
 
@@ -192,6 +202,9 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(c["l2"]["weight_decay"] >= 0, "l2.weight_decay must be >= 0")
   need(c["snp"]["weight_decay"] >= 0 and c["snp"]["noise_scale"] >= 0,
        "snp.weight_decay and snp.noise_scale must be >= 0")
+  at = c["injection"]["at_task"]
+  need(isinstance(at, int) and not isinstance(at, bool) and at >= 0,
+       f"injection.at_task must be an int >= 0, got {at!r}")
   if "snp" in c["methods"]:
     for lr in c["step_sizes"]["snp"]:
       need(0 < 1 - lr * c["snp"]["weight_decay"] <= 1,
@@ -206,7 +219,7 @@ def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
     for lr in sizes:
       label = m if len(sizes) == 1 else f"{m}@{lr:g}"
       info = {"method": m, "step_size": lr}
-      if m in ("adam", "l2", "snp", "cbp"):
+      if m in ("adam", "l2", "snp", "cbp") + plasticity_methods.NAMES:
         info.update(config[m])
       if m == "snp":
         info["shrink"] = 1.0 - lr * config["snp"]["weight_decay"]
@@ -290,8 +303,9 @@ def task_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array], key:
 # ---------------------------------------------------------------------------
 
 
-def make_model(config: Mapping[str, Any]) -> cbp_jax.models.MLP:
-  return cbp_jax.models.MLP(hidden=(config["width"],) * config["depth"], outputs=NUM_CLASSES)
+def make_model(config: Mapping[str, Any], layer_norm: bool = False) -> cbp_jax.models.MLP:
+  return cbp_jax.models.MLP(hidden=(config["width"],) * config["depth"], outputs=NUM_CLASSES,
+                            layer_norm=layer_norm)
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
@@ -303,6 +317,8 @@ def _hparams(config, method) -> dict[str, jax.Array]:
   if method == "snp":
     hp["shrink"] = (1.0 - lrs.astype(np.float64) * config["snp"]["weight_decay"]).astype(np.float32)
     hp["noise_scale"] = np.full_like(lrs, config["snp"]["noise_scale"])
+  if method in plasticity_methods.NAMES:
+    hp.update({k: np.full_like(lrs, v) for k, v in config[method].items() if k != "at_task"})
   return {k: jnp.asarray(v) for k, v in hp.items()}
 
 
@@ -311,6 +327,8 @@ def _optimizer(config, method, hp, graph, key):
     a = config["adam"]
     return optax.with_extra_args_support(
         optax.adam(hp["step_size"], b1=a["b1"], b2=a["b2"], eps=a["eps"]))
+  if method in plasticity_methods.NAMES:
+    return plasticity_methods.optimizer(method, hp, graph, key, init=config["cbp"]["init"])
   sgd = optax.sgd(hp["step_size"])
   if method == "bp":
     return optax.with_extra_args_support(sgd)
@@ -333,20 +351,30 @@ class _Method:
 
   def __init__(self, config, method, index):
     self.config, self.method, self.index = config, method, index
-    self.model = make_model(config)
+    self.model = make_model(config, plasticity_methods.layer_norm(method))
     self.hp = _hparams(config, method)
     self.variants = int(self.hp["step_size"].shape[0])
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
-    self.graph = cbp_jax.graph_from_params(shapes)
+    self.graph = plasticity_methods.layer_graph(self.model, shapes, x)
 
   def init(self, key, hp, variant):
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
     params = self.model.init(jax.random.fold_in(key, 1), x)["params"]
     opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index),
                                  variant)
+    if self.method == "injection":
+      params = plasticity_methods.injectable(params)
     tx = _optimizer(self.config, self.method, hp, self.graph, opt_key)
     return params, tx.init(params)
+
+  def start_task(self, state, key, task):
+    """The learner at the start of ``task``: plasticity injection's injection point."""
+    if self.method != "injection":
+      return state
+    x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
+    return plasticity_methods.inject(self.model, state, jax.random.fold_in(key, 3), x,
+                                     task == self.config["injection"]["at_task"])
 
   def step(self, state, hp, x, y):
     """One step on the batch ``(x, y)``; returns the new state and the number of
@@ -354,7 +382,7 @@ class _Method:
     params, opt_state = state
 
     def loss_fn(p):
-      logits, acts = cbp_jax.apply_with_activations(self.model, p, x)
+      logits, acts = plasticity_methods.apply_with_activations(self.model, p, x)
       loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
       return loss, (logits, acts)
 
@@ -367,6 +395,7 @@ class _Method:
 
   def probe(self, state, probe_x):
     params, opt_state = state
+    params = plasticity_methods.plain_params(params)
     _, acts = cbp_jax.apply_with_activations(self.model, params, probe_x)
     layers = hidden_layers(self.config)
     out = {"weight_magnitude": metrics_lib.weight_magnitude(params)["overall"]}
@@ -380,6 +409,8 @@ class _Method:
     if self.method == "cbp":
       stats = cbp_jax.unit_stats(opt_state)
       out["replaced_units"] = sum(stats[n]["replaced"] for n in layers).astype(jnp.float32)
+    if self.method in ("redo", "regrama", "snr"):
+      out["replaced_units"] = cbp_jax.methods.replaced_total(opt_state).astype(jnp.float32)
     return out
 
 
@@ -418,6 +449,8 @@ def make_chunked(config: Mapping[str, Any]):
     key = carry["key"]
     perm = task_permutation(key, task)
     order = task_order(key, task, data["images"].shape[0])
+    start = {m.method: runner.map_leading(m.start_task, m.variants, (0, None, None))(
+        carry["learners"][m.method], task_key(key, task), task) for m in methods}
 
     def body(learners, step):
       x, y = gather_examples(data, perm, order, step * batch + jnp.arange(batch))
@@ -427,7 +460,7 @@ def make_chunked(config: Mapping[str, Any]):
         new[m.method], correct[m.method] = step_fn(learners[m.method], m.hp, x, y)
       return new, correct
 
-    learners, correct = jax.lax.scan(body, carry["learners"], jnp.arange(steps))
+    learners, correct = jax.lax.scan(body, start, jnp.arange(steps))
     probe_x, _ = gather_examples(data, perm, order, jnp.arange(config["probe_size"]))
     out = {}
     for m in methods:
@@ -597,13 +630,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--data-dir", help="root holding mnist/ (default $CBP_JAX_DATA_DIR or ../shared/data)")
   p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
   p.add_argument("--step-size", type=runner.parse_floats,
-                 help="step size(s) of the SGD methods (bp, l2, snp, cbp), comma-separated")
+                 help="step size(s) of the SGD methods (all but adam), comma-separated")
   p.add_argument("--adam-step-size", type=runner.parse_floats, help="Adam step size(s), comma-separated")
   p.add_argument("--cbp-rate", type=float, help="CBP replacement rate (default 1e-6)")
   p.add_argument("--cbp-maturity", type=int, help="CBP maturity threshold (default 100)")
   p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-4)")
   p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay: shrink = 1 - lr * wd")
   p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-5)")
+  p.add_argument("--injection-task", type=int,
+                 help="task (0-based) at whose start `injection` injects (default: the middle)")
   runner.add_run_arguments(p, out="results/pmnist")
   p.add_argument("--benchmark", action="store_true",
                  help="measure steps/s of each method alone (one seed, one task) and exit")
@@ -620,7 +655,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
              "width", "depth", "probe_size", "seed_axis", "dataset")))
   sizes = dict(over.get("step_sizes", DEFAULT_CONFIG["step_sizes"]))
   if args.step_size:
-    sizes.update({m: list(args.step_size) for m in ("bp", "l2", "snp", "cbp")})
+    sizes.update({m: list(args.step_size) for m in SGD_METHODS})
   if args.adam_step_size:
     sizes["adam"] = list(args.adam_step_size)
   over["step_sizes"] = sizes
@@ -640,6 +675,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
     snp["noise_scale"] = args.snp_noise
   if snp:
     over["snp"] = snp
+  if args.injection_task is not None:
+    over["injection"] = {"at_task": args.injection_task}
   return make_config(over)
 
 

@@ -88,10 +88,11 @@ import optax
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax.methods import shrink_and_perturb
+from experiments import plasticity_methods
 from experiments import runner
 
 EXPERIMENT = "slowly_changing_regression"
-METHODS = ("linear", "bp", "l2", "snp", "cbp")
+METHODS = ("linear", "bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "swish", "elu", "selu")
 SLOW_BITS_MODES = ("redraw", "flip_one")
 
@@ -122,6 +123,12 @@ HPARAMS: dict[str, dict[str, Any]] = {
         "accumulate": False,
         "next_bias_correction": True,
     },
+    # The newer methods (`experiments.plasticity_methods`; not in the paper,
+    # settings not tuned for this problem). "injection" injects the learner's
+    # hidden and output layers at the start of bin ``at_bin`` (the middle of
+    # the default 50 bins).
+    **{m: {"step_size": 0.01, **v} for m, v in plasticity_methods.DEFAULTS.items()},
+    "injection": {"step_size": 0.01, "at_bin": 25},
 }
 SHORT_NAMES = {"step_size": "lr", "weight_decay": "wd", "noise_scale": "noise",
                "replacement_rate": "rate", "maturity_threshold": "mt", "decay_rate": "decay"}
@@ -361,7 +368,8 @@ def _model(config, method):
   if method == "linear":
     return cbp_jax.models.MLP(hidden=(), outputs=1, activation="linear")
   return cbp_jax.models.MLP(hidden=(config["hidden"],), outputs=1,
-                            activation=config["activation"])
+                            activation=config["activation"],
+                            layer_norm=plasticity_methods.layer_norm(method))
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
@@ -375,6 +383,9 @@ def _hparams(config, method) -> dict[str, jax.Array]:
 
 
 def _optimizer(config, method, hp, graph, key):
+  if method in plasticity_methods.NAMES:
+    return plasticity_methods.optimizer(method, hp, graph, key,
+                                        init=config["hparams"]["cbp"]["init"])
   sgd = optax.sgd(hp["step_size"])
   if method in ("linear", "bp"):
     return optax.with_extra_args_support(sgd)
@@ -408,21 +419,31 @@ class _Method:
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
     self.graph = None
     if method != "linear":
-      self.graph = cbp_jax.graph_from_params(shapes, activation=config["activation"])
+      self.graph = plasticity_methods.layer_graph(self.model, shapes, x, config["activation"])
 
   def init(self, key, hp, variant):
     x = jnp.zeros((1, self.config["num_inputs"]), jnp.float32)
     params = self.model.init(jax.random.fold_in(key, 1), x)["params"]
     opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index),
                                  variant)
+    if self.method == "injection":
+      params = plasticity_methods.injectable(params)
     tx = _optimizer(self.config, self.method, hp, self.graph, opt_key)
     return params, tx.init(params)
+
+  def start_bin(self, state, hp, key, bin_index):
+    """The learner at the start of bin ``bin_index``: plasticity injection's injection point."""
+    if self.method != "injection":
+      return state
+    x = jnp.zeros((1, self.config["num_inputs"]), jnp.float32)
+    return plasticity_methods.inject(self.model, state, jax.random.fold_in(key, 3), x,
+                                     bin_index == hp["at_bin"])
 
   def step(self, state, hp, x, y):
     params, opt_state = state
 
     def loss_fn(p):
-      out, acts = cbp_jax.apply_with_activations(self.model, p, x[None])
+      out, acts = plasticity_methods.apply_with_activations(self.model, p, x[None])
       return jnp.mean((out[0, 0] - y) ** 2), acts
 
     (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -433,6 +454,7 @@ class _Method:
 
   def probe(self, state, probe_x):
     params, opt_state = state
+    params = plasticity_methods.plain_params(params)
     out = {"weight_magnitude": metrics_lib.weight_magnitude(params)["overall"]}
     if self.method == "linear":
       nan = jnp.full((), jnp.nan, jnp.float32)
@@ -445,6 +467,8 @@ class _Method:
     if self.method == "cbp":
       out["replaced_units"] = cbp_jax.unit_stats(opt_state)["Dense_0"]["replaced"].astype(
           jnp.float32)
+    if self.method in ("redo", "regrama", "snr"):
+      out["replaced_units"] = cbp_jax.methods.replaced_total(opt_state).astype(jnp.float32)
     return out
 
 
@@ -478,6 +502,9 @@ def make_chunked(config: Mapping[str, Any]):
   def one_bin(carry, bin_index):
     key = carry["key"]
     x, y, stream = stream_bin(config, key, bin_index, carry["stream"])
+    bin_key = jax.random.fold_in(jax.random.fold_in(key, 4), bin_index)
+    start = {m.method: jax.vmap(m.start_bin, in_axes=(0, 0, None, None))(
+        carry["learners"][m.method], m.hp, bin_key, bin_index) for m in methods}
 
     def body(learners, xy):
       xt, yt = xy
@@ -487,7 +514,7 @@ def make_chunked(config: Mapping[str, Any]):
             learners[m.method], m.hp, xt, yt)
       return new, losses
 
-    learners, losses = jax.lax.scan(body, carry["learners"], (x, y))
+    learners, losses = jax.lax.scan(body, start, (x, y))
     probe_x = probe_inputs(config, key)
     out = {}
     for m in methods:

@@ -10,7 +10,23 @@ state, so a whole training step stays one pure, jittable, vmappable function:
 * `redo`: reinitialise tau-dormant units every ``period`` steps (Sokar et al.
   2023), with the same reset kernel as `cbp_jax.cbp` (`cbp_jax.reset`);
 * `reset_layers` / `reset_optimizer_for`: task-boundary resets (e.g. the
-  output layer per task in continual ImageNet).
+  output layer per task in continual ImageNet);
+* `upgd` / `scale_by_upgd`: utility-based perturbed gradient descent
+  (Elsayed & Mahmood 2024);
+* `regrama`: reset units of small incoming gradient on ReDo's schedule
+  (Liu et al. 2025);
+* `snr`: self-normalized resets of units whose silence is improbable under
+  their own firing rate (Farias & Jozefiak 2025);
+* `hare_tortoise`: a slow EMA copy and periodic resets of the fast weights
+  to it (Lee et al. 2024);
+* `plasticity_injection` (`injectable` / `injection_apply` /
+  `injection_optimizer` / `inject`): plasticity injection (Nikishin et al. 2023).
+
+ReDo, ReGraMa and SNR share their machinery (`_scored_reset`) and the reset
+kernel of `cbp_jax.cbp` (`cbp_jax.reset`); each other method lives in its own
+private module, re-exported here. LayerNorm + weight decay (Lyle et al.
+2024) needs no transform: ``cbp_jax.models.MLP(..., layer_norm=True)`` with
+`l2` before the optimizer (or ``optax.adamw``).
 """
 
 from __future__ import annotations
@@ -23,13 +39,48 @@ import numpy as np
 import optax
 
 from cbp_jax import graph as graph_lib
-from cbp_jax import initializers
 from cbp_jax import metrics
 from cbp_jax import prng
 from cbp_jax import reset as reset_lib
-from cbp_jax import transform as transform_lib
 from cbp_jax import tree_paths
 from cbp_jax import validation
+from cbp_jax.methods import _scored_reset as scored_reset
+from cbp_jax.methods._hare_tortoise import hare_tortoise
+from cbp_jax.methods._hare_tortoise import HareTortoiseState
+from cbp_jax.methods._hare_tortoise import tortoise_params
+from cbp_jax.methods._injection import inject
+from cbp_jax.methods._injection import injectable
+from cbp_jax.methods._injection import InjectedParams
+from cbp_jax.methods._injection import injection_apply
+from cbp_jax.methods._injection import injection_optimizer
+from cbp_jax.methods._injection import InjectionRecipe
+from cbp_jax.methods._injection import InjectionState
+from cbp_jax.methods._injection import plasticity_injection
+from cbp_jax.methods._regrama import gradient_scores
+from cbp_jax.methods._regrama import regrama
+from cbp_jax.methods._scored_reset import RedoState
+from cbp_jax.methods._scored_reset import replaced_total
+from cbp_jax.methods._scored_reset import SnrState
+from cbp_jax.methods._snr import snr
+from cbp_jax.methods._snr import streak_log_probability
+from cbp_jax.methods._snr import update_firing
+from cbp_jax.methods._upgd import scale_by_upgd
+from cbp_jax.methods._upgd import ScaleByUpgdState
+from cbp_jax.methods._upgd import scaled_utilities
+from cbp_jax.methods._upgd import upgd
+from cbp_jax.methods._upgd import utilities as upgd_utilities
+
+# The public names, also those of the private per-method modules (the API
+# reference documents what is listed here).
+__all__ = [
+    "gradient_scores", "hare_tortoise", "HareTortoiseState", "inject", "injectable",
+    "InjectedParams", "injection_apply", "injection_optimizer", "InjectionRecipe", "InjectionState",
+    "l2", "plasticity_injection",
+    "l2_init", "L2InitState", "redo", "RedoState", "regrama", "replaced_total",
+    "reset_layers", "reset_optimizer_for", "scale_by_upgd", "ScaleByUpgdState",
+    "scaled_utilities", "shrink_and_perturb", "ShrinkPerturbState", "snr", "SnrState",
+    "streak_log_probability", "tortoise_params", "update_firing", "upgd", "upgd_utilities",
+]
 
 
 def _copy(params: Any) -> Any:
@@ -243,33 +294,6 @@ def shrink_and_perturb(
 # --- ReDo -----------------------------------------------------------------
 
 
-class RedoState(NamedTuple):
-  """State of `redo`.
-
-  Attributes:
-    count: steps taken (int32).
-    key: PRNG key of the new incoming weights; split every step.
-    replaced_total: per layer, units reinitialised so far (int32).
-    last_replaced: per layer, boolean mask of the units reinitialised at the
-      last step (for logging, or BatchNorm running statistics).
-    inner_state: the wrapped optimizer's state (``optimizer=`` form), else
-      ``optax.EmptyState()``.
-  """
-  count: jax.Array
-  key: jax.Array
-  replaced_total: dict[str, jax.Array]
-  last_replaced: dict[str, jax.Array]
-  inner_state: optax.OptState
-
-
-# cbp and redo cannot be each other's optimizer=: the wrapping transform
-# passes no activations on to its optimizer, and restarting that optimizer's
-# statistics calls its init on optax's parameter placeholder, which theirs
-# cannot take (they resolve the layer graph against the real parameters).
-_COMPOSE = ("wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
-            "optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))")
-
-
 def redo(
     graph: graph_lib.LayerGraph,
     *,
@@ -347,49 +371,13 @@ def redo(
     >>> updates, state = tx.update(g, state, params, activations=acts)
     >>> params = optax.apply_updates(params, updates)
   """
-  if not isinstance(graph, graph_lib.LayerGraph):
-    raise ValueError(
-        f"redo: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
+  scored_reset.check_common("redo", graph, init)
   validation.check_nonnegative("tau", tau)
   validation.check_positive_int("period", period)
-  initializers.check_initializer(init)
-  key = validation.as_key(key)
-  inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
-  def init_fn(params):
-    if not jax.tree.leaves(params):
-      raise ValueError(
-          "redo: init needs the parameters, got a tree without arrays (as "
-          "optax.tree_utils.tree_map_params passes when redo is another transform's "
-          f"optimizer=, which is not supported: {_COMPOSE})")
-    layers, _, _ = graph_lib.resolve(graph, params)
-    if inner is not None:
-      inner_state = inner.init(params)
-      if _unit_reset_states(inner_state):
-        raise ValueError(f"redo: optimizer= holds a cbp or redo transform: {_COMPOSE}")
-      reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
-    else:
-      inner_state = optax.EmptyState()
-    return RedoState(
-        count=jnp.zeros((), jnp.int32),
-        key=key,
-        replaced_total={l.layer.name: jnp.zeros((), jnp.int32) for l in layers},
-        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
-        inner_state=inner_state)
-
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
-    if params is None:
-      raise ValueError("redo: update needs params (tx.update(grads, state, params, activations=...))")
-    layers, _, _ = graph_lib.resolve(graph, params)
-    validation.check_activations("redo", layers, activations)
-    if inner is not None:
-      updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    else:
-      inner_state = state.inner_state
-
-    count = state.count + 1
+  def select(layers, grads, params, activations, count, stats):
+    del grads, params, stats
     due = count % period == 0
-    key, reinit_key = prng.split(state.key)
     selections, means = {}, {}
     for layer in layers:
       name = layer.layer.name
@@ -399,40 +387,11 @@ def redo(
       n = jnp.sum(eligible).astype(jnp.int32)
       selections[name] = reset_lib.select_lowest(scores, eligible, n, layer.width)
       means[name] = jnp.mean(h.astype(jnp.float32), axis=tuple(range(h.ndim - 1)))
+    return scored_reset.Scored(selections, means if next_bias_correction else None, {})
 
-    def reset(operands):
-      updates, inner_state = operands
-      new_updates = reset_lib.reset_units(
-          updates, params, layers, selections, reinit_key, init=init,
-          mean_activation=means if next_bias_correction else None)
-      if inner is not None:
-        new_params = optax.apply_updates(params, new_updates)
-        touched = reset_lib.touched_slices(layers, selections)
-        inner_state = reset_lib.reset_optimizer_state(inner, inner_state, new_params, touched)
-      return new_updates, inner_state
-
-    # Unlike cbp, the reset stays under lax.cond. ReDo may reset every unit of
-    # a layer, so its selections have K = width slots and the kernel draws and
-    # gathers a whole kernel of new weights; run on every step, that costs far
-    # more than the cond's copy of the updates (XLA's cost analysis of the
-    # 784-2000x3 MLP's step at batch 1 without the cond: 766M flops against
-    # plain SGD's 61M, the threefry draw of 9.6M weights).
-    any_replaced = jnp.any(jnp.stack(
-        [selections[l.layer.name].count(l.width) > 0 for l in layers]))
-    updates, inner_state = jax.lax.cond(
-        any_replaced, reset, lambda operands: operands, (updates, inner_state))
-
-    replaced_total, last_replaced = {}, {}
-    for layer in layers:
-      name = layer.layer.name
-      mask = selections[name].mask(layer.width)
-      replaced_total[name] = state.replaced_total[name] + jnp.sum(mask, dtype=jnp.int32)
-      last_replaced[name] = mask
-    return updates, RedoState(
-        count=count, key=key, replaced_total=replaced_total,
-        last_replaced=last_replaced, inner_state=inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return scored_reset.unit_reset_transform(
+      "redo", graph, key=key, init=init, optimizer=optimizer, select=select,
+      needs_activations=True)
 
 
 # --- Task-boundary resets -------------------------------------------------
@@ -518,13 +477,6 @@ def reset_layers(params: Any, fresh_params: Any, paths: str | Sequence[str]) -> 
   return jax.tree.unflatten(treedef, out)
 
 
-def _unit_reset_states(opt_state: Any) -> list[Any]:
-  """The `cbp` and `redo` states (`CbpState`, `RedoState`) anywhere in ``opt_state``."""
-  kinds = (transform_lib.CbpState, RedoState)
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
-          if isinstance(s, kinds)]
-
-
 def _mirror_positions(positions: Any, params_def: Any, chosen: set[int]) -> set[int]:
   """State leaf positions of the chosen parameters, in every subtree shaped like the parameters.
 
@@ -606,7 +558,7 @@ def reset_optimizer_for(
   try:
     optax.tree_utils.tree_map_params(tx, record, positions, selected)
   except Exception as e:  # Any failure means optax cannot locate the statistics.
-    if not _unit_reset_states(opt_state):
+    if not scored_reset.unit_reset_states(opt_state):
       raise ValueError(
           "reset_optimizer_for cannot locate the per-parameter statistics of this "
           f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
