@@ -564,7 +564,7 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
       results, path,
       metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
       title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
-            f"epochs/task, {c.get('seeds')} seed(s), mean +- s.e.)")
+            f"epochs/task, {c.get('seeds')} seed(s), {runner.BAND_LABEL})")
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:

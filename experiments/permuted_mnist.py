@@ -495,7 +495,7 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
       results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
       title=f"online permuted MNIST (784-{'-'.join([str(c.get('width'))] * c.get('depth', 0))}-10, "
             f"{c.get('examples_per_task'):,} examples/task, batch {c.get('batch_size')}, "
-            f"{seeds} seeds, mean +- s.e.)")
+            f"{seeds} seeds, {runner.BAND_LABEL})")
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
