@@ -616,7 +616,8 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
   c = results["config"]
   return runner.plot_results(
       results, path,
-      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
+      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+      + plasticity_probes.plotted(results),
       title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
             f"epochs/task, {c.get('seeds')} seed(s), {runner.BAND_LABEL})")
 

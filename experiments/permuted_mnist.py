@@ -31,6 +31,12 @@ The problem (SPEC "Experiments"; reference: ``lop/permuted_mnist/online_expr.py`
   effective rank of each hidden layer's probe features (``effective_rank`` is
   their mean, ``effective_rank/Dense_i`` per layer), mean |w| over all kernels
   (``weight_magnitude``), and for CBP the cumulative number of replaced units.
+  Also the fraction of linearised units (active on 99% of the probe set) and,
+  unless ``--no-probes``, the plasticity probes of
+  `experiments.plasticity_probes` (trainability on a fresh random-label task
+  and its fresh-initialisation reference, top Hessian eigenvalue, drift from
+  initialisation per layer, output churn on held-out inputs: MNIST images
+  under a permutation no task uses).
 * Methods (the reference's configs, ``lop/permuted_mnist/cfg``; the values its
   figure script ``plots/all_metrics.py`` picks are the defaults here):
   ``bp`` (SGD 0.003), ``adam`` (Adam 1e-4, betas 0.9/0.999, eps 1e-8),
@@ -455,7 +461,8 @@ def make_chunked(config: Mapping[str, Any]):
     heldout_x = heldout_examples(config, data, key)
     labels = plasticity_probes.probe_labels(probes, probe_key, NUM_CLASSES)
     fresh = plasticity_probes.fresh_trainability(
-        probes, first.logits, lambda k: first.initial_params(k), probe_x, labels, probe_key)
+        probes, first.logits, lambda k: first.model.init(k, probe_x[:1])["params"], probe_x, labels,
+        probe_key)
     out, heldout = {}, {}
     for m in methods:
       # Task 0's churn is measured from the initial network.
@@ -556,7 +563,8 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
   c = results["config"]
   seeds = c.get("seeds", "?")
   return runner.plot_results(
-      results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
+      results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+      + plasticity_probes.plotted(results),
       title=f"online permuted MNIST (784-{'-'.join([str(c.get('width'))] * c.get('depth', 0))}-10, "
             f"{c.get('examples_per_task'):,} examples/task, batch {c.get('batch_size')}, "
             f"{seeds} seeds, {runner.BAND_LABEL})")

@@ -123,6 +123,12 @@ def fresh_trainability(probes: Mapping[str, Any], apply_logits: Callable, init: 
   return trainability(probes, apply_logits, init(jax.random.fold_in(key, _FRESH)), x, labels)["trainability"]
 
 
+def plotted(results: Mapping[str, Any]) -> tuple[str, ...]:
+  """The probe panels of an experiment's figure: trainability and curvature, when recorded."""
+  present = {n for named in results["metrics"].values() for n in named}
+  return tuple(n for n in ("trainability", "hessian_top_eigenvalue") if n in present)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """``--no-probes`` (skip the probes) and ``--probe-steps`` (trainability steps)."""
   parser.add_argument("--no-probes", action="store_true",

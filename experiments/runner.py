@@ -1287,6 +1287,8 @@ METRIC_TITLES = {
     "dead_fraction": "dead units (fraction)",
     "effective_rank": "effective rank",
     "weight_magnitude": "mean |w|",
+    "trainability": "trainability (fresh-task loss removed)",
+    "hessian_top_eigenvalue": "top Hessian eigenvalue",
 }
 
 
