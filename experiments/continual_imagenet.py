@@ -511,7 +511,7 @@ def make_chunked(config: Mapping[str, Any]):
     return carry
 
   def plasticity(carry, learners, task, x, y, data):
-    """``({method: probe metrics}, fresh-init trainability, {method: held-out logits})``."""
+    """``({method: probe metrics}, fresh-init trainability metrics, {method: held-out logits})``."""
     key, first = carry["key"], methods[0]
     probe_key = jax.random.fold_in(jax.random.fold_in(key, _PROBE), task)
     init_params = first.initial_params(key)
@@ -560,7 +560,7 @@ def make_chunked(config: Mapping[str, Any]):
       out[m.method] = m.evaluate(learners[m.method], to_float(test_x), test_y)
       out[m.method]["train_accuracy"] = correct[m.method][-1].astype(jnp.float32) / n_train
       if probes["enabled"]:
-        out[m.method].update(extra[m.method], trainability_fresh_init=fresh)
+        out[m.method].update(extra[m.method], **fresh)
     return new_carry, out
 
   return init, runner.scan_points(one_task, tasks_per_chunk)

@@ -454,7 +454,7 @@ def make_chunked(config: Mapping[str, Any]):
     return carry
 
   def plasticity(carry, learners, task, probe_x, probe_y, data):
-    """``({method: probe metrics (V,)}, fresh-init trainability, {method: held-out logits})``."""
+    """``({method: probe metrics (V,)}, fresh-init trainability metrics, {method: held-out logits})``."""
     key, first = carry["key"], methods[0]
     probe_key = jax.random.fold_in(jax.random.fold_in(key, 4), task)
     init_params = first.initial_params(key)
@@ -507,7 +507,7 @@ def make_chunked(config: Mapping[str, Any]):
         label = labels[len(out)]
         out[label] = {"accuracy": accuracy[v], **{k: a[v] for k, a in probed.items()}}
         if probes["enabled"]:
-          out[label]["trainability_fresh_init"] = fresh
+          out[label].update(fresh)
     return new_carry, out
 
   return init, runner.scan_points(one_task, tasks_per_chunk)

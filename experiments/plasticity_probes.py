@@ -8,9 +8,13 @@ over variants and seeds like the rest of it). From `cbp_jax.metrics`:
   parameters: plain SGD (``step_size``, ``trainability_steps`` full-batch
   steps) on a fresh task, uniformly random labels on the first ``size`` probe
   inputs; the fraction of its cross-entropy removed. ``trainability_loss`` is
-  the loss after. ``trainability_fresh_init``: the same probe (same inputs,
-  same labels) from a fresh initialisation of the same network, the
-  reference a fully plastic network reaches.
+  the loss after. ``trainability_fresh_init`` and
+  ``trainability_loss_fresh_init``: the same probe (same inputs, same labels)
+  from a fresh initialisation of the same network, the reference a fully
+  plastic network reaches. A trained network's confident predictions start
+  the fresh task far above chance loss (``ln(classes)``) and the first steps
+  remove that excess, so compare the losses after the probe, not the
+  fractions removed, with the fresh network's (which starts at chance).
 * ``hessian_top_eigenvalue``: `top_hessian_eigenvalue` of the cross-entropy
   on the first ``size`` probe examples (their true labels),
   ``hessian_iterations`` Lanczos steps.
@@ -99,7 +103,7 @@ def learner_probes(probes: Mapping[str, Any], apply_logits: Callable, params: An
 
   Returns:
     ``(metrics, heldout_logits)``: the names of the module docstring (but
-    ``trainability_fresh_init``, see `fresh_trainability`), and this probe
+    the fresh-initialisation ones, see `fresh_trainability`), and this probe
     point's held-out logits, for the next one's churn.
   """
   n = probes["size"]
@@ -117,10 +121,12 @@ def learner_probes(probes: Mapping[str, Any], apply_logits: Callable, params: An
 
 
 def fresh_trainability(probes: Mapping[str, Any], apply_logits: Callable, init: Callable[[jax.Array], Any],
-                       x: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
-  """``trainability_fresh_init``: the trainability of ``init(key')``, a fresh draw of the
-  network's parameters for this probe point, on the same fresh task."""
-  return trainability(probes, apply_logits, init(jax.random.fold_in(key, _FRESH)), x, labels)["trainability"]
+                       x: jax.Array, labels: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+  """The reference: `trainability` of ``init(key')``, a fresh draw of the network's
+  parameters for this probe point, on the same fresh task, as
+  ``{"trainability_fresh_init", "trainability_loss_fresh_init"}``."""
+  out = trainability(probes, apply_logits, init(jax.random.fold_in(key, _FRESH)), x, labels)
+  return {f"{name}_fresh_init": value for name, value in out.items()}
 
 
 def plotted(results: Mapping[str, Any]) -> tuple[str, ...]:

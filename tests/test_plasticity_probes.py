@@ -15,8 +15,8 @@ from experiments import plasticity_probes as pp
 from tests.test_continual_imagenet import TINY_RUN, synthetic_data
 from tests.test_permuted_mnist import CONFIG, pytestmark  # noqa: F401  (skips without MNIST)
 
-PROBE_NAMES = {"trainability", "trainability_loss", "trainability_fresh_init", "hessian_top_eigenvalue", "drift",
-               "output_churn", "prediction_churn"}
+PROBE_NAMES = {"trainability", "trainability_loss", "trainability_fresh_init", "trainability_loss_fresh_init",
+               "hessian_top_eigenvalue", "drift", "output_churn", "prediction_churn"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,8 @@ def test_permuted_mnist_records_the_probes_at_each_task_and_they_match_direct_ca
                                probes["trainability_steps"])
     assert per_task[1]["cbp"]["trainability_fresh_init"][s, 0] == pytest.approx(float(ref["loss_reduction"]),
                                                                                  rel=1e-4, abs=1e-6)
+    assert per_task[1]["cbp"]["trainability_loss_fresh_init"][s, 0] == pytest.approx(float(ref["loss_after"]),
+                                                                                      rel=1e-4)
   # The held-out inputs are fixed for the run and are not any task's inputs.
   heldout = np.asarray(pm.heldout_examples(config, data, keys[0]))
   assert heldout.shape == (config["probes"]["heldout_size"], 784)
