@@ -216,7 +216,7 @@ def _small_net_loss():
 def test_top_hessian_eigenvalue_against_numpy_eigvalsh_of_the_explicit_hessian():
   loss, params = _small_net_loss()
   flat, unravel = jax.flatten_util.ravel_pytree(params)
-  hessian = np.asarray(jax.hessian(lambda v: loss(unravel(v)))(flat), np.float64)
+  hessian = np.asarray(jax.jit(jax.hessian(lambda v: loss(unravel(v))))(flat), np.float64)
   eigenvalues = np.linalg.eigvalsh((hessian + hessian.T) / 2)
   top = eigenvalues[-1]
   assert abs(eigenvalues[0]) < top  # a case where power iteration and Lanczos agree on the target
