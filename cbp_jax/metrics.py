@@ -1,4 +1,5 @@
-"""Plasticity correlates: dead/dormant units, feature-matrix ranks, weight and gradient magnitudes.
+"""Plasticity correlates and probes: dead/dormant/saturated/linearised units, ranks, magnitudes, drift, churn,
+trainability and curvature.
 
 These are the quantities the Continual Backpropagation paper (Dohare et al., Nature 2024) tracks to explain loss
 of plasticity (see "Plasticity metrics" on the Semantics page of the documentation). Every function here is a pure
@@ -32,11 +33,13 @@ Edge cases (decided deliberately)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import optax
 
 from cbp_jax import tree_paths
 from cbp_jax import validation
@@ -54,6 +57,13 @@ __all__ = [
     "weight_magnitude",
     "feature_norm",
     "gradient_norm",
+    "saturated_fraction",
+    "linearised_fraction",
+    "parameter_drift",
+    "output_churn",
+    "prediction_churn",
+    "trainability_probe",
+    "top_hessian_eigenvalue",
     "layer_metrics",
 ]
 
@@ -258,6 +268,98 @@ def dormant_fraction(h: jax.Array, tau: float = 0.0) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Saturated and linearised units: what "dead" misses for tanh/sigmoid nets and for ReLU nets gone linear.
+# ----------------------------------------------------------------------------------------------------------------
+
+# The output range (low, high) of each saturating activation: a unit near either end passes almost no gradient.
+SATURATING_RANGES = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}
+# Piecewise-linear activations: a unit active on every sample computes a linear function of its input.
+PIECEWISE_LINEAR = ("relu", "leaky_relu")
+
+
+def _check_activation_name(activation: Any, fn: str, allowed: tuple[str, ...]) -> None:
+  if activation not in allowed:
+    raise ValueError(f"{fn}: `activation` must be one of {allowed}, got {activation!r}.")
+
+
+def _check_margin(margin: Any, fn: str) -> None:
+  v = validation.scalar("margin", margin)
+  if v is not None and not (0.0 <= v < 0.5):  # also rejects NaN; 0.5 would call every sigmoid output saturated
+    raise ValueError(f"{fn}: `margin` must be in [0, 0.5), got {margin!r}.")
+
+
+def saturated_fraction(h: jax.Array, activation: str = "tanh", margin: float | jax.Array = 0.05,
+                       threshold: float | jax.Array = 0.99) -> jax.Array:
+  """Fraction of saturated units: within ``margin`` of an end of the activation's range on almost every sample.
+
+  For tanh/sigmoid-family nets the dead-unit fraction says nothing (a tanh unit is never exactly 0); the units
+  that stop learning are those stuck at an end of their range, where the derivative vanishes. A sample is
+  saturated for a unit when its output is within ``margin`` of either end (``|h| >= 1 - margin`` for tanh,
+  ``h <= margin`` or ``h >= 1 - margin`` for sigmoid), and a unit is saturated when at least a fraction
+  ``threshold`` of the samples are.
+
+  Args:
+    h: post-activation outputs of shape ``(batch, ..., n_units)``; unit axis last, middle axes (conv ``H, W``)
+      are more samples.
+    activation: ``"tanh"`` or ``"sigmoid"`` (`SATURATING_RANGES`).
+    margin: distance from the range's end, in ``[0, 0.5)``; ``0.05`` is a tanh derivative below ``0.1``.
+    threshold: fraction of samples in ``(0, 1]``; ``0.99`` means "almost every sample". Either may be traced
+      (then not validated).
+
+  Returns:
+    A ``float32`` scalar in ``[0, 1]``.
+
+  Raises:
+    ValueError: for a bad ``h`` (see :func:`dead_unit_fraction`), an unknown ``activation``, or ``margin`` /
+      ``threshold`` out of range.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h = jnp.array([[0.99, -0.2], [-0.98, 0.97]])  # unit 0 is at an end on both samples, unit 1 on one
+    >>> float(saturated_fraction(h, "tanh", margin=0.05))
+    0.5
+  """
+  fn = "saturated_fraction"
+  _check_activation_name(activation, fn, tuple(SATURATING_RANGES))
+  _check_margin(margin, fn)
+  _check_threshold(threshold, fn)
+  h = _check_activations(h, fn)
+  low, high = SATURATING_RANGES[activation]
+  at_end = (h <= low + margin) | (h >= high - margin)
+  fractions = jnp.mean(at_end.astype(jnp.float32), axis=tuple(range(h.ndim - 1)))
+  return jnp.mean((fractions >= threshold).astype(jnp.float32))
+
+
+def linearised_fraction(h: jax.Array, threshold: float | jax.Array = 0.99) -> jax.Array:
+  """Fraction of ReLU-family units active (output ``> 0``) on at least a fraction ``threshold`` of the samples.
+
+  Such a unit never uses its kink on the data: it computes a linear function of its input, so a layer of them
+  adds no expressive power (the opposite failure of a dead unit). ``threshold = 1`` counts units active on
+  every sample.
+
+  Args:
+    h: activations of shape ``(batch, ..., n_units)``; unit axis last, middle axes (conv ``H, W``) are more
+      samples.
+    threshold: fraction in ``(0, 1]``. May be traced (then not validated).
+
+  Returns:
+    A ``float32`` scalar in ``[0, 1]``.
+
+  Raises:
+    ValueError: for a bad ``h`` (see :func:`dead_unit_fraction`) or ``threshold`` not in ``(0, 1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> h = jnp.array([[1., 0., 2.], [3., 0., 0.]])  # active on 2/2, 0/2, 1/2 samples
+    >>> float(linearised_fraction(h, threshold=1.0))
+    0.3333333432674408
+  """
+  _check_threshold(threshold, "linearised_fraction")
+  fractions = active_fractions(h)
+  return jnp.mean((fractions >= threshold).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Ranks of the feature matrix.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -391,6 +493,29 @@ def stable_rank(features: jax.Array, threshold: float = 0.99) -> jax.Array:
 # Magnitudes.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _kernels(params: Any, fn: str) -> list[tuple[str, Any]]:
+  """``[(path, leaf)]`` of the non-empty leaves whose last path key is ``"kernel"``, in tree order.
+
+  Raises:
+    ValueError: if there is none, or a kernel's path is ``"overall"`` (the key of the totals).
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  found = []
+  for path, leaf in leaves:
+    name = tree_paths.path_to_str(path)
+    if name.rsplit("/", 1)[-1] != "kernel" or jnp.size(leaf) == 0:
+      continue
+    if name == "overall":
+      raise ValueError(f"{fn}: a kernel path is named 'overall', which collides with the total key.")
+    found.append((name, leaf))
+  if not found:
+    raise ValueError(
+        f"{fn}: `params` has no non-empty leaf whose last path key is 'kernel'; got paths "
+        f"{[tree_paths.path_to_str(p) for p, _ in leaves][:10]}."
+    )
+  return found
+
+
 def weight_magnitude(params: Any) -> dict[str, jax.Array]:
   """Mean absolute weight of every kernel, per layer and overall.
 
@@ -418,28 +543,15 @@ def weight_magnitude(params: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in weight_magnitude(params).items()}
     {'Dense_0/kernel': 2.5, 'Dense_1/kernel': 1.0, 'overall': 2.0}
   """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
   out: dict[str, jax.Array] = {}
   total_abs = jnp.zeros((), jnp.float32)
   total_count = 0
-  for path, leaf in leaves:
-    name = tree_paths.path_to_str(path)
-    if name.rsplit("/", 1)[-1] != "kernel":
-      continue
+  for name, leaf in _kernels(params, "weight_magnitude"):
     w = jnp.asarray(leaf)
-    if w.size == 0:
-      continue
-    if name == "overall":
-      raise ValueError("weight_magnitude: a kernel path is named 'overall', which collides with the total key.")
     s = jnp.sum(jnp.abs(w.astype(jnp.float32)))
     out[name] = s / w.size
     total_abs = total_abs + s
     total_count += w.size
-  if total_count == 0:
-    raise ValueError(
-        "weight_magnitude: `params` has no non-empty leaf whose last path key is 'kernel'; got paths "
-        f"{[tree_paths.path_to_str(p) for p, _ in leaves][:10]}."
-    )
   out["overall"] = total_abs / total_count
   return out
 
@@ -492,33 +604,290 @@ def gradient_norm(grads: Any) -> jax.Array:
   return jnp.sqrt(sum(sq, jnp.zeros((), jnp.float32)))
 
 
+def parameter_drift(params: Any, init_params: Any) -> dict[str, jax.Array]:
+  """L2 distance of every kernel from its value at initialisation, per layer and overall.
+
+  How far training has moved the weights: a network whose weights drift far from their (well-conditioned)
+  initial values tends to lose plasticity. Kernels are found as in :func:`weight_magnitude`; divide by the
+  initial kernel's norm for a relative drift.
+
+  Args:
+    params: the current parameters (a pytree, e.g. Flax params).
+    init_params: the parameters at initialisation, with the same kernels and shapes.
+
+  Returns:
+    ``{kernel_path: ||w - w0||_2}`` (``float32``) plus ``"overall"``: the distance over all kernels together,
+    ``sqrt(sum of the squared per-layer distances)``.
+
+  Raises:
+    ValueError: if ``params`` has no kernel, or ``init_params`` lacks one of its kernels or has another shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> w0 = {"Dense_0": {"kernel": jnp.zeros((2, 2))}, "Dense_1": {"kernel": jnp.zeros((2, 1))}}
+    >>> w = {"Dense_0": {"kernel": jnp.array([[3., 0.], [0., 4.]])}, "Dense_1": {"kernel": jnp.ones((2, 1))}}
+    >>> {k: round(float(v), 4) for k, v in parameter_drift(w, w0).items()}
+    {'Dense_0/kernel': 5.0, 'Dense_1/kernel': 1.4142, 'overall': 5.1962}
+  """
+  initial = dict(_kernels(init_params, "parameter_drift"))
+  out: dict[str, jax.Array] = {}
+  total = jnp.zeros((), jnp.float32)
+  for name, leaf in _kernels(params, "parameter_drift"):
+    w0 = initial.get(name)
+    if w0 is None or jnp.shape(w0) != jnp.shape(leaf):
+      raise ValueError(
+          f"parameter_drift: kernel {name!r} has shape {jnp.shape(leaf)} in `params` but "
+          f"{'is missing' if w0 is None else f'shape {jnp.shape(w0)}'} in `init_params`.")
+    sq = jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32) - jnp.asarray(w0, jnp.float32)))
+    out[name] = jnp.sqrt(sq)
+    total = total + sq
+  out["overall"] = jnp.sqrt(total)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Function-space probes: output churn, trainability, curvature.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(before: Any, after: Any, fn: str) -> tuple[jax.Array, jax.Array]:
+  before = _check_activations(before, fn, name="before")
+  after = _check_activations(after, fn, name="after")
+  if before.shape != after.shape:
+    raise ValueError(f"{fn}: `before` has shape {tuple(before.shape)} but `after` has {tuple(after.shape)}.")
+  return before, after
+
+
+def output_churn(before: jax.Array, after: jax.Array) -> jax.Array:
+  """Mean L2 change of the network's outputs on a fixed held-out batch between two probe points.
+
+  Args:
+    before: outputs ``(batch, ..., n_outputs)`` (e.g. logits) at the earlier probe point.
+    after: outputs of the same inputs at the later probe point, same shape.
+
+  Returns:
+    A ``float32`` scalar: ``mean over samples of ||after - before||_2`` (the norm over the last axis).
+
+  Raises:
+    ValueError: if either is not ``(batch, ..., n)`` or the shapes differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(output_churn(jnp.zeros((2, 2)), jnp.array([[3., 4.], [0., 0.]])))
+    2.5
+  """
+  before, after = _check_same_shape(before, after, "output_churn")
+  return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(after - before), axis=-1)))
+
+
+def prediction_churn(before: jax.Array, after: jax.Array) -> jax.Array:
+  """Fraction of held-out samples whose predicted class (argmax of the last axis) changed.
+
+  Args:
+    before: logits or probabilities ``(batch, ..., n_classes)`` at the earlier probe point.
+    after: the same inputs' at the later probe point, same shape.
+
+  Returns:
+    A ``float32`` scalar in ``[0, 1]``.
+
+  Raises:
+    ValueError: if either is not ``(batch, ..., n)`` or the shapes differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(prediction_churn(jnp.array([[1., 0.], [0., 1.]]), jnp.array([[0., 1.], [0., 2.]])))
+    0.5
+  """
+  before, after = _check_same_shape(before, after, "prediction_churn")
+  changed = jnp.argmax(before, axis=-1) != jnp.argmax(after, axis=-1)
+  return jnp.mean(changed.astype(jnp.float32))
+
+
+def _check_steps(steps: Any, name: str, fn: str) -> None:
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"{fn}: `{name}` must be a Python int >= 1 (a static loop length), got {steps!r}.")
+
+
+def trainability_probe(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, inputs: Any, targets: Any,
+                       optimizer: optax.GradientTransformation, steps: int) -> dict[str, jax.Array]:
+  """How much of a fresh task's loss a copy of the network can remove in ``steps`` steps: plasticity, directly.
+
+  Trains a copy of ``params`` (the caller's are untouched: JAX arrays are immutable) with ``optimizer``, from a
+  fresh optimizer state, for ``steps`` full-batch steps on ``(inputs, targets)`` inside the compiled program
+  (a ``lax.scan``), and reports the loss before and after. With random labels or random regression targets on
+  probe inputs the task is new to every network, so a network that has lost plasticity removes less of the
+  loss than a fresh initialisation does; run the probe on one as the reference.
+
+  Args:
+    loss_fn: ``loss_fn(params, inputs, targets) -> scalar``, differentiable in ``params``.
+    params: the parameters to start from.
+    inputs: the probe inputs (any pytree the loss takes).
+    targets: the fresh task's targets, e.g. ``jax.random.randint(key, (n,), 0, num_classes)``.
+    optimizer: an Optax transformation (e.g. ``optax.sgd(0.1)``); its state starts fresh.
+    steps: number of steps, a Python int >= 1.
+
+  Returns:
+    ``{"loss_before", "loss_after", "loss_reduction"}`` (``float32``), where ``loss_reduction =
+    (loss_before - loss_after) / loss_before`` (``0`` when ``loss_before`` is ``0``): the fraction of the
+    fresh task's loss removed; higher is more plastic.
+
+  Raises:
+    ValueError: if ``steps`` is not an int >= 1 or ``optimizer`` is not an Optax transformation.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> loss = lambda w, x, y: jnp.mean((x @ w - y) ** 2)
+    >>> out = trainability_probe(loss, jnp.zeros(2), jnp.eye(2), jnp.ones(2), optax.sgd(0.5), steps=1)
+    >>> float(out["loss_before"]), float(out["loss_after"]), float(out["loss_reduction"])
+    (1.0, 0.25, 0.75)
+  """
+  fn = "trainability_probe"
+  _check_steps(steps, "steps", fn)
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise ValueError(f"{fn}: `optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
+  value_and_grad = jax.value_and_grad(lambda p: loss_fn(p, inputs, targets))
+
+  def step(carry, _):
+    p, opt_state = carry
+    _, grads = value_and_grad(p)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
+  before = jnp.asarray(loss_fn(params, inputs, targets), jnp.float32)
+  (trained, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+  after = jnp.asarray(loss_fn(trained, inputs, targets), jnp.float32)
+  reduction = jnp.where(before > 0, (before - after) / jnp.where(before > 0, before, 1.0), 0.0)
+  return {"loss_before": before, "loss_after": after, "loss_reduction": reduction}
+
+
+def top_hessian_eigenvalue(loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
+                           num_iterations: int = 20) -> jax.Array:
+  """The largest eigenvalue of the loss's Hessian in ``params``, by Lanczos on Hessian-vector products.
+
+  The Hessian is never formed: each iteration is one Hessian-vector product (forward-over-reverse
+  differentiation), so the cost is about ``num_iterations`` times three gradient evaluations and the memory a
+  few parameter-sized vectors. Lanczos (three-term recurrence, from a random unit vector drawn with ``key``)
+  builds a ``k x k`` tridiagonal matrix whose largest eigenvalue approaches the Hessian's largest (most
+  positive) one from below, and much faster than power iteration, which finds the eigenvalue of largest
+  *magnitude* instead. ``k = min(num_iterations, number of parameters)``; with ``k`` equal to the number of
+  parameters it is exact up to rounding. Sharp curvature (a large top eigenvalue) is a known correlate of
+  lost plasticity.
+
+  Args:
+    loss_fn: ``loss_fn(params) -> scalar`` (close over the batch), twice differentiable.
+    params: where to take the Hessian (any pytree of float arrays).
+    key: a PRNG key for the starting vector.
+    num_iterations: Lanczos iterations, a Python int >= 1; 20 is usually within a percent.
+
+  Returns:
+    A ``float32`` scalar.
+
+  Raises:
+    ValueError: if ``num_iterations`` is not an int >= 1 or ``params`` has no entries.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)  # Hessian diag(3, 1)
+    >>> round(float(top_hessian_eigenvalue(loss, jnp.ones(2), jax.random.key(0))), 4)
+    3.0
+  """
+  fn = "top_hessian_eigenvalue"
+  _check_steps(num_iterations, "num_iterations", fn)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  if flat.size == 0:
+    raise ValueError(f"{fn}: `params` has no entries.")
+  flat = flat.astype(jnp.float32)
+  grad = jax.grad(lambda v: loss_fn(unravel(v.astype(flat.dtype))))
+
+  def hvp(v):
+    return jax.jvp(grad, (flat,), (v,))[1].astype(jnp.float32)
+
+  k = min(num_iterations, flat.size)
+  v0 = jax.random.normal(key, flat.shape, jnp.float32)
+  v0 = v0 / jnp.linalg.norm(v0)
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def body(carry, _):
+    v, v_prev, beta_prev, alive = carry
+    w = hvp(v)
+    alpha = jnp.vdot(w, v)
+    w = w - alpha * v - beta_prev * v_prev
+    w = w - jnp.vdot(w, v) * v  # One local re-orthogonalisation keeps float32 rounding in check.
+    beta = jnp.linalg.norm(w)
+    # After an exact breakdown (beta = 0: the Krylov space is invariant) later steps are padding.
+    alive_next = alive & (beta > tiny)
+    v_next = jnp.where(alive_next, w / jnp.where(alive_next, beta, 1.0), 0.0)
+    return (v_next, v, beta, alive_next), (alpha, beta, alive)
+
+  init = (v0, jnp.zeros_like(v0), jnp.zeros((), jnp.float32), jnp.asarray(True))
+  _, (alphas, betas, alive) = jax.lax.scan(body, init, None, length=k)
+  # Padding rows get the first Rayleigh quotient (never above the top Ritz value) and no coupling, so they
+  # cannot raise the maximum.
+  alphas = jnp.where(alive, alphas, alphas[0])
+  off = jnp.where(alive[1:], betas[:-1], 0.0)
+  tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+  return jnp.max(jnp.linalg.eigvalsh(tridiagonal))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Convenience.
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _layer_activation(activation: Any, name: str) -> str | None:
+  """The activation of layer ``name`` from `layer_metrics`'s ``activation`` argument."""
+  if activation is None or isinstance(activation, str):
+    act = activation
+  elif isinstance(activation, Mapping):
+    if name not in activation:
+      raise ValueError(f"layer_metrics: `activation` has no entry for layer {name!r} (has {sorted(activation)}).")
+    act = activation[name]
+  else:
+    raise ValueError(
+        f"layer_metrics: `activation` must be None, a name or a mapping from layer to name, got "
+        f"{type(activation).__name__}.")
+  if act is not None and not isinstance(act, str):
+    raise ValueError(f"layer_metrics: the activation of layer {name!r} must be a name, got {act!r}.")
+  return act
+
+
 def layer_metrics(
     activations: Mapping[str, jax.Array], tau: float = 0.0, threshold: float = 0.99,
-    activity_threshold: float = 0.01,
+    activity_threshold: float = 0.01, activation: str | Mapping[str, str] | None = None,
+    margin: float = 0.05, saturation_threshold: float = 0.99,
 ) -> dict[str, dict[str, jax.Array]]:
-  """All unit and rank metrics for a dict of layer activations.
+  """The unit and rank metrics that fit each layer's activation, for a dict of layer activations.
 
   For each layer, the feature matrix used for the ranks is ``h.reshape(-1, n_units)`` (spatial positions as rows).
+  Every layer gets ``dormant_fraction``, the three ranks and ``feature_norm``. Which unit counts come with them
+  depends on the layer's activation:
+
+  * ``None`` (not given): ``dead_fraction`` and ``rarely_active_fraction``, as for ReLU;
+  * ReLU family (`PIECEWISE_LINEAR`): those two and ``linearised_fraction`` (:func:`linearised_fraction` with
+    ``saturation_threshold`` as the fraction of samples);
+  * tanh / sigmoid (`SATURATING_RANGES`): ``saturated_fraction`` only (:func:`saturated_fraction` with
+    ``margin`` and ``saturation_threshold``): such units are never exactly 0, so a dead-unit count would
+    always read 0 and hide the saturation that stops them learning;
+  * any other name (swish, elu, ...): no unit count beyond ``dormant_fraction``.
 
   Args:
     activations: mapping from a layer name to its activations ``(batch, ..., n_units)`` on a probe batch.
     tau: dormancy threshold passed to :func:`dormant_fraction`.
     threshold: spectrum fraction passed to :func:`approximate_rank` and :func:`stable_rank`.
     activity_threshold: fraction passed to :func:`rarely_active_fraction`.
+    activation: the layers' activation: one name for all (e.g. ``"tanh"``, the names of
+      ``cbp_jax.models.ACTIVATION_FNS``), a mapping from layer name to name, or None.
+    margin: passed to :func:`saturated_fraction`.
+    saturation_threshold: the "almost every sample" fraction of :func:`saturated_fraction` and
+      :func:`linearised_fraction`.
 
   Returns:
-    A dict mapping each layer to ``{"dead_fraction", "rarely_active_fraction", "dormant_fraction",
-    "effective_rank", "stable_rank", "approximate_rank", "feature_norm"}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
-    rest ``float32``.
-    Each layer's SVD is computed once and shared by the three rank measures.
+    A dict mapping each layer to a dict of the names above; the ranks ``stable_rank`` / ``approximate_rank``
+    are ``int32``, the rest ``float32``. Each layer's SVD is computed once and shared by the three rank measures.
 
   Raises:
-    ValueError: if ``activations`` is not a mapping, or any argument is invalid (see the individual functions).
+    ValueError: if ``activations`` is not a mapping, ``activation`` names no activation for a layer, or any
+      argument is invalid (see the individual functions).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -526,6 +895,8 @@ def layer_metrics(
     >>> m = jax.jit(layer_metrics)(acts)
     >>> float(m["fc2"]["dead_fraction"]), int(m["fc1"]["approximate_rank"])
     (1.0, 3)
+    >>> sorted(layer_metrics({"fc": jnp.tanh(jnp.eye(3))}, activation="tanh")["fc"])[-2:]
+    ['saturated_fraction', 'stable_rank']
   """
   if not isinstance(activations, Mapping):
     raise ValueError(
@@ -535,13 +906,23 @@ def layer_metrics(
   _check_tau(tau, "layer_metrics")
   _check_threshold(threshold, "layer_metrics")
   _check_fraction(activity_threshold, "activity_threshold", "layer_metrics")
+  _check_margin(margin, "layer_metrics")
+  _check_threshold(saturation_threshold, "layer_metrics")
   out: dict[str, dict[str, jax.Array]] = {}
   for name, h in activations.items():
+    act = _layer_activation(activation, name)
     h = _check_activations(h, f"layer_metrics[{name!r}]")
     sv = jnp.linalg.svd(h.reshape(-1, h.shape[-1]), compute_uv=False)
+    units: dict[str, jax.Array] = {}
+    if act is None or act in PIECEWISE_LINEAR:
+      units["dead_fraction"] = dead_unit_fraction(h)
+      units["rarely_active_fraction"] = rarely_active_fraction(h, activity_threshold)
+    if act in PIECEWISE_LINEAR:
+      units["linearised_fraction"] = linearised_fraction(h, saturation_threshold)
+    if act in SATURATING_RANGES:
+      units["saturated_fraction"] = saturated_fraction(h, act, margin, saturation_threshold)
     out[name] = {
-        "dead_fraction": dead_unit_fraction(h),
-        "rarely_active_fraction": rarely_active_fraction(h, activity_threshold),
+        **units,
         "dormant_fraction": dormant_fraction(h, tau),
         "effective_rank": _effective_rank_from_sv(sv),
         "stable_rank": _cumulative_rank(sv, threshold),

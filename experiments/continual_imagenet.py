@@ -91,6 +91,7 @@ import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax.data import load_dataset
 from cbp_jax.methods import reset_layers, reset_optimizer_for, shrink_and_perturb
+from experiments import plasticity_probes
 from experiments import runner
 
 EXPERIMENT = "continual_imagenet"
@@ -103,7 +104,7 @@ HEAD = "Dense_2"
 HIDDEN = ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")
 PIXEL_SCALE = np.float32(1.0 / 255.0)
 # Key streams of a seed.
-_CLASSES, _INIT, _OPT, _ORDER, _HEAD = range(5)
+_CLASSES, _INIT, _OPT, _ORDER, _HEAD, _PROBE = range(6)
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -134,6 +135,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "next_bias_correction": True,
         "reset_optimizer": True,
     },
+    # Plasticity probes at each task's end (`experiments.plasticity_probes`), on
+    # the task's test images (at most all of them).
+    "probes": dict(plasticity_probes.DEFAULT_PROBES),
 }
 
 # The paper: 30 runs x 5,000 tasks x 250 epochs (BP's figure stops at 2,000 tasks).
@@ -212,6 +216,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(0 <= cb["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
   need(0 <= cb["decay_rate"] < 1, "cbp.decay_rate must be in [0, 1)")
   need(cb["maturity_threshold"] >= 0, "cbp.maturity_threshold must be >= 0")
+  plasticity_probes.validate(c["probes"])
 
 
 def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
@@ -342,6 +347,17 @@ def task_data(config: Mapping[str, Any], data: Mapping[str, jax.Array], classes:
   return train_x, train_y, test_x, test_y
 
 
+def heldout_images(config: Mapping[str, Any], data: Mapping[str, jax.Array]) -> jax.Array:
+  """The churn probe's held-out inputs (float32), the same for the whole run:
+  ``probes.heldout_size`` test images, of every class in turn (class 0's
+  first, class 1's first, ..., class 0's second, ...; repeating once all
+  were taken, which only a tiny data set needs)."""
+  num_classes = data["images"].shape[0]
+  k = jnp.arange(config["probes"]["heldout_size"])
+  image = config["train_per_class"] + (k // num_classes) % config["test_per_class"]
+  return to_float(data["images"][k % num_classes, image])
+
+
 def epoch_order(key: jax.Array, task: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
   """The order in which an epoch visits the task's ``n`` training images."""
   return jax.random.permutation(
@@ -401,9 +417,15 @@ class _Method:
   def apply(self, params, x):
     return cbp_jax.apply_with_activations(self.model, params, x)
 
+  def logits(self, params, x):
+    return self.model.apply({"params": params}, x)
+
+  def initial_params(self, key):
+    """The seed's initial parameters (the same for every method)."""
+    return self.model.init(jax.random.fold_in(key, _INIT), jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32))["params"]
+
   def init(self, key):
-    x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
-    params = self.model.init(jax.random.fold_in(key, _INIT), x)["params"]
+    params = self.initial_params(key)
     opt_key = jax.random.fold_in(jax.random.fold_in(key, _OPT), self.index)
     return params, self.tx(opt_key).init(params)
 
@@ -467,8 +489,11 @@ def make_chunked(config: Mapping[str, Any]):
 
   ``data`` is `load_data`'s dict. ``metrics`` is ``{method: {name:
   array(tasks_per_chunk,)}}`` with names ``accuracy``, ``train_accuracy``,
-  ``dead_fraction``, ``effective_rank``, ``weight_magnitude`` and, for CBP,
-  ``replaced_units``.
+  ``dead_fraction``, ``effective_rank``, ``weight_magnitude``, for CBP
+  ``replaced_units``, and unless ``probes.enabled`` is false the plasticity
+  probes of `experiments.plasticity_probes` on the task's test images
+  (trainability and its fresh-init reference, top Hessian eigenvalue, drift
+  per layer, churn on `heldout_images`).
   """
   config = make_config(config)
   methods = [_Method(config, m, i) for i, m in enumerate(config["methods"])]
@@ -477,9 +502,32 @@ def make_chunked(config: Mapping[str, Any]):
   steps = steps_per_epoch(config)
   epochs = config["epochs_per_task"]
   tasks_per_chunk = config["tasks_per_chunk"]
+  probes = dict(config["probes"], size=min(config["probes"]["size"], 2 * config["test_per_class"]))
 
   def init(key):
-    return {"key": key, "learners": {m.method: m.init(key) for m in methods}}
+    carry = {"key": key, "learners": {m.method: m.init(key) for m in methods}}
+    if probes["enabled"]:  # The held-out logits of the last probe point, for the churn.
+      carry["heldout"] = {m.method: jnp.zeros((probes["heldout_size"], 2)) for m in methods}
+    return carry
+
+  def plasticity(carry, learners, task, x, y, data):
+    """``({method: probe metrics}, fresh-init trainability metrics, {method: held-out logits})``."""
+    key, first = carry["key"], methods[0]
+    probe_key = jax.random.fold_in(jax.random.fold_in(key, _PROBE), task)
+    init_params = first.initial_params(key)
+    heldout_x = heldout_images(config, data)
+    labels = plasticity_probes.probe_labels(probes, probe_key, 2)
+    fresh = plasticity_probes.fresh_trainability(
+        probes, first.logits, lambda k: first.model.init(k, heldout_x[:1])["params"], x, labels,
+        probe_key)
+    out, heldout = {}, {}
+    for m in methods:
+      # Task 0's churn is measured from the initial network.
+      before = jnp.where(task == 0, first.logits(init_params, heldout_x), carry["heldout"][m.method])
+      out[m.method], heldout[m.method] = plasticity_probes.learner_probes(
+          probes, m.logits, learners[m.method][0], init_params, x, y, labels, probe_key, before,
+          heldout_x)
+    return out, fresh, heldout
 
   def one_task(carry, task, data):
     key = carry["key"]
@@ -503,11 +551,17 @@ def make_chunked(config: Mapping[str, Any]):
       return learners, {k: jnp.sum(v) for k, v in correct.items()}
 
     learners, correct = jax.lax.scan(epoch_body, learners, jnp.arange(epochs))
+    new_carry = {"key": key, "learners": learners}
+    if probes["enabled"]:
+      extra, fresh, new_carry["heldout"] = plasticity(carry, learners, task, to_float(test_x),
+                                                      test_y, data)
     out = {}
     for m in methods:
       out[m.method] = m.evaluate(learners[m.method], to_float(test_x), test_y)
       out[m.method]["train_accuracy"] = correct[m.method][-1].astype(jnp.float32) / n_train
-    return {"key": key, "learners": learners}, out
+      if probes["enabled"]:
+        out[m.method].update(extra[m.method], **fresh)
+    return new_carry, out
 
   return init, runner.scan_points(one_task, tasks_per_chunk)
 
@@ -562,9 +616,10 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
   c = results["config"]
   return runner.plot_results(
       results, path,
-      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
+      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+      + plasticity_probes.plotted(results),
       title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
-            f"epochs/task, {c.get('seeds')} seed(s), mean +- s.e.)")
+            f"epochs/task, {c.get('seeds')} seed(s), {runner.BAND_LABEL})")
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
@@ -623,6 +678,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--step-size", type=float, help="one step size for every method")
   p.add_argument("--cbp-rate", type=float)
   p.add_argument("--cbp-maturity", type=int)
+  plasticity_probes.add_arguments(p)
   runner.add_run_arguments(p, out="results/cimagenet")
   return p.parse_args(argv)
 
@@ -642,6 +698,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     cb["maturity_threshold"] = args.cbp_maturity
   if cb:
     over["cbp"] = {**over.get("cbp", {}), **cb}
+  over.update(plasticity_probes.overrides_from_args(args))
   return make_config(over)
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import runner
 from experiments import slowly_changing_regression as scr
 
 DEMO = {
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
   print(f"Binned squared error, mean over {config['seeds']} seeds "
         f"(early: first 20k examples; late: last {LATE_BINS * 20}k of {config['steps'] // 1000}k):")
   print(scr.format_summary(result.results, early_bins=1, late_bins=LATE_BINS))
+  print(runner.format_statistics(result.results))
   bp, cbp, lin = rows.get("bp"), rows.get("cbp"), rows.get("linear")
   if bp and lin:
     verdict = "above" if bp["late"] > lin["late"] else "not yet above"

@@ -31,6 +31,12 @@ The problem (SPEC "Experiments"; reference: ``lop/permuted_mnist/online_expr.py`
   effective rank of each hidden layer's probe features (``effective_rank`` is
   their mean, ``effective_rank/Dense_i`` per layer), mean |w| over all kernels
   (``weight_magnitude``), and for CBP the cumulative number of replaced units.
+  Also the fraction of linearised units (active on 99% of the probe set) and,
+  unless ``--no-probes``, the plasticity probes of
+  `experiments.plasticity_probes` (trainability on a fresh random-label task
+  and its fresh-initialisation reference, top Hessian eigenvalue, drift from
+  initialisation per layer, output churn on held-out inputs: MNIST images
+  under a permutation no task uses).
 * Methods (the reference's configs, ``lop/permuted_mnist/cfg``; the values its
   figure script ``plots/all_metrics.py`` picks are the defaults here):
   ``bp`` (SGD 0.003), ``adam`` (Adam 1e-4, betas 0.9/0.999, eps 1e-8),
@@ -93,6 +99,7 @@ from cbp_jax import metrics as metrics_lib
 from cbp_jax.data import load_dataset
 from cbp_jax.methods import shrink_and_perturb
 from experiments import plasticity_methods
+from experiments import plasticity_probes
 from experiments import runner
 
 EXPERIMENT = "permuted_mnist"
@@ -143,6 +150,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # of task ``at_task`` (0-based; the middle of the run by default).
     **plasticity_methods.DEFAULTS,
     "injection": {"at_task": 400},
+    # Plasticity probes at each task's end (`experiments.plasticity_probes`).
+    "probes": dict(plasticity_probes.DEFAULT_PROBES),
 }
 
 # The paper's figure: 10 runs x 800 tasks x 60,000 examples, 3 x 2000 net.
@@ -205,6 +214,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   at = c["injection"]["at_task"]
   need(isinstance(at, int) and not isinstance(at, bool) and at >= 0,
        f"injection.at_task must be an int >= 0, got {at!r}")
+  plasticity_probes.validate(c["probes"])
   if "snp" in c["methods"]:
     for lr in c["step_sizes"]["snp"]:
       need(0 < 1 - lr * c["snp"]["weight_decay"] <= 1,
@@ -288,6 +298,16 @@ def gather_examples(data: Mapping[str, jax.Array], perm: jax.Array, order: jax.A
   return x.astype(jnp.float32) * PIXEL_SCALE, data["labels"][idx]
 
 
+def heldout_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array],
+                     key: jax.Array) -> jax.Array:
+  """The held-out inputs of the churn probe: ``probes.heldout_size`` images under
+  a permutation of their own, one no task uses, fixed for the whole run."""
+  held = jax.random.fold_in(key, 3)
+  perm = jax.random.permutation(jax.random.fold_in(held, 0), NUM_PIXELS)
+  order = jax.random.permutation(jax.random.fold_in(held, 1), data["images"].shape[0])
+  return gather_examples(data, perm, order, jnp.arange(config["probes"]["heldout_size"]))[0]
+
+
 def task_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array], key: jax.Array,
                   task: int | jax.Array, positions: jax.Array | None = None):
   """The examples of task ``task`` (all ``examples_per_task`` of them by default)."""
@@ -358,9 +378,15 @@ class _Method:
     shapes = jax.eval_shape(lambda k: self.model.init(k, x)["params"], jax.random.key(0))
     self.graph = plasticity_methods.layer_graph(self.model, shapes, x)
 
+  def initial_params(self, key):
+    """The seed's initial parameters (the same for every method and variant)."""
+    return self.model.init(jax.random.fold_in(key, 1), jnp.zeros((1, NUM_PIXELS), jnp.float32))["params"]
+
+  def logits(self, params, x):
+    return self.model.apply({"params": params}, x)
+
   def init(self, key, hp, variant):
-    x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
-    params = self.model.init(jax.random.fold_in(key, 1), x)["params"]
+    params = self.initial_params(key)
     opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index),
                                  variant)
     if self.method == "injection":
@@ -401,11 +427,14 @@ class _Method:
     out = {"weight_magnitude": metrics_lib.weight_magnitude(params)["overall"]}
     dead = jnp.stack([metrics_lib.dead_unit_fraction(acts[n]) for n in layers])
     ranks = jnp.stack([metrics_lib.effective_rank(acts[n]) for n in layers])
+    linear = jnp.stack([metrics_lib.linearised_fraction(acts[n]) for n in layers])
     out["dead_fraction"] = jnp.mean(dead)  # Equal widths: the fraction of all hidden units.
     out["effective_rank"] = jnp.mean(ranks)
+    out["linearised_fraction"] = jnp.mean(linear)
     for i, n in enumerate(layers):
       out[f"dead_fraction/{n}"] = dead[i]
       out[f"effective_rank/{n}"] = ranks[i]
+      out[f"linearised_fraction/{n}"] = linear[i]
     if self.method == "cbp":
       stats = cbp_jax.unit_stats(opt_state)
       out["replaced_units"] = sum(stats[n]["replaced"] for n in layers).astype(jnp.float32)
@@ -424,10 +453,14 @@ def make_chunked(config: Mapping[str, Any]):
 
   ``data`` is `load_data`'s dict. ``metrics`` is ``{label: {name:
   array(tasks_per_chunk,)}}`` with names ``accuracy`` (online accuracy of each
-  task), ``dead_fraction``, ``effective_rank``, ``weight_magnitude`` (probe
-  set at the task's end), per-layer ``dead_fraction/Dense_i``,
-  ``effective_rank/Dense_i`` and, for CBP, ``replaced_units`` (cumulative,
-  all hidden layers).
+  task), ``dead_fraction``, ``effective_rank``, ``linearised_fraction``,
+  ``weight_magnitude`` (probe set at the task's end), per-layer
+  ``dead_fraction/Dense_i``, ``effective_rank/Dense_i``,
+  ``linearised_fraction/Dense_i``, for CBP ``replaced_units`` (cumulative,
+  all hidden layers), and unless ``probes.enabled`` is false the plasticity
+  probes of `experiments.plasticity_probes` (trainability and its fresh-init
+  reference, top Hessian eigenvalue, drift per layer, churn on the held-out
+  inputs of `heldout_examples`).
   """
   config = runner.normalize_config(config)
   validate_config(config)
@@ -437,13 +470,45 @@ def make_chunked(config: Mapping[str, Any]):
   batch = config["batch_size"]
   steps = config["examples_per_task"] // batch
   examples = config["examples_per_task"]
+  # The probes use the first examples of the probe set, at most all of them.
+  probes = dict(config["probes"], size=min(config["probes"]["size"], config["probe_size"]))
 
   def init(key):
     learners = {}
     for m in methods:
       learners[m.method] = runner.map_leading(m.init, m.variants, (None, 0, 0))(
           key, m.hp, jnp.arange(m.variants))
-    return {"key": key, "learners": learners}
+    carry = {"key": key, "learners": learners}
+    if probes["enabled"]:  # The held-out logits of the last probe point, for the churn.
+      carry["heldout"] = {m.method: jnp.zeros((m.variants, probes["heldout_size"], NUM_CLASSES))
+                          for m in methods}
+    return carry
+
+  def plasticity(carry, learners, task, probe_x, probe_y, data):
+    """``({method: probe metrics (V,)}, fresh-init trainability metrics, {method: held-out logits})``."""
+    key, first = carry["key"], methods[0]
+    probe_key = jax.random.fold_in(jax.random.fold_in(key, 4), task)
+    init_params = first.initial_params(key)
+    heldout_x = heldout_examples(config, data, key)
+    labels = plasticity_probes.probe_labels(probes, probe_key, NUM_CLASSES)
+    fresh = plasticity_probes.fresh_trainability(
+        probes, first.logits, lambda k: first.model.init(k, probe_x[:1])["params"], probe_x, labels,
+        probe_key)
+    out, heldout = {}, {}
+    for m in methods:
+      # Task 0's churn is measured from the initial network.
+      before = jnp.where(task == 0, first.logits(init_params, heldout_x)[None],
+                         carry["heldout"][m.method])
+
+      def one(state, before, m=m):
+        return plasticity_probes.learner_probes(
+            probes, m.logits, plasticity_methods.plain_params(state[0]), init_params, probe_x,
+            probe_y, labels, probe_key, before,
+            heldout_x)
+
+      out[m.method], heldout[m.method] = runner.map_leading(one, m.variants, (0, 0))(
+          learners[m.method], before)
+    return out, fresh, heldout
 
   def one_task(carry, task, data):
     key = carry["key"]
@@ -461,16 +526,23 @@ def make_chunked(config: Mapping[str, Any]):
       return new, correct
 
     learners, correct = jax.lax.scan(body, start, jnp.arange(steps))
-    probe_x, _ = gather_examples(data, perm, order, jnp.arange(config["probe_size"]))
+    probe_x, probe_y = gather_examples(data, perm, order, jnp.arange(config["probe_size"]))
+    new_carry = {"key": key, "learners": learners}
+    if probes["enabled"]:
+      extra, fresh, new_carry["heldout"] = plasticity(carry, learners, task, probe_x, probe_y, data)
     out = {}
     for m in methods:
       total = jnp.sum(correct[m.method], axis=0)  # (V,) int32: exact.
       accuracy = total.astype(jnp.float32) / examples
       probed = runner.map_leading(m.probe, m.variants, (0, None))(learners[m.method], probe_x)
+      if probes["enabled"]:
+        probed.update(extra[m.method])
       for v in range(m.variants):
         label = labels[len(out)]
         out[label] = {"accuracy": accuracy[v], **{k: a[v] for k, a in probed.items()}}
-    return {"key": key, "learners": learners}, out
+        if probes["enabled"]:
+          out[label].update(fresh)
+    return new_carry, out
 
   return init, runner.scan_points(one_task, tasks_per_chunk)
 
@@ -525,10 +597,11 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
   c = results["config"]
   seeds = c.get("seeds", "?")
   return runner.plot_results(
-      results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude"),
+      results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+      + plasticity_probes.plotted(results),
       title=f"online permuted MNIST (784-{'-'.join([str(c.get('width'))] * c.get('depth', 0))}-10, "
             f"{c.get('examples_per_task'):,} examples/task, batch {c.get('batch_size')}, "
-            f"{seeds} seeds, mean +- s.e.)")
+            f"{seeds} seeds, {runner.BAND_LABEL})")
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
@@ -639,6 +712,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-5)")
   p.add_argument("--injection-task", type=int,
                  help="task (0-based) at whose start `injection` injects (default: the middle)")
+  plasticity_probes.add_arguments(p)
   runner.add_run_arguments(p, out="results/pmnist")
   p.add_argument("--benchmark", action="store_true",
                  help="measure steps/s of each method alone (one seed, one task) and exit")
@@ -677,6 +751,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
     over["snp"] = snp
   if args.injection_task is not None:
     over["injection"] = {"at_task": args.injection_task}
+  over.update(plasticity_probes.overrides_from_args(args))
   return make_config(over)
 
 

@@ -31,8 +31,17 @@ Results file schema (JSON, ``SCHEMA``; NaN is written as ``null``)::
       "x": [float, ...],            # x at each recorded point (len = points done)
       "runs": {label: {...}},       # per run label: method name and hyperparameters
       "metrics": {label: {name: [[v_point0, v_point1, ...],   # seed 0
-                                 [...], ...]}}                  # seed 1, ...
+                                 [...], ...]}},                 # seed 1, ...
+      "statistics": {label: {name: {"auc": {"iqm", "ci_low", "ci_high"},
+                                    "final": {...}}}}
     }
+
+``statistics`` (added later; a file without it still loads, and
+`format_statistics` computes it) summarises every metric over seeds as
+rliable does: the interquartile mean of each seed's area under the curve (the
+mean over points) and of the last point, with 95% stratified-bootstrap
+confidence intervals (`run_statistics`); plots draw the IQM per point with
+its interval shaded, and `run_from_cli` prints the main metric's line.
 
 ``metrics[label][name]`` is an array of shape ``(seeds, points)``: ``chunk``
 returns ``{label: {name: array(seeds, points_per_chunk)}}`` and the runner
@@ -232,6 +241,7 @@ def results_dict(
       "x": [float(x_step * (i + 1)) for i in range(points)],
       "runs": _to_json(dict(runs or {})),
       "metrics": _to_json(metrics),
+      "statistics": _to_json(run_statistics(metrics)),
   }
 
 
@@ -1080,12 +1090,191 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
   except (ConfigMismatchError, CorruptCheckpointError) as e:
     return cli_error(e)
   print(summary(result.results))
+  print(format_statistics(result.results))
   line = (f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, "
           f"total {time.perf_counter() - tic:.1f} s; results {out}/results.json")
   if plots and not args.no_plot:
     line += (", plot " if len(plots) == 1 else ", plots ") + ", ".join(f"{out}/{p}" for p in plots)
   print(line)
   return 0
+
+
+# ---------------------------------------------------------------------------
+# Statistics over seeds: interquartile mean, stratified-bootstrap confidence
+# intervals (as rliable, Agarwal et al., NeurIPS 2021), area under the curve.
+# ---------------------------------------------------------------------------
+
+BOOTSTRAP_REPS = 2000
+CONFIDENCE = 0.95
+# A fixed seed: the intervals are a deterministic function of the results, so
+# a resumed run's file equals an uninterrupted one's.
+BOOTSTRAP_SEED = 0
+BAND_LABEL = "IQM, 95% bootstrap CI"
+# What each experiment is judged by (the summary line's metric), in order of preference.
+MAIN_METRICS = ("accuracy", "error", "episode_return")
+
+
+def interquartile_mean(values: np.ndarray, axis: int | tuple[int, ...] = 0) -> np.ndarray:
+  """The mean of the middle half of ``values`` along ``axis``, ignoring NaN.
+
+  Like ``scipy.stats.trim_mean(values, 0.25)`` (rliable's IQM): of the ``n``
+  finite values, the ``floor(n / 4)`` smallest and largest are dropped. With
+  fewer than 4 values it is the plain mean; with none it is NaN.
+
+  Args:
+    values: an array; ``axis`` may be a tuple (those axes are pooled).
+
+  Returns:
+    ``values`` without ``axis``, float64.
+  """
+  values = np.asarray(values, np.float64)
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  axes = tuple(a % values.ndim for a in axes)
+  rest = [a for a in range(values.ndim) if a not in axes]
+  # Pooled values on the last axis, contiguous: sorting along it is the cost.
+  pooled = np.ascontiguousarray(values.transpose(tuple(rest) + axes)).reshape(
+      tuple(values.shape[a] for a in rest) + (-1,))
+  ordered = np.sort(pooled, axis=-1)  # NaN last.
+  finite = np.sum(np.isfinite(pooled), axis=-1, keepdims=True)
+  cut = finite // 4
+  position = np.arange(pooled.shape[-1])
+  keep = (position >= cut) & (position < finite - cut)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.sum(np.where(keep, ordered, 0.0), axis=-1) / np.sum(keep, axis=-1)
+
+
+def stratified_bootstrap_ci(
+    scores: np.ndarray, statistic: Callable[..., np.ndarray] | None = None, *,
+    reps: int = BOOTSTRAP_REPS, confidence: float = CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A statistic of runs and its percentile confidence interval by stratified bootstrap.
+
+  ``scores[run, task, ...]``: within each task (stratum) the runs are
+  resampled with replacement, independently of the other tasks, ``reps``
+  times; the interval holds the middle ``confidence`` of the statistic over
+  the resamples (rliable's ``StratifiedBootstrap`` with the percentile
+  method). Replicate ``r`` draws, task by task, ``runs`` indices with
+  ``numpy.random.default_rng(seed).integers(0, runs, (reps, tasks, runs))``;
+  the trailing axes (e.g. the points of a curve) share a run's resampling, so
+  a curve is resampled whole.
+
+  Args:
+    scores: ``(runs, tasks, ...)``; a 1-D array is one task's runs.
+    statistic: ``statistic(array, axis=(i, j))`` pools the runs and tasks
+      axes ``i, j`` of an array (as ``np.mean`` does); default
+      `interquartile_mean`.
+    reps: bootstrap replicates.
+    confidence: in (0, 1).
+    seed: the resampling's seed.
+
+  Returns:
+    ``(estimate, low, high)``, each of shape ``scores.shape[2:]``.
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim == 1:
+    scores = scores[:, None]
+  if scores.ndim < 2 or scores.shape[0] < 1:
+    raise ValueError(f"scores must have shape (runs, tasks, ...) with runs >= 1, got {scores.shape}")
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+  if reps < 1:
+    raise ValueError(f"reps must be >= 1, got {reps!r}")
+  statistic = statistic or interquartile_mean
+  runs, tasks = scores.shape[:2]
+  idx = np.random.default_rng(seed).integers(0, runs, size=(reps, tasks, runs))
+  # resampled[r, i, t] = scores[idx[r, t, i], t]
+  resampled = scores[idx.transpose(0, 2, 1), np.arange(tasks)[None, None, :]]
+  replicates = np.asarray(statistic(resampled, axis=(1, 2)))
+  tail = 100 * (1 - confidence) / 2
+  with np.errstate(invalid="ignore"):
+    low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0) if np.isfinite(
+        replicates).any() else (np.full(replicates.shape[1:], np.nan),) * 2
+  return np.asarray(statistic(scores, axis=(0, 1))), np.asarray(low), np.asarray(high)
+
+
+def area_under_curve(values: np.ndarray) -> np.ndarray:
+  """Per run, the area under a metric's curve over equally spaced points,
+  divided by the x range: the mean over points, ignoring NaN points.
+
+  Args:
+    values: ``(runs, points)``.
+
+  Returns:
+    ``(runs,)`` float64 (NaN for a run with no finite point).
+  """
+  values = np.asarray(values, np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.nansum(values, axis=-1) / np.sum(np.isfinite(values), axis=-1)
+
+
+def _interval(estimate, low, high) -> dict:
+  return {"iqm": float(estimate), "ci_low": float(low), "ci_high": float(high)}
+
+
+def run_statistics(metrics: Mapping[str, Mapping[str, Any]]) -> dict:
+  """Summaries over seeds of every metric of every run label, as the results file holds them.
+
+  For each ``metrics[label][name]`` of shape ``(seeds, points)``: ``"auc"``,
+  the interquartile mean over seeds of `area_under_curve` with its
+  stratified-bootstrap 95% interval, and ``"final"``, the same for the last
+  point (`stratified_bootstrap_ci`, fixed seed: deterministic).
+
+  Returns:
+    ``{label: {name: {"auc": {"iqm", "ci_low", "ci_high"}, "final": {...}}}}``
+    (empty for no points).
+  """
+  out: dict = {}
+  for label, named in metrics.items():
+    for name, values in named.items():
+      values = np.asarray(values, np.float64)
+      values = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
+      if values.shape[-1] == 0:
+        continue
+      out.setdefault(label, {})[name] = {
+          "auc": _interval(*stratified_bootstrap_ci(area_under_curve(values))),
+          "final": _interval(*stratified_bootstrap_ci(values[:, -1])),
+      }
+  return out
+
+
+def curve_with_ci(values: np.ndarray, reps: int = 500) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per point of ``values (seeds, points)``, the interquartile mean over seeds
+  and its 95% stratified-bootstrap interval (whole curves resampled), for a
+  plot's band: ``(iqm, low, high)``. Fewer replicates than the file's
+  summaries: a band need not be exact to the third digit, and a long run's
+  curves are big."""
+  values = np.asarray(values, np.float64)
+  return stratified_bootstrap_ci(values[:, None, :], reps=reps)
+
+
+def format_statistics(results: Mapping[str, Any], name: str | None = None) -> str:
+  """One line per run label: IQM over seeds of the area under ``name``'s curve
+  and of its last point, with 95% stratified-bootstrap intervals.
+
+  ``name`` defaults to the main measure: the first of `MAIN_METRICS` the
+  file has, else its first metric name. Reads
+  ``results["statistics"]``, or computes it for a file written before it existed.
+  """
+  stats = results.get("statistics") or run_statistics(results.get("metrics", {}))
+  if not stats:
+    return ""
+  present = [n for named in stats.values() for n in named]
+  name = name or next((n for n in MAIN_METRICS if n in present), present[0])
+  seeds = max((np.shape(v)[0] for named in results.get("metrics", {}).values()
+               for v in named.values()), default=0)
+  width = max(len(label) for label in stats)
+  lines = [f"{name}: IQM over {seeds} seeds [95% stratified-bootstrap CI]"]
+
+  def fmt(s):
+    if s["iqm"] is None:
+      return "n/a"
+    return f"{s['iqm']:.4g} [{s['ci_low']:.4g}, {s['ci_high']:.4g}]"
+
+  for label, named in stats.items():
+    if name in named:
+      lines.append(f"  {label:<{width}}  area under curve {fmt(named[name]['auc'])}, "
+                   f"last point {fmt(named[name]['final'])}")
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -1098,6 +1287,8 @@ METRIC_TITLES = {
     "dead_fraction": "dead units (fraction)",
     "effective_rank": "effective rank",
     "weight_magnitude": "mean |w|",
+    "trainability": "trainability (fresh-task loss removed)",
+    "hessian_top_eigenvalue": "top Hessian eigenvalue",
 }
 
 
@@ -1124,8 +1315,13 @@ def plot_results(
     metrics: tuple[str, ...] | None = None,
     labels: tuple[str, ...] | None = None,
     title: str | None = None,
+    band: str = "iqm_ci",
 ) -> Path:
-  """Plots mean +- standard error over seeds per run label; one panel per metric.
+  """Plots each run label's curve over seeds with a shaded band; one panel per metric.
+
+  The line is the interquartile mean over seeds and the band its 95%
+  stratified-bootstrap interval (`curve_with_ci`, `BAND_LABEL`), or with
+  ``band="mean_se"`` the mean and +- one standard error.
 
   Args:
     results: a results dict (as `run` writes or `load_results` reads) or a path.
@@ -1135,6 +1331,7 @@ def plot_results(
       NaN values for it are left out of that panel.
     labels: run labels to draw (default: all, in file order).
     title: figure title (default: the experiment name and status).
+    band: ``"iqm_ci"`` or ``"mean_se"``.
 
   Returns:
     The path written.
@@ -1143,6 +1340,8 @@ def plot_results(
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  if band not in ("iqm_ci", "mean_se"):
+    raise ValueError(f"band must be 'iqm_ci' or 'mean_se', got {band!r}")
   if not isinstance(results, Mapping):
     results = load_results(results)
   data = {k: {n: np.array(v, dtype=np.float64) for n, v in named.items()}
@@ -1168,17 +1367,23 @@ def plot_results(
       values = data.get(label, {}).get(name)
       if values is None or values.size == 0 or not np.isfinite(values).any():
         continue
-      mean, se = mean_and_stderr(values.reshape(-1, values.shape[-1]))
-      xs = x[: mean.shape[0]]
-      line, = ax.plot(xs, mean, color=colors[label], label=label, linewidth=1.3)
-      ax.fill_between(xs, mean - se, mean + se, color=colors[label], alpha=0.25, linewidth=0)
+      values = values.reshape(-1, values.shape[-1])
+      if band == "iqm_ci":
+        center, low, high = curve_with_ci(values)
+      else:
+        center, se = mean_and_stderr(values)
+        low, high = center - se, center + se
+      xs = x[: center.shape[0]]
+      line, = ax.plot(xs, center, color=colors[label], label=label, linewidth=1.3)
+      ax.fill_between(xs, low, high, color=colors[label], alpha=0.25, linewidth=0)
       shown.setdefault(label, line)
     ax.set_title(METRIC_TITLES.get(name, name), fontsize=10)
     ax.set_xlabel(results.get("x_label", "x"))
     ax.grid(alpha=0.3)
   seeds = max((v.shape[0] for named in data.values() for v in named.values()), default=0)
   fig.suptitle(title or f"{results.get('experiment', '')} ({results.get('status', '')}, "
-               f"mean +- s.e. over {seeds} seeds)", fontsize=10)
+               f"{BAND_LABEL if band == 'iqm_ci' else 'mean +- s.e.'} over {seeds} seeds)",
+               fontsize=10)
   fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
   if shown:
     fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=ncol, fontsize=8,

@@ -778,7 +778,7 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
   paths = [runner.plot_results(
       results, out_dir / "slippery_ant.png",
       metrics=("episode_return", "dead_fraction", "effective_rank", "weight_magnitude"),
-      title=f"slippery Ant, PPO (mean +- s.e. over {results['config']['seeds']} seeds)")]
+      title=f"slippery Ant, PPO ({runner.BAND_LABEL} over {results['config']['seeds']} seeds)")]
   table = phase_returns(results)
   first = next(iter(results["metrics"].values()))
   phase = np.asarray(first["phase"], np.float64)[0]

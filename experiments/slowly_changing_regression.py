@@ -564,7 +564,7 @@ def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = No
     runner.plot_results(result.results, Path(out_dir) / "scr.png",
                         metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
                         title=f"slowly-changing regression ({config['activation']}, "
-                              f"{config['seeds']} seeds, mean +- s.e.)")
+                              f"{config['seeds']} seeds, {runner.BAND_LABEL})")
   return result
 
 
