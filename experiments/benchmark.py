@@ -52,8 +52,9 @@ device (indexing it costs the same for every method). L2 is
 `cbp_jax.methods.shrink_and_perturb` after SGD (noise every step); ReDo is
 `cbp_jax.methods.redo` (tau 0, period 1000) after SGD. ``cbp_k10`` and
 ``cbp_k100`` are CBP with ``magnitude_refresh_every=10`` / ``100`` (weight
-magnitudes refreshed for a tenth / a hundredth of the units per step).
-``--quick`` skips ``cbp_k100``, S&P and ReDo.
+magnitudes refreshed for a tenth / a hundredth of the units per step);
+``cbp_guard`` is CBP with ``skip_nonfinite=True`` (the cost of the guard).
+``--quick`` skips ``cbp_k100``, ``cbp_guard``, S&P and ReDo.
 
 Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
 Adam vs Adam): CBP's state beyond the wrapped optimizer's own is O(units),
@@ -163,8 +164,9 @@ def base_optimizer(net: Net) -> optax.GradientTransformation:
   return optax.sgd(net.lr, momentum=net.momentum)
 
 
-# CBP variants: exact magnitudes (the paper) and `magnitude_refresh_every=k`.
-REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100}
+# CBP variants: exact magnitudes (the paper), `magnitude_refresh_every=k`,
+# and the paper's CBP with the opt-in `skip_nonfinite=True` guard.
+REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100, "cbp_guard": 1}
 
 
 def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.GradientTransformation, bool]:
@@ -174,7 +176,8 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
   if method == "bp":
     return sgd, False
   if method in REFRESH_EVERY:
-    settings = dict(net.cbp, magnitude_refresh_every=REFRESH_EVERY[method])
+    settings = dict(net.cbp, magnitude_refresh_every=REFRESH_EVERY[method],
+                    skip_nonfinite=method == "cbp_guard")
     if net.wrap:
       return cbp_jax.cbp(graph, key=key, optimizer=sgd, **settings), True
     return optax.chain(sgd, cbp_jax.cbp(graph, key=key, **settings)), True
@@ -192,7 +195,7 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
 def available_methods(quick: bool = False) -> list[str]:
   out = ["bp", "cbp", "cbp_k10", "l2"]
   if not quick:
-    out += ["cbp_k100", "snp", "redo"]
+    out += ["cbp_k100", "cbp_guard", "snp", "redo"]
   return out
 
 
@@ -581,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict | None:
   parser.add_argument("--nets", default=None,
                       help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
                            "(ant: slippery-Ant PPO env steps/s, needs the rl extra; default when installed)")
-  parser.add_argument("--methods", default=None, help="comma-separated subset of bp,cbp,cbp_k10,cbp_k100,l2,snp,redo")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated subset of bp,cbp,cbp_k10,cbp_k100,cbp_guard,l2,snp,redo")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--profile", default=None, metavar="NET",
                       help="print an op-level profile of NET instead (BP and CBP, or --methods)")
