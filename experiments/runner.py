@@ -481,7 +481,13 @@ class Checkpoints:
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
       self._manager.wait_until_finished()
     except Exception as e:  # Orbax wraps OS errors in its own kinds.
-      cause = next((c for c in _causes(e) if isinstance(c, OSError)), None)
+      # Let orbax's writer threads of the failed step finish (or fail) before
+      # anything else touches the folder, e.g. a retry of this step.
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      # The first failure is the deepest OS error: orbax's cleanup of the
+      # half-written step can fail too, while handling it.
+      cause = next((c for c in reversed(_causes(e)) if isinstance(c, OSError)), None)
       earlier = [s for s in self._manager.all_steps() if s < chunks_done and
                  self.step_dir(s).is_dir()]
       kept = (f"the checkpoint of chunk {max(earlier)} is unchanged" if earlier
