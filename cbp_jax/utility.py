@@ -1,4 +1,4 @@
-"""Running per-unit statistics: age, mean activation and utility (SPEC 1-4).
+"""Running per-unit statistics: age, mean activation and utility (steps 1-4 of the Semantics page).
 
 Everything here is O(units) state and elementwise/reduction work; the only
 O(params) work per step is the weight-magnitude reductions, which read each
@@ -130,7 +130,7 @@ def update_statistics(
     utility: str,
     key: jax.Array,
 ) -> tuple[UnitStatistics, jax.Array, jax.Array, jax.Array]:
-  """Advances one layer's statistics by one batch (SPEC steps 1-4).
+  """Advances one layer's statistics by one batch (Semantics page, steps 1-4).
 
   Units whose batch statistics are not finite (NaN/inf activations or
   weights) keep their previous running values, so one bad batch cannot
@@ -160,12 +160,17 @@ def update_statistics(
     u_new = out_mag * jnp.mean(jnp.abs(h), axis=0)
   elif utility in ("adaptable_contribution", "zero_contribution", "feature_by_input"):
     deviation = jnp.mean(jnp.abs(h - f_hat), axis=0)
+    # A unit whose incoming weights are all zero (every input it reads was just
+    # replaced, so its column was zeroed) ignores its inputs: its activation is
+    # constant and its deviation per unit of input weight is taken as 0, not
+    # 0/0 or x/0, so it ranks as useless instead of poisoning the statistics.
+    per_input = jnp.where(in_mag > 0, deviation / jnp.where(in_mag > 0, in_mag, 1.0), 0.0)
     if utility == "adaptable_contribution":
-      u_new = out_mag * deviation / in_mag
+      u_new = out_mag * per_input
     elif utility == "zero_contribution":
       u_new = out_mag * deviation
     else:
-      u_new = deviation / in_mag
+      u_new = per_input
   elif utility == "adaptation":
     u_new = 1.0 / in_mag
   elif utility == "weight":
