@@ -40,6 +40,7 @@ class CbpState(NamedTuple):
     last_replaced: per layer, boolean mask of the units replaced at the last
       step (e.g. for `reset_batch_stats`).
     nonfinite: unit-steps whose statistics were not finite and were skipped.
+    skipped: steps dropped whole by ``skip_nonfinite=True`` (int32).
     decay_rate: the decay rate, kept for bias correction in `unit_stats`.
     key: PRNG key for reinitialisation and probabilistic counts.
     magnitudes: the weight magnitudes between refreshes when
@@ -52,6 +53,7 @@ class CbpState(NamedTuple):
   replaced_total: dict[str, jax.Array]
   last_replaced: dict[str, jax.Array]
   nonfinite: jax.Array
+  skipped: jax.Array
   decay_rate: jax.Array
   key: jax.Array
   magnitudes: utility_lib.MagnitudeCache | None
@@ -107,6 +109,7 @@ def cbp(
     optimizer: optax.GradientTransformation | None = None,
     max_replacements_per_step: int | None = None,
     magnitude_refresh_every: int = 1,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Continual Backpropagation (Dohare et al., Nature 2024).
 
@@ -174,6 +177,15 @@ def cbp(
       units' entries are set exactly at the reset), an approximation that
       cuts this cost ``k``-fold. Outside ``vmap`` over the state the slice
       is a contiguous read; under ``vmap`` it becomes a gather.
+    skip_nonfinite: True drops a step whose updates (after the reset) or
+      any unit's batch statistics are not finite: it returns zero updates
+      and the state as it was (wrapped optimizer's statistics, unit
+      statistics, PRNG key), except ``CbpState.skipped``, which counts such
+      steps. One bad batch in a long run then costs one step instead of the
+      run. The cost is one finiteness check of every update entry and a
+      select over updates and state per step (see BENCHMARKS.md). Off by
+      default: a non-finite step then goes through, and the unit statistics
+      keep their previous values (counted in ``CbpState.nonfinite``).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `CbpState`.
@@ -212,6 +224,8 @@ def cbp(
     raise ValueError(
         "magnitude_refresh_every must be a positive int, got "
         f"{magnitude_refresh_every!r}")
+  if not isinstance(skip_nonfinite, bool):
+    raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
   key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
@@ -238,6 +252,7 @@ def cbp(
         replaced_total={n: jnp.zeros((), jnp.int32) for n in names},
         last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
         nonfinite=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
         decay_rate=jnp.asarray(decay_rate, jnp.float32),
         key=key,
         magnitudes=magnitudes,
@@ -325,9 +340,24 @@ def cbp(
                                  state.magnitudes.phase)
     new_state = CbpState(
         statistics=statistics, pending=pending, replaced_total=replaced_total,
-        last_replaced=last_replaced, nonfinite=nonfinite,
+        last_replaced=last_replaced, nonfinite=nonfinite, skipped=state.skipped,
         decay_rate=state.decay_rate, key=key, magnitudes=cache, inner_state=inner_state)
+    if skip_nonfinite:
+      return _skip_if_nonfinite(updates, new_state, state, nonfinite > state.nonfinite)
     return updates, new_state
+
+  def _skip_if_nonfinite(updates, new_state, state, bad_statistics):
+    """``(0, state)`` with ``skipped + 1`` if the step is not finite, else the step.
+
+    Selects rather than a `lax.cond`, as for the reset: the check fuses with
+    the update, and vmapped seeds skip independently.
+    """
+    finite = jnp.logical_not(bad_statistics)
+    for x in jax.tree.leaves(updates):
+      finite = finite & jnp.all(jnp.isfinite(x))
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return updates, kept._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
 
   def _cache_after_reset(layers, p, new_u, selections, magnitudes, phase):
     """The magnitude cache for the next step, exact for this step's replaced units.

@@ -52,14 +52,15 @@ device (indexing it costs the same for every method). L2 is
 `cbp_jax.methods.shrink_and_perturb` after SGD (noise every step); ReDo is
 `cbp_jax.methods.redo` (tau 0, period 1000) after SGD. ``cbp_k10`` and
 ``cbp_k100`` are CBP with ``magnitude_refresh_every=10`` / ``100`` (weight
-magnitudes refreshed for a tenth / a hundredth of the units per step).
+magnitudes refreshed for a tenth / a hundredth of the units per step);
+``cbp_guard`` is CBP with ``skip_nonfinite=True`` (the cost of the guard).
 The newer methods (``upgd``, ``regrama``, ``snr``, ``hare_tortoise``,
 ``ln_wd``, ``injection``) are built by `experiments.plasticity_methods` with
 its default settings, around the net's SGD (UPGD replaces it); ``ln_wd``
 adds LayerNorm to the MLPs and is skipped on the ConvNet; ``injection`` is
 timed before its injection point (the masked optimizer and the three-part
 forward pass cost the same before and after it).
-``--quick`` skips ``cbp_k100``, S&P, ReDo and the newer methods.
+``--quick`` skips ``cbp_k100``, ``cbp_guard``, S&P, ReDo and the newer methods.
 
 Optimizer-state bytes are reported per net for BP and CBP (and CBP wrapping
 Adam vs Adam): CBP's state beyond the wrapped optimizer's own is O(units),
@@ -170,8 +171,9 @@ def base_optimizer(net: Net) -> optax.GradientTransformation:
   return optax.sgd(net.lr, momentum=net.momentum)
 
 
-# CBP variants: exact magnitudes (the paper) and `magnitude_refresh_every=k`.
-REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100}
+# CBP variants: exact magnitudes (the paper), `magnitude_refresh_every=k`,
+# and the paper's CBP with the opt-in `skip_nonfinite=True` guard.
+REFRESH_EVERY = {"cbp": 1, "cbp_k10": 10, "cbp_k100": 100, "cbp_guard": 1}
 
 
 def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.GradientTransformation, bool]:
@@ -182,7 +184,8 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
   if method == "bp":
     return sgd, False
   if method in REFRESH_EVERY:
-    settings = dict(net.cbp, magnitude_refresh_every=REFRESH_EVERY[method])
+    settings = dict(net.cbp, magnitude_refresh_every=REFRESH_EVERY[method],
+                    skip_nonfinite=method == "cbp_guard")
     if net.wrap:
       return cbp_jax.cbp(graph, key=key, optimizer=sgd, **settings), True
     return optax.chain(sgd, cbp_jax.cbp(graph, key=key, **settings)), True
@@ -209,7 +212,7 @@ NEWER_METHODS = tuple(m for m in plasticity_methods.NAMES if m != "redo")
 def available_methods(quick: bool = False) -> list[str]:
   out = ["bp", "cbp", "cbp_k10", "l2"]
   if not quick:
-    out += ["cbp_k100", "snp", "redo", *NEWER_METHODS]
+    out += ["cbp_k100", "cbp_guard", "snp", "redo", *NEWER_METHODS]
   return out
 
 

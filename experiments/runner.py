@@ -67,14 +67,28 @@ every differing entry; a checkpoint orbax cannot read (truncated, garbled or
 missing files) or whose arrays do not match their checksum raises
 `CorruptCheckpointError` naming the step directory and what to do. Neither
 falls back silently to an older checkpoint.
+
+Faults (`run`): the results file is written to a temporary file, flushed to
+disk (``fsync``) and renamed over the old one, and orbax finalises a
+checkpoint by a rename too, so a full disk or an unwritable folder raises
+`OutputWriteError` (saying which file, why, and where the run can resume)
+and leaves the previous results file and checkpoints as they were. A run
+holds an exclusive lock on its output and checkpoint folders (`output_lock`:
+``fcntl.flock`` on a lock file naming the holder's pid and host), so a second
+run started on the same folder is refused with `OutputLockedError` naming the
+first; the kernel drops the lock when its holder exits or is killed, so a
+crashed run leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
+import datetime
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -82,6 +96,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -104,6 +119,15 @@ class ConfigMismatchError(ValueError):
 
 class CorruptCheckpointError(ValueError):
   """A checkpoint cannot be read, or its arrays differ from what was saved."""
+
+
+class OutputWriteError(OSError):
+  """Writing the results file or a checkpoint failed (full disk, read-only
+  folder, ...); what was there before is unchanged."""
+
+
+class OutputLockedError(RuntimeError):
+  """Another process holds the output folder's lock (`output_lock`)."""
 
 
 @dataclasses.dataclass
@@ -162,16 +186,121 @@ def _from_json_metrics(tree: Any) -> Any:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
   """Writes ``data`` as JSON to ``path`` via a temporary file and a rename.
 
-  A reader (or a Ctrl-C) sees either the old file or the new one, never a
-  partial write.
+  A reader (or a Ctrl-C, a crash, a power loss) sees either the old file or
+  the new one, never a partial write: the temporary file is flushed to disk
+  (``fsync``) before it replaces ``path``.
+
+  Raises:
+    OutputWriteError: the file could not be written (full disk, read-only
+      folder, ...). The temporary file is removed and ``path`` is unchanged.
   """
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  text = (json.dumps(_to_json(data), allow_nan=False) + "\n").encode()
   tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(_to_json(data), f, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      view = memoryview(text)
+      while view:
+        view = view[os.write(fd, view):]
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise OutputWriteError(
+        e.errno, f"cannot write {path}: {e.strerror or e}; the previous {path.name} (if any) "
+                 "is unchanged") from e
+  _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+  """Makes a rename in ``directory`` durable; best effort (not every file system allows it)."""
+  with contextlib.suppress(OSError):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The output folder's lock.
+# ---------------------------------------------------------------------------
+
+LOCK_NAME = ".cbp_jax_run.lock"
+# Locks this process holds: resolved folder -> [file descriptor, depth].
+_held_locks: dict[Path, list[int]] = {}
+
+
+def _lock_holder(lock_path: Path) -> str:
+  """Who holds a lock, as its file says (the holder writes it after locking)."""
+  try:
+    info = json.loads(lock_path.read_text() or "{}")
+  except (OSError, ValueError):
+    info = {}
+  if not info:
+    return "another process (it has not written its pid yet)"
+  return (f"process {info.get('pid')} on host {info.get('host')} (since {info.get('since')}: "
+          f"{info.get('command')})")
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike):
+  """Holds an exclusive lock on ``directory`` (created if missing) while in the block.
+
+  The lock is ``fcntl.flock`` on ``directory/.cbp_jax_run.lock``, which names
+  the holder (pid, host, start time, command). The kernel releases it when
+  the holder exits or is killed, so a crashed run leaves no stale lock: the
+  next run takes it (and rewrites the file). Re-entrant within a process.
+  On network file systems ``flock`` may be local to each host.
+
+  Raises:
+    OutputLockedError: another process holds the lock; the message names it.
+    OutputWriteError: the folder or its lock file cannot be created.
+  """
+  directory = Path(directory).absolute()
+  if directory in _held_locks:
+    _held_locks[directory][1] += 1
+    try:
+      yield
+    finally:
+      _held_locks[directory][1] -= 1
+    return
+  lock_path = directory / LOCK_NAME
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise OutputWriteError(
+        e.errno, f"cannot use {directory} as an output folder: {e.strerror or e}") from e
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise OutputLockedError(
+        f"{directory} is in use by {_lock_holder(lock_path)}. Two runs writing the same results "
+        "and checkpoints would corrupt each other: wait for that run to finish or stop it, or "
+        "use another output folder.") from None
+  try:
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+                         "command": " ".join(sys.argv)}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder, 0)
+  except OSError:
+    pass  # Naming the holder is a courtesy; the flock is the lock.
+  _held_locks[directory] = [fd, 1]
+  try:
+    yield
+  finally:
+    del _held_locks[directory]
+    with contextlib.suppress(OSError):
+      os.ftruncate(fd, 0)  # No holder named once released.
+    os.close(fd)  # Releases the flock.
 
 
 def load_results(path: str | os.PathLike) -> dict:
@@ -291,6 +420,15 @@ def _first_line(e: BaseException, limit: int = 400) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+  """``e`` and the exceptions it was raised from (``__cause__`` / ``__context__``)."""
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
 class Checkpoints:
   """Orbax checkpoints of a chunked run, saved at chunk boundaries.
 
@@ -316,8 +454,12 @@ class Checkpoints:
     self.config = normalize_config(config)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=("state", "meta"))
+    except OSError as e:
+      raise OutputWriteError(
+          e.errno, f"cannot use {self.directory} for checkpoints: {e.strerror or e}") from e
 
   def latest(self) -> int | None:
     """Chunks done at the latest checkpoint, or None if there is none."""
@@ -341,9 +483,29 @@ class Checkpoints:
         "leaves": {group: _leaf_specs(xs) for group, xs in host.items()},
         "checksums": {group: checksum(xs) for group, xs in host.items()},
     }
-    self._manager.save(chunks_done, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()
+    # Orbax writes the step into a temporary folder and renames it when
+    # complete, and deletes old steps only after that: a failed save leaves
+    # the earlier checkpoints as they were.
+    try:
+      self._manager.save(chunks_done, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # Orbax wraps OS errors in its own kinds.
+      # Let orbax's writer threads of the failed step finish (or fail) before
+      # anything else touches the folder, e.g. a retry of this step.
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      # The first failure is the deepest OS error: orbax's cleanup of the
+      # half-written step can fail too, while handling it.
+      cause = next((c for c in reversed(_causes(e)) if isinstance(c, OSError)), None)
+      earlier = [s for s in self._manager.all_steps() if s < chunks_done and
+                 self.step_dir(s).is_dir()]
+      kept = (f"the checkpoint of chunk {max(earlier)} is unchanged" if earlier
+              else "there is no earlier checkpoint")
+      raise OutputWriteError(
+          getattr(cause, "errno", None),
+          f"cannot save the checkpoint of chunk {chunks_done} in {self.directory}: "
+          f"{_first_line(cause or e)}; {kept}") from e
 
   def step_dir(self, step: int) -> Path:
     """The directory of checkpoint ``step``."""
@@ -603,7 +765,27 @@ def run(
     CorruptCheckpointError: when the checkpoint to resume from cannot be read
       or its arrays fail their checksum (no fallback to an older one).
     FileExistsError: when ``checkpoint_dir`` has checkpoints and ``resume`` is False.
+    OutputLockedError: another process runs on ``out_dir`` or
+      ``checkpoint_dir`` (`output_lock`); raised before compiling.
+    OutputWriteError: the results file or a checkpoint could not be written
+      (full disk, read-only folder); the previous results file and
+      checkpoints are unchanged and the message says where to resume from.
   """
+  with contextlib.ExitStack() as locks:
+    for directory in dict.fromkeys(d for d in (out_dir, checkpoint_dir) if d is not None):
+      locks.enter_context(output_lock(directory))
+    return _run_locked(
+        chunk_fn, init_carry, args=args, num_chunks=num_chunks, config=config,
+        experiment=experiment, points_per_chunk=points_per_chunk, x_step=x_step,
+        x_label=x_label, runs=runs, out_dir=out_dir, results_name=results_name,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        progress=progress, on_chunk=on_chunk, place=place)
+
+
+def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, points_per_chunk,
+                x_step, x_label, runs, out_dir, results_name, checkpoint_dir, checkpoint_every,
+                resume, progress, on_chunk, place) -> RunResult:
+  """`run`'s body, with its folders locked."""
   if num_chunks < 1:
     raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
   if checkpoint_every < 1:
@@ -658,9 +840,28 @@ def run(
       write_json_atomic(results_path, res)
     return res
 
+  def stopped(e: OutputWriteError, chunks_done: int, written: int, saved: int | None):
+    """``e`` with where the run stopped and where it can resume from."""
+    where = (f"{results_path} holds chunk {written}" if results_path is not None
+             else "no results file")
+    if checkpoints is None:
+      todo = "rerun (there are no checkpoints to resume from)"
+    elif saved is None:
+      todo = f"rerun (no checkpoint was saved yet in {checkpoint_dir})"
+    else:
+      todo = f"resume (--resume) from the checkpoint of chunk {saved} in {checkpoint_dir}"
+    return OutputWriteError(
+        e.errno, f"{e.strerror or e}. The run stopped after chunk {chunks_done}/{num_chunks}; "
+                 f"{where}. Free space or fix the folder's permissions, then {todo}.")
+
   chunk_seconds: list[float] = []
-  chunks_done = start
-  results = write("complete" if start == num_chunks else "running", start)
+  chunks_done, written, saved = start, start, latest
+  try:
+    results = write("complete" if start == num_chunks else "running", start)
+  except OutputWriteError as e:
+    if checkpoints is not None:
+      checkpoints.close()
+    raise stopped(e, start, start, saved) from e
   try:
     for index in range(start, num_chunks):
       tic = time.perf_counter()
@@ -671,10 +872,15 @@ def run(
       carry = new_carry
       parts = [_concat(parts + [metrics])]
       chunks_done = index + 1
-      results = write("complete" if chunks_done == num_chunks else "running", chunks_done)
-      if checkpoints is not None and (
-          chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
-        checkpoints.save(chunks_done, carry, parts[0])
+      try:
+        results = write("complete" if chunks_done == num_chunks else "running", chunks_done)
+        written = chunks_done
+        if checkpoints is not None and (
+            chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
+          checkpoints.save(chunks_done, carry, parts[0])
+          saved = chunks_done
+      except OutputWriteError as e:
+        raise stopped(e, chunks_done, written, saved) from e
       progress.update(chunks_done, chunk_seconds)
       if on_chunk is not None:
         on_chunk(chunks_done, results)
@@ -1069,25 +1275,27 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
 
   Returns:
     0; 130 after Ctrl-C (partial results written); 2 when the checkpoint
-    directory is in the way or a checkpoint is of another config or corrupt
-    (the message says why and what to do).
+    directory is in the way, a checkpoint is of another config or corrupt,
+    another run holds ``--out`` or the results or a checkpoint cannot be
+    written (the message says why and what to do).
   """
   out = Path(args.out)
   ckpt = out / "checkpoints" if args.checkpoint_every > 0 else None
-  if args.fresh and (out / "checkpoints").exists():
-    shutil.rmtree(out / "checkpoints")
   tic = time.perf_counter()
   try:
-    result = run_experiment(out_dir=out, checkpoint_dir=ckpt,
-                            checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                            plot=not args.no_plot, shard_seeds=args.shard_seeds)
+    with output_lock(out):  # Taken before --fresh deletes anything; `run` re-enters it.
+      if args.fresh and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+      result = run_experiment(out_dir=out, checkpoint_dir=ckpt,
+                              checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
+                              plot=not args.no_plot, shard_seeds=args.shard_seeds)
   except KeyboardInterrupt:
     print(f"interrupted: partial results in {out}/results.json"
           + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
     return 130
   except FileExistsError as e:
     return cli_error(f"{e}; or pass --fresh to discard it")
-  except (ConfigMismatchError, CorruptCheckpointError) as e:
+  except (ConfigMismatchError, CorruptCheckpointError, OutputLockedError, OutputWriteError) as e:
     return cli_error(e)
   print(summary(result.results))
   print(format_statistics(result.results))

@@ -30,9 +30,9 @@ def test_rows_count_replacements_and_ratios_are_relative_to_bp():
 
 def test_cbp_state_is_thirteen_bytes_per_unit_plus_per_layer_scalars():
   """utility f32 + mean f32 + age i32 + last_replaced bool per unit; pending f32
-  and replaced count i32 per layer; nonfinite i32, decay f32, key (2 x u32)."""
+  and replaced count i32 per layer; nonfinite i32, skipped i32, decay f32, key (2 x u32)."""
   for name in ("scr", "mnist_b1", "convnet_b100"):
     sizes = benchmark.state_sizes(benchmark.nets()[name])
-    expected = 13 * sizes["hidden_units"] + 8 * sizes["hidden_layers"] + 4 + 4 + 8
+    expected = 13 * sizes["hidden_units"] + 8 * sizes["hidden_layers"] + 4 + 4 + 4 + 8
     assert sizes["cbp_extra_bytes"] == expected, name
     assert sizes["cbp_adam_extra_bytes"] == expected, name

@@ -580,3 +580,101 @@ def test_100k_steps_of_the_mnist_sized_net_stay_finite(dtype):
       100_000, dtype, hidden=(2000, 2000, 2000), inputs=784, outputs=10,
       stream=classification_stream, lr=0.003, rate=1e-4, maturity=100)
   check_long_run(params, state, losses, dtype, 100_000, 1e-4, 100)
+
+
+# --- skip_nonfinite=True: a bad step is dropped whole -----------------------
+
+
+def drop_skipped(state):
+  """The state's leaves without the `skipped` counter (compared separately)."""
+  return snapshot(state._replace(skipped=jnp.zeros((), jnp.int32)))
+
+
+def assert_leaves_equal(got, expected):
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["gradient", "activation"])
+def test_skip_nonfinite_drops_the_step_and_keeps_the_state(where):
+  """A NaN gradient entry (or activation) under `skip_nonfinite=True`: zero
+  updates, the whole state (Adam's moments and count, unit statistics, key,
+  pending counts) bitwise as before, `skipped` 1; the next clean step is
+  bitwise the step the unguarded transform takes from the same state."""
+  kwargs = dict(replacement_rate=0.2, maturity_threshold=1, optimizer=ADAM)
+  tx, update = cbp_update(skip_nonfinite=True, **kwargs)
+  plain_tx, plain_update = cbp_update(**kwargs)
+  params, state = warm_state(update, tx)
+  assert int(state.skipped) == 0
+  x, y = next(batches(1, seed=21))
+  g, acts = grads_and_acts()(params, x, y)
+  if where == "gradient":
+    g = jax.tree.map(lambda a: a, g)
+    g["Dense_0"]["kernel"] = g["Dense_0"]["kernel"].at[1, 2].set(jnp.nan)
+  else:
+    acts = {**acts, "Dense_1": acts["Dense_1"].at[0, 4].set(jnp.inf)}
+  before = drop_skipped(state)
+  u, after = update(g, state, params, acts)
+
+  assert int(after.skipped) == 1
+  for leaf in jax.tree.leaves(u):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  assert_leaves_equal(drop_skipped(after), before)
+
+  x, y = next(batches(1, seed=22))
+  g, acts = grads_and_acts()(params, x, y)
+  u_guarded, guarded = update(g, after, params, acts)
+  u_plain, plain = plain_update(g, state, params, acts)
+  assert_same(u_guarded, snapshot(u_plain))
+  assert int(guarded.skipped) == 1 and int(plain.skipped) == 0
+  assert_leaves_equal(drop_skipped(guarded), drop_skipped(plain))
+
+
+def test_skip_nonfinite_changes_nothing_on_finite_steps():
+  """Over steps that replace units, the guarded transform's updates and state
+  are bitwise the unguarded one's, and `skipped` stays 0."""
+  kwargs = dict(replacement_rate=0.2, maturity_threshold=1, optimizer=ADAM)
+  tx, update = cbp_update(skip_nonfinite=True, **kwargs)
+  plain_tx, plain_update = cbp_update(**kwargs)
+  _, params = net()
+  state, plain = tx.init(params), plain_tx.init(params)
+  for x, y in batches(6, seed=23):
+    g, acts = grads_and_acts()(params, x, y)
+    u, state = update(g, state, params, acts)
+    u_plain, plain = plain_update(g, plain, params, acts)
+    assert_same(u, snapshot(u_plain))
+    params = optax.apply_updates(params, u)
+  assert int(state.skipped) == 0
+  assert sum(int(v) for v in state.replaced_total.values()) > 0
+  assert_leaves_equal(drop_skipped(state), drop_skipped(plain))
+
+
+def test_skip_nonfinite_skips_each_vmapped_seed_on_its_own():
+  """Two seeds vmapped, a NaN gradient in seed 1 only: seed 0 takes its step,
+  seed 1 keeps its state and counts one skip."""
+  tx, update = cbp_update(skip_nonfinite=True, replacement_rate=0.2, maturity_threshold=1,
+                          optimizer=ADAM)
+  params, state = warm_state(update, tx)
+  x, y = next(batches(1, seed=24))
+  g, acts = grads_and_acts()(params, x, y)
+  bad = jax.tree.map(lambda a: a, g)
+  bad["Dense_1"]["bias"] = g["Dense_1"]["bias"].at[0].set(jnp.nan)
+  stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  u, after = jax.vmap(update, in_axes=(0, None, None, None))(stack(g, bad), state, params, acts)
+  u_clean, clean = update(g, state, params, acts)
+  assert [int(s) for s in after.skipped] == [0, 1]
+  # Seed 0 as the unbatched step, up to the rounding of a batched fusion.
+  for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[0], u)), jax.tree.leaves(u_clean)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for leaf in jax.tree.leaves(jax.tree.map(lambda a: a[1], u)):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  np.testing.assert_array_equal(after.inner_state[0].mu["Dense_0"]["kernel"][1],
+                                state.inner_state[0].mu["Dense_0"]["kernel"])
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_skip_nonfinite_must_be_a_bool(bad):
+  _, params = net()
+  with pytest.raises(ValueError, match="skip_nonfinite must be a bool, got"):
+    cbp_jax.cbp(graph_of(params), key=0, skip_nonfinite=bad)
