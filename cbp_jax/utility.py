@@ -164,7 +164,8 @@ def update_statistics(
     # replaced, so its column was zeroed) ignores its inputs: its activation is
     # constant and its deviation per unit of input weight is taken as 0, not
     # 0/0 or x/0, so it ranks as useless instead of poisoning the statistics.
-    per_input = jnp.where(in_mag > 0, deviation / jnp.where(in_mag > 0, in_mag, 1.0), 0.0)
+    # (NaN magnitudes stay NaN: they are counted as non-finite below.)
+    per_input = jnp.where(in_mag == 0, 0.0, deviation / jnp.where(in_mag == 0, 1.0, in_mag))
     if utility == "adaptable_contribution":
       u_new = out_mag * per_input
     elif utility == "zero_contribution":
