@@ -992,6 +992,11 @@ def parse_floats(text: str) -> list[float]:
   return [float(v) for v in text.split(",") if v]
 
 
+def parse_ints(text: str) -> list[int]:
+  """``"32,128"`` -> ``[32, 128]`` (an argparse ``type``)."""
+  return [int(v) for v in text.split(",") if v]
+
+
 def split_names(text: str) -> list[str]:
   """``"bp, cbp"`` -> ``["bp", "cbp"]``."""
   return [m.strip() for m in text.split(",") if m.strip()]
