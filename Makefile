@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow benchmark clean
+.PHONY: setup demo test test-slow test-minatar benchmark clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The continual-MinAtar tests need gymnax (the `minatar` extra), which `make test` skips without.
+test-minatar: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-minatar.lock
+	$(PY) -m pytest -q tests/test_continual_minatar.py
 
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark
