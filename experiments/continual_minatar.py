@@ -61,10 +61,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -154,32 +152,8 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(isinstance(c["games"], (list, tuple)) and len(c["games"]) >= 1
        and all(g in GAMES for g in c["games"]),
        f"games must be a non-empty list from {list(GAMES)}, got {c['games']}")
-  need(steps_per_update(c) % c["minibatches"] == 0,
-       f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len "
-       f"({steps_per_update(c)})")
-  need(0 < c["gamma"] <= 1 and 0 <= c["gae_lambda"] <= 1,
-       "gamma must be in (0, 1], gae_lambda in [0, 1]")
-  need(c["clip_eps"] > 0, f"clip_eps must be > 0, got {c['clip_eps']}")
-  need(c["entropy_coef"] >= 0, f"entropy_coef must be >= 0, got {c['entropy_coef']}")
-  need(c["max_grad_norm"] >= 0, f"max_grad_norm must be >= 0 (0: off), got {c['max_grad_norm']}")
-  need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
-       f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
-  need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
   runner.require_methods(c["methods"], METHODS)
-  for m in METHODS:
-    hp = c["hparams"][m]
-    need(set(hp) == set(HPARAMS[m]), f"hparams.{m} must have exactly {sorted(HPARAMS[m])}")
-    need(hp["lr"] > 0, f"{m}: lr must be > 0")
-    need(0 <= hp["b1"] < 1 and 0 <= hp["b2"] < 1, f"{m}: b1, b2 must be in [0, 1)")
-    need(hp["eps"] > 0, f"{m}: eps must be > 0")
-    need(hp["weight_decay"] >= 0, f"{m}: weight_decay must be >= 0")
-  cb = c["hparams"]["cbp"]
-  need(0 <= cb["replacement_rate"] <= 1, "cbp: replacement_rate must be in [0, 1]")
-  need(0 <= cb["decay_rate"] < 1, "cbp: decay_rate must be in [0, 1)")
-  need(cb["maturity_threshold"] >= 0, "cbp: maturity_threshold must be >= 0")
-  rd = c["hparams"]["redo"]
-  need(rd["tau"] >= 0, "redo: tau must be >= 0")
-  need(isinstance(rd["period"], int) and rd["period"] >= 1, "redo: period must be an int >= 1")
+  learner_lib.validate_learner(c, HPARAMS)
 
 
 steps_per_update = learner_lib.steps_per_update
@@ -543,16 +517,7 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
   Returns ``{"compile_s", "seconds_per_chunk", "env_steps_per_s"}``.
   """
   config = make_config(config)
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  compiled, compile_s = runner.compile_chunk(chunk, carry)
-  times = []
-  for i in range(chunks):
-    tic = time.perf_counter()
-    carry, m = compiled(carry, jnp.asarray(i, jnp.int32))
-    jax.block_until_ready((carry, m))
-    times.append(time.perf_counter() - tic)
-  per = float(np.median(times))
+  compile_s, per = runner.time_chunks(make_batched, config, chunks=chunks)
   work = steps_per_chunk(config) * config["seeds"] * len(config["methods"])
   return {"compile_s": compile_s, "seconds_per_chunk": per, "env_steps_per_s": work / per}
 

@@ -96,7 +96,6 @@ import dataclasses
 import functools
 import math
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -205,22 +204,31 @@ def validate_config(c: Mapping[str, Any]) -> None:
   runner.require_positive_ints(c, (
       "seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
       "change_every", "updates_per_point", "points_per_chunk"))
+  lo, hi = c["friction_range"]
+  need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
+  runner.require_methods(c["methods"], METHODS)
+  validate_learner(c, HPARAMS)
+
+
+def validate_learner(c: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+  """The checks of the PPO learner's entries (batching, PPO settings, ``hidden``,
+  ``dormant_tau`` and every method's hyperparameters, ``defaults`` giving each
+  method's names); raises ValueError naming the first bad one."""
+  need = runner.require
   need(steps_per_update(c) % c["minibatches"] == 0,
        f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len "
        f"({steps_per_update(c)})")
   need(0 < c["gamma"] <= 1 and 0 <= c["gae_lambda"] <= 1, "gamma must be in (0, 1], "
        "gae_lambda in [0, 1]")
   need(c["clip_eps"] > 0, f"clip_eps must be > 0, got {c['clip_eps']}")
+  need(c.get("entropy_coef", 0.0) >= 0, f"entropy_coef must be >= 0, got {c.get('entropy_coef')}")
   need(c["max_grad_norm"] >= 0, f"max_grad_norm must be >= 0 (0: off), got {c['max_grad_norm']}")
-  lo, hi = c["friction_range"]
-  need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
   need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
        f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
   need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
-  runner.require_methods(c["methods"], METHODS)
-  for m in METHODS:
+  for m in defaults:
     hp = c["hparams"][m]
-    need(set(hp) == set(HPARAMS[m]), f"hparams.{m} must have exactly {sorted(HPARAMS[m])}")
+    need(set(hp) == set(defaults[m]), f"hparams.{m} must have exactly {sorted(defaults[m])}")
     need(hp["lr"] > 0, f"{m}: lr must be > 0")
     need(0 <= hp["b1"] < 1 and 0 <= hp["b2"] < 1, f"{m}: b1, b2 must be in [0, 1)")
     need(hp["eps"] > 0, f"{m}: eps must be > 0")
@@ -876,16 +884,7 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
   ``env_steps_per_s`` counts every method's and seed's steps.
   """
   config = make_config(config)
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  compiled, compile_s = runner.compile_chunk(chunk, carry)
-  times = []
-  for i in range(chunks):
-    tic = time.perf_counter()
-    carry, m = compiled(carry, jnp.asarray(i, jnp.int32))
-    jax.block_until_ready((carry, m))
-    times.append(time.perf_counter() - tic)
-  per = float(np.median(times))
+  compile_s, per = runner.time_chunks(make_batched, config, chunks=chunks)
   work = steps_per_chunk(config) * config["seeds"] * len(config["methods"])
   return {"compile_s": compile_s, "seconds_per_chunk": per, "env_steps_per_s": work / per}
 
