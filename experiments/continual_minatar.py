@@ -26,12 +26,13 @@ The problem
   runs one game.
 * Agent: the experiments' PPO (`experiments.slippery_ant`'s learner, whose
   pieces are `cbp_jax.ppo`) with a categorical policy head
-  (`CategoricalPolicy`), purejaxrl's MinAtar settings where they apply: ReLU
-  MLPs ``hidden`` (policy and value nets, `lecun` init), GAE (0.99, 0.95),
-  advantages normalised, clipped surrogate (0.2) + value MSE - 0.01 entropy,
-  gradients clipped to global norm 0.5, Adam lr 5e-4, no annealing (the
-  stream has no end). Episodes are truncated at ``episode_length`` steps and
-  bootstrap from their last observation.
+  (`CategoricalPolicy`) and the usual PPO settings of JAX PPO on MinAtar
+  (purejaxrl/cleanrl style): ReLU MLPs ``hidden`` (policy and value nets,
+  `lecun` init), GAE (0.99, 0.95), advantages normalised, clipped surrogate
+  (0.2) + value MSE - 0.01 entropy, gradients clipped to global norm 0.5,
+  Adam lr 5e-4, no learning-rate annealing (the stream has no end).
+  Episodes are truncated at ``episode_length`` steps and bootstrap from their
+  last observation.
 * Methods: ``ppo`` (Adam), ``l2`` (Adam + weight decay 1e-3, PyTorch style),
   ``cbp`` (CBP + L2 1e-4: `cbp_jax.cbp` wrapping the Adam chain, contribution
   utility, replacement rate 1e-4 per minibatch step, maturity 100 minibatch
@@ -64,6 +65,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -256,11 +258,13 @@ class MinAtarStream:
     pad = self.channels - obs.shape[-1]
     return jnp.pad(obs.astype(jnp.float32), ((0, 0), (0, 0), (0, pad))).reshape(-1)
 
+  def _observe(self, g: int, games: tuple) -> jax.Array:
+    return self._flat(self.envs[g].get_obs(games[g]))
+
   def raw_observation(self, state: EnvState, game: jax.Array) -> jax.Array:
     """Game ``game``'s padded, flattened observation (not permuted)."""
-    return jax.lax.switch(game, [
-        functools.partial(lambda g, s: self._flat(self.envs[g].get_obs(s[g])), g)
-        for g in range(len(self.games))], state.games)
+    return jax.lax.switch(game, [functools.partial(self._observe, g)
+                                 for g in range(len(self.games))], state.games)
 
   def observation(self, state: EnvState, task: Task) -> jax.Array:
     return self.raw_observation(state, task.game)[task.permutation]
@@ -408,8 +412,9 @@ seed_keys = runner.seed_keys
 # ---------------------------------------------------------------------------
 
 
-def run_experiment(config: Mapping[str, Any], *, out_dir=None, plot: bool = True,
-                   progress: bool = True, **run_kwargs: Any) -> runner.RunResult:
+def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
+                   plot: bool = True, progress: bool = True,
+                   **run_kwargs: Any) -> runner.RunResult:
   """Runs the experiment with `experiments.runner.run`.
 
   Writes ``out_dir/results.json`` (runner schema; ``x`` = environment steps
@@ -472,13 +477,12 @@ def format_summary(results: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def plot_results(results: Mapping[str, Any], out_dir) -> list:
+def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -> list[Path]:
   """``continual_minatar.png`` (return and correlates over steps) and
   ``tasks.png`` (return per task at each visit, one panel per task)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from pathlib import Path
 
   if not isinstance(results, Mapping):
     results = runner.load_results(results)
