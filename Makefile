@@ -4,7 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-minatar benchmark clean
+# `make test-floor`: the library's tests (every test module but the experiments' below) in .venv-floor, where each
+# direct dependency is installed at its lower bound in pyproject.toml. A test module of a new experiment goes here.
+EXPERIMENT_TESTS := tests/test_benchmark.py tests/test_continual_imagenet.py tests/test_continual_minatar.py \
+  tests/test_incremental_cifar100.py tests/test_permuted_mnist.py tests/test_runner.py tests/test_slippery_ant.py \
+  tests/test_slowly_changing_regression.py
+LIBRARY_TESTS = $(filter-out $(EXPERIMENT_TESTS),$(wildcard tests/test_*.py))
+FLOOR_VENV := .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
+
+.PHONY: setup demo test test-slow test-minatar test-floor dist wheel-check docs benchmark clean
 
 setup: $(STAMP)
 
@@ -29,8 +40,39 @@ test-minatar: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-minatar.lock
 	$(PY) -m pytest -q tests/test_continual_minatar.py
 
+$(FLOOR_STAMP): pyproject.toml .ci/floor_requirements.py
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install --quiet --upgrade pip
+	$(FLOOR_PY) .ci/floor_requirements.py dev > $(FLOOR_VENV)/floors.txt
+	$(FLOOR_PY) -m pip install --quiet -r $(FLOOR_VENV)/floors.txt
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	@# Every floor is installed exactly (a dependency of another package could have moved one).
+	$(FLOOR_PY) -m pip list --format=freeze | grep -Fx -f $(FLOOR_VENV)/floors.txt | tee $(FLOOR_VENV)/found.txt
+	test $$(wc -l < $(FLOOR_VENV)/found.txt) -eq $$(wc -l < $(FLOOR_VENV)/floors.txt)
+	$(FLOOR_PY) -m pytest -q $(LIBRARY_TESTS)
+
+dist: $(STAMP)
+	$(PY) -m pip install --quiet build==1.6.1
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+wheel-check: dist
+	$(PY) .ci/wheel_check.py dist
+
+$(DOCS_STAMP): $(STAMP) docs/requirements.txt
+	$(PY) -m pip install --quiet -r docs/requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/_autosummary
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules cbp_jax
+
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) results dist docs/_build docs/_autosummary .pytest_cache

@@ -10,13 +10,20 @@ from cbp_jax import initializers
 from cbp_jax import methods
 from cbp_jax import metrics
 from cbp_jax import models
+from cbp_jax import prng
+from cbp_jax import reset
+from cbp_jax import resnet
+from cbp_jax import sharding
+from cbp_jax import utility
 from cbp_jax.activations import apply_with_activations
+from cbp_jax.activations import capture_activations
 from cbp_jax.activations import collect_activations
 from cbp_jax.activations import sow_activation
 from cbp_jax.graph import Consumer
 from cbp_jax.graph import graph_from_params
 from cbp_jax.graph import Layer
 from cbp_jax.graph import LayerGraph
+from cbp_jax.trace import trace_graph
 from cbp_jax.transform import cbp
 from cbp_jax.transform import CbpState
 from cbp_jax.transform import reset_batch_stats
@@ -26,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply_with_activations",
+    "capture_activations",
     "cbp",
     "CbpState",
     "collect_activations",
@@ -38,7 +46,13 @@ __all__ = [
     "Layer",
     "LayerGraph",
     "models",
+    "prng",
+    "reset",
+    "resnet",
+    "sharding",
+    "utility",
     "reset_batch_stats",
     "sow_activation",
+    "trace_graph",
     "unit_stats",
 ]

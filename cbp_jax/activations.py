@@ -9,8 +9,7 @@ units), so the record's path is the layer's default name in the graph:
   ``model.apply(variables, x, mutable=["activations"])`` and
   `collect_activations` on the returned collection;
 * nnx: ``cbp_jax.sow_activation(self.linear, h)``, then
-  ``out, records = nnx.capture(model, nnx.Intermediate)(x)`` and
-  ``collect_activations(records)``.
+  ``out, activations = cbp_jax.capture_activations(model, x)``.
 """
 
 from __future__ import annotations
@@ -83,3 +82,37 @@ def apply_with_activations(
   """
   out, state = model.apply({"params": params}, *args, mutable=[COLLECTION], **kwargs)
   return out, collect_activations(state.get(COLLECTION, {}))
+
+
+def capture_activations(module: nnx.Module, *args: Any, **kwargs: Any
+                        ) -> tuple[Any, dict[str, jax.Array]]:
+  """Runs an nnx module and returns ``(output, activations)``.
+
+  The nnx counterpart of `apply_with_activations`: the records that
+  `sow_activation` makes during this call only, keyed by the producing
+  submodule's path (e.g. ``"layers/0"``, ``"block/fc1"``).
+
+  Args:
+    module: an nnx module that calls `sow_activation`.
+    *args: its inputs.
+    **kwargs: its keyword inputs.
+
+  Returns:
+    The module's output and ``{layer_name: h}``.
+
+  Example:
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.hidden, self.head = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(cbp_jax.sow_activation(self.hidden, nnx.relu(self.hidden(x))))
+    >>> out, acts = cbp_jax.capture_activations(Net(nnx.Rngs(0)), jnp.ones((2, 4)))
+    >>> {name: h.shape for name, h in acts.items()}
+    {'hidden': (2, 8)}
+  """
+  if not isinstance(module, nnx.Module):
+    raise ValueError(
+        f"capture_activations needs an nnx.Module, got {type(module).__name__} "
+        "(for linen use cbp_jax.apply_with_activations)")
+  out, records = nnx.capture(module, nnx.Intermediate)(*args, **kwargs)
+  return out, collect_activations(records)

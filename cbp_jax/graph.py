@@ -8,16 +8,21 @@ kernels whose axis ``-2`` indexes their inputs (Dense ``(n * P, out)``, Conv
 ``(kh, kw, n, out)``). A consumer behind a flatten sees every unit at ``P``
 spatial positions; ``layout`` says how flatten interleaved them.
 
-`LayerGraph` is the explicit, declarative form; `graph_from_params` infers it
-for sequential stacks of Dense/Conv layers (with optional norms in between).
+`LayerGraph` is the explicit, declarative form; `cbp_jax.trace_graph` reads it
+from the computation (any architecture); `graph_from_params` infers it from
+parameter names for plain sequential stacks of Dense/Conv layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterable
+
+import jax
+from flax import nnx
 
 from cbp_jax import initializers
 from cbp_jax import tree_paths
@@ -32,7 +37,7 @@ class Consumer:
   Attributes:
     kernel: path of the consumer's kernel, e.g. ``"Dense_1/kernel"``.
     bias: path of the consumer's bias (absorbs the contribution of a removed
-      unit, see SPEC step 7), or None.
+      unit, see step 7 of the Semantics page), or None.
     layout: how a flatten between the layer and this consumer ordered its
       inputs when the kernel's axis ``-2`` has ``n * P`` entries:
       ``"channels_last"`` (NHWC flattened, input ``p * n + i``, flax's default)
@@ -243,8 +248,67 @@ def _modules(tree: Any, prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[st
     yield from _modules(value, prefix + (tree_paths.key_to_str(key),))
 
 
+_AUTONAME = re.compile(r"^([A-Za-z][A-Za-z0-9]*)_(\d+)$")
+_TRACE_HINT = ("Trace the graph from the computation instead: "
+               "cbp_jax.trace_graph(fn, params, x) with fn(params, x) -> (output, activations)")
+
+
+def _check_only_params(params: Any) -> None:
+  """Refuses an nnx state that holds more than parameters (e.g. BatchStat)."""
+  variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  others = sorted({type(v).__name__ for v in variables
+                   if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)})
+  if others:
+    raise ValueError(
+        f"graph_from_params got an nnx state holding {others} besides parameters; pass "
+        "nnx.state(model, nnx.Param)")
+
+
+def _in_call_order(params: Any, modules: list) -> list:
+  """The sibling modules in the order the model calls them, or a ValueError.
+
+  The order is read from names that carry it: list indices (``layers/0``,
+  ``layers/1``: ordered numerically) or linen's automatic names
+  ``{Type}_{i}`` in the dict's own order, with each type's indices
+  increasing. Custom names carry no order (nnx states, restored checkpoints
+  and ``jax.tree.map`` return dicts with sorted keys), so they are refused.
+  """
+  names = [path[-1] if path else "" for path, _ in modules]
+  if all(n.isdigit() for n in names):
+    return sorted(modules, key=lambda m: int(m[0][-1]))
+  if isinstance(params, nnx.State):
+    raise ValueError(
+        "graph_from_params: nnx.state sorts attribute names, so the call order of "
+        f"{names} cannot be read from it. {_TRACE_HINT}")
+  parsed = [_AUTONAME.match(n) for n in names]
+  custom = [n for n, m in zip(names, parsed) if m is None]
+  if custom:
+    raise ValueError(
+        f"graph_from_params: module names {custom} do not show the call order (dicts may come "
+        f"back with sorted keys). {_TRACE_HINT}")
+  last: dict[str, tuple[int, str]] = {}
+  for name, m in zip(names, parsed):
+    kind, i = m.group(1), int(m.group(2))
+    if kind in last and last[kind][0] >= i:
+      raise ValueError(
+          f"graph_from_params: '{name}' comes after '{last[kind][1]}' in the parameter dict, so "
+          f"its keys were reordered (sorted as strings?) and the call order cannot be read. "
+          f"{_TRACE_HINT}")
+    last[kind] = (i, name)
+  return modules
+
+
 def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
-  """Infers the layer graph of a sequential stack from its parameters.
+  """Infers the layer graph of a plain sequential stack from its parameters.
+
+  Prefer `cbp_jax.trace_graph`, which reads the graph from the computation.
+  Parameters alone cannot show a skip connection (``x + f(x)`` has the same
+  parameters as ``f(x)``), so this function *assumes* a plain stack: use it
+  only for models without residual connections. It refuses wherever the
+  parameter dict cannot show the call order: custom module names, nnx states
+  (their attribute names come sorted; list-indexed ``nnx.List`` layers are
+  fine), keys reordered as strings (``Dense_10`` before ``Dense_2``), a norm
+  after the last weight layer.
 
   Recognises sibling modules, in order, each either a weight layer (a
   ``kernel`` of 2+ axes and optional ``bias``: Dense or Conv) or a norm layer
@@ -264,8 +328,9 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
 
   Raises:
     ValueError: for anything that is not such a stack (residual blocks,
-      modules at different depths, mismatched shapes), naming the module.
-      Declare a `LayerGraph` explicitly for those.
+      modules at different depths, mismatched shapes) or whose order the
+      names cannot show, naming the module. Use `cbp_jax.trace_graph` (or
+      declare a `LayerGraph`) for those.
 
   Example:
     >>> params = cbp_jax.models.MLP(hidden=(8, 8), outputs=2).init(
@@ -277,6 +342,7 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
     raise ValueError(
         "graph_from_params got a variables dict with a 'params' collection; "
         "pass variables['params']")
+  _check_only_params(params)
   modules = list(_modules(params))
   if not modules:
     raise ValueError("graph_from_params: the tree holds no parameter modules")
@@ -288,6 +354,7 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
         f"these modules sit at different places: {names}. Declare a "
         "cbp_jax.LayerGraph explicitly (e.g. for residual blocks)")
 
+  modules = _in_call_order(params, modules)
   entries = []  # (kind, name, module)
   for path, module in modules:
     name = "/".join(path)
@@ -313,6 +380,11 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
         f"graph_from_params: module '{entries[0][1]}' comes before the first "
         "weight layer")
 
+  if weights[-1] != len(entries) - 1:
+    raise ValueError(
+        f"graph_from_params: norm '{entries[-1][1]}' comes after the last weight layer "
+        f"'{entries[weights[-1]][1]}', so the call order cannot be read from the parameter "
+        "dict (were its keys sorted?). Use cbp_jax.trace_graph(fn, params, x)")
   layers = []
   for producer_pos, consumer_pos in zip(weights, weights[1:]):
     _, name, module = entries[producer_pos]

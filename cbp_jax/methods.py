@@ -105,6 +105,7 @@ def l2_init(weight_decay: float | jax.Array) -> optax.GradientTransformation:
     ValueError: if ``weight_decay`` is negative or not a number.
 
   Example:
+    >>> params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
     >>> tx = optax.chain(cbp_jax.methods.l2_init(1e-3), optax.adam(1e-3))
     >>> state = tx.init(params)
     >>> updates, state = tx.update(grads, state, params)
@@ -166,7 +167,7 @@ def shrink_and_perturb(
   The loss-of-plasticity reference implements S&P as the optimizer's weight
   decay (shrink ``~= 1 - lr * weight_decay`` each step, the two differ by
   ``O(lr**2 * weight_decay)``) plus ``N(0, perturb_scale**2)`` noise added
-  after every step. The paper's S&P values are not in SPEC: they are
+  after every step. The paper does not state its S&P values: they are
   user-chosen (sweep ``shrink`` just below 1, e.g. ``1 - 1e-5 .. 1 - 1e-3``,
   and ``noise_scale`` around ``1e-5 .. 1e-3`` times the weights' scale).
 
@@ -190,6 +191,7 @@ def shrink_and_perturb(
     ValueError: naming an argument out of range.
 
   Example:
+    >>> params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
     >>> tx = optax.chain(optax.sgd(0.01),
     ...                  cbp_jax.methods.shrink_and_perturb(1 - 1e-4, 1e-4, key=0))
     >>> state = tx.init(params)
@@ -313,7 +315,8 @@ def redo(
     key: PRNG key (or int seed) for the new incoming weights.
     tau: dormancy threshold, >= 0.
     period: reset every this many steps, >= 1.
-    init: distribution of new incoming weights (`cbp_jax.initializers.INITS`).
+    init: distribution of new incoming weights, as `cbp_jax.cbp`'s ``init``
+      (a name in `cbp_jax.initializers.INITS` or an initializer callable).
     optimizer: optional optimizer to wrap (second form above).
     next_bias_correction: if True, each consumer's bias absorbs
       ``w_out[i] * mean_batch(h_i)`` of a reset unit ``i`` (its mean
@@ -349,8 +352,7 @@ def redo(
         f"redo: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
   validation.check_nonnegative("tau", tau)
   validation.check_positive_int("period", period)
-  if init not in initializers.INITS:
-    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  initializers.check_initializer(init)
   key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
@@ -486,6 +488,11 @@ def reset_layers(params: Any, fresh_params: Any, paths: str | Sequence[str]) -> 
       trees differ in structure or in the shape/dtype of a replaced leaf.
 
   Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tx = optax.sgd(0.01, momentum=0.9)
+    >>> opt_state = tx.init(params)
+    >>> task = 1  # a new task begins: a fresh output layer
     >>> fresh = model.init(jax.random.key(task), x)["params"]
     >>> params = cbp_jax.methods.reset_layers(params, fresh, ["Dense_2"])
     >>> opt_state = cbp_jax.methods.reset_optimizer_for(tx, opt_state, params, ["Dense_2"])
@@ -573,7 +580,12 @@ def reset_optimizer_for(
       or when the statistics of ``tx`` cannot be located.
 
   Example:
+    >>> model, x = cbp_jax.models.MLP(hidden=(8, 8), outputs=2), jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> graph = cbp_jax.graph_from_params(params)
     >>> tx = cbp_jax.cbp(graph, key=0, optimizer=optax.adam(1e-3))
+    >>> opt_state = tx.init(params)
+    >>> fresh = model.init(jax.random.key(1), x)["params"]
     >>> params = cbp_jax.methods.reset_layers(params, fresh, "Dense_2")
     >>> opt_state = cbp_jax.methods.reset_optimizer_for(tx, opt_state, params, "Dense_2")
   """

@@ -1,7 +1,7 @@
 """Plasticity correlates: dead/dormant units, feature-matrix ranks, weight and gradient magnitudes.
 
 These are the quantities the Continual Backpropagation paper (Dohare et al., Nature 2024) tracks to explain loss
-of plasticity (see the "Plasticity correlates" section of the project SPEC). Every function here is a pure
+of plasticity (see "Plasticity metrics" on the Semantics page of the documentation). Every function here is a pure
 ``jax.numpy`` function of static-shaped inputs: it can be wrapped in :func:`jax.jit`, mapped with :func:`jax.vmap`
 (e.g. over a leading seed axis), and called on ``bfloat16`` inputs. All arithmetic is done in ``float32``.
 
@@ -358,7 +358,7 @@ def stable_rank(features: jax.Array, threshold: float = 0.99) -> jax.Array:
   """Stable rank as defined in the paper: :func:`approximate_rank` on singular values instead of their squares.
 
   The smallest ``k`` such that ``sum_{i<=k} sigma_i >= threshold * sum_i sigma_i`` (descending order). This is the
-  SPEC's / paper's definition (the reference code calls it ``abs_approximate_rank``; the paper calls it stable
+  paper's definition (the reference code calls it ``abs_approximate_rank``; the paper calls it stable
   rank). **It is not** the textbook stable rank ``srank(A) = ||A||_F^2 / ||A||_2^2``, a real number that is a
   continuous lower bound of the rank; use ``jnp.sum(sv**2) / sv[0]**2`` with :func:`singular_values` for that.
   Because singular values are spread more evenly than their squares, ``stable_rank >= approximate_rank`` for the
@@ -512,8 +512,8 @@ def layer_metrics(
     activity_threshold: fraction passed to :func:`rarely_active_fraction`.
 
   Returns:
-    ``{layer: {"dead_fraction", "rarely_active_fraction", "dormant_fraction", "effective_rank", "stable_rank",
-    "approximate_rank", "feature_norm"}}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
+    A dict mapping each layer to ``{"dead_fraction", "rarely_active_fraction", "dormant_fraction",
+    "effective_rank", "stable_rank", "approximate_rank", "feature_norm"}``; the ranks ``stable_rank`` / ``approximate_rank`` are ``int32``, the
     rest ``float32``.
     Each layer's SVD is computed once and shared by the three rank measures.
 

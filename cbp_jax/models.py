@@ -68,9 +68,12 @@ def conv_im2col(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int] = 
     rhs: kernel ``(kh, kw, C, O)``.
     window_strides: ``(sh, sw)``.
     padding: ``"VALID"``, ``"SAME"`` or ``((lo, hi), (lo, hi))``.
-    lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-    precision, preferred_element_type: accepted for compatibility; dilations
-      must be 1 and the group count 1.
+    lhs_dilation: None or all ones (no dilation).
+    rhs_dilation: None or all ones.
+    dimension_numbers: ignored; flax's default NHWC/HWIO/NHWC is assumed.
+    feature_group_count: must be 1.
+    precision: passed on to the patches @ kernel product.
+    preferred_element_type: ignored, accepted for compatibility.
 
   Returns:
     ``(N, H', W', O)``.

@@ -9,7 +9,7 @@ selects, not scatters, so they fuse with the optimizer's elementwise work.
 The kernel edits the optimizer's *updates* rather than the parameters, so
 that ``optax.apply_updates(params, updates)`` lands on the reset values while
 every untouched entry keeps exactly the update it had (bitwise the same
-result as without the reset). Per replaced unit ``i`` of a layer (SPEC 7):
+result as without the reset). Per replaced unit ``i`` of a layer (Semantics page, step 7):
 
 1. each consumer's bias absorbs ``sum w_out[.., i, :] * f_hat_i`` (optional);
 2. outgoing weights become 0 (``update = -param``, exact in floating point);
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from cbp_jax import initializers
+from cbp_jax import prng
 from cbp_jax.graph import ResolvedLayer
 
 
@@ -161,6 +162,40 @@ def touched_slices(
   return touched
 
 
+def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict[str, Selection],
+                 key: jax.Array, init: Any) -> list[jax.Array]:
+  """Per layer, the ``K`` new incoming columns, ``kernel.shape[:-1] + (K,)``.
+
+  A named init makes one draw for every layer's columns: per-call PRNG
+  overhead, not the numbers drawn, dominates on small nets. A callable
+  ``init(key, shape, dtype)`` is called with the kernel's full shape, so
+  that it sees the true fans, and the selected columns are taken; that
+  O(kernel) draw is skipped (`lax.cond`) on steps where the layer replaces
+  nothing (under `vmap` both branches run).
+  """
+  shapes = [p[layer.kernel].shape[:-1] + selections[layer.layer.name].indices.shape
+            for layer in layers]
+  if callable(init):
+    columns = []
+    for layer, shape, layer_key in zip(layers, shapes, prng.split(key, len(layers))):
+      idx = selections[layer.layer.name].indices
+      kernel = p[layer.kernel]
+
+      def draw(layer_key=layer_key, kernel=kernel, idx=idx):
+        full = init(layer_key, kernel.shape, kernel.dtype)
+        return jnp.take(full, idx, axis=-1, mode="fill", fill_value=0).astype(jnp.float32)
+
+      columns.append(jax.lax.cond(jnp.any(idx < layer.width), draw,
+                                  lambda shape=shape: jnp.zeros(shape, jnp.float32)))
+    return columns
+  sizes = [math.prod(shape) for shape in shapes]
+  noise = initializers.standard_draw(init, key, (sum(sizes),))
+  offsets = itertools.accumulate(sizes, initial=0)
+  return [initializers.scale(init, layer.fan_in, layer.fan_out, layer.layer.activation)
+          * noise[offset:offset + size].reshape(shape)
+          for layer, shape, size, offset in zip(layers, shapes, sizes, offsets)]
+
+
 def reset_units(
     updates: Any,
     params: Any,
@@ -179,7 +214,8 @@ def reset_units(
     layers: the resolved layer graph (`cbp_jax.graph.resolve`).
     selections: per layer name, the units to replace.
     key: PRNG key for the new incoming weights.
-    init: initial distribution (`cbp_jax.initializers.INITS`).
+    init: initial distribution: a name in `cbp_jax.initializers.INITS` or a
+      callable ``init(key, shape, dtype)`` (see `_new_columns`).
     mean_activation: per layer, bias-corrected mean activation ``f_hat``; when
       given, consumers' biases absorb the replaced units' mean contribution
       (computed with the post-step outgoing weights).
@@ -216,19 +252,11 @@ def reset_units(
       rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
       u[c.kernel] = _where_along(u[c.kernel], -2, rows, -p[c.kernel])
 
-  # One draw serves every layer's new columns: per-call PRNG overhead, not
-  # the numbers drawn, dominates on small nets.
-  shapes = [p[layer.kernel].shape[:-1] + selections[layer.layer.name].indices.shape
-            for layer in layers]
-  sizes = [math.prod(shape) for shape in shapes]
-  noise = initializers.standard_draw(init, key, (sum(sizes),))
-  offsets = itertools.accumulate(sizes, initial=0)
-  for layer, shape, size, offset in zip(layers, shapes, sizes, offsets):
+  columns = _new_columns(p, layers, selections, key, init)
+  for layer, fresh in zip(layers, columns):
     idx = selections[layer.layer.name].indices
     k = p[layer.kernel]
-    s = initializers.scale(init, layer.fan_in, layer.fan_out, layer.layer.activation)
-    fresh = (s * noise[offset:offset + size].reshape(shape)).astype(k.dtype)
-    u[layer.kernel] = _place_columns(u[layer.kernel], idx, fresh, k)
+    u[layer.kernel] = _place_columns(u[layer.kernel], idx, fresh.astype(k.dtype), k)
     for leaf, target in ((layer.bias, 0.0), (layer.norm_offset, 0.0), (layer.norm_scale, 1.0)):
       if leaf is not None:
         u[leaf] = _where_along(u[leaf], -1, idx, target - p[leaf])

@@ -183,7 +183,7 @@ def shard_batch(batch: Any, mesh: Mesh | None = None, axis_name: str | None = No
       (``jax.make_array_from_process_local_data``): multi-host data loading.
 
   Returns:
-    The global batch as sharded `jax.Array`s.
+    The global batch, its leaves sharded `jax.Array` values.
   """
   mesh = make_mesh() if mesh is None else mesh
   name = _axis(mesh, axis_name)

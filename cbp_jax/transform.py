@@ -1,6 +1,6 @@
 """`cbp()`: Continual Backpropagation as an Optax gradient transformation.
 
-One step, as data flows (SPEC "Per step"):
+One step, as data flows ("Per step" on the Semantics page of the documentation):
   updates (from the optimizer) + params -> post-step weights
   activations -> per-unit statistics and utility        (`utility.py`)
   utility, age -> how many and which units to replace    (this module)
@@ -10,7 +10,7 @@ One step, as data flows (SPEC "Per step"):
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import numpy as np
@@ -75,6 +75,23 @@ def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   return width
 
 
+def _check_state_widths(layers, state: CbpState) -> None:
+  """A state made by ``init`` for other parameters is refused, naming the layer."""
+  if not isinstance(state, CbpState):
+    raise ValueError(f"cbp: update needs the state that init returned, got {type(state).__name__}")
+  for layer in layers:
+    name = layer.layer.name
+    if name not in state.statistics:
+      raise ValueError(
+          f"cbp: the state has no statistics for layer '{name}' (it has "
+          f"{sorted(state.statistics)}); was it initialised with another graph?")
+    state_width = state.statistics[name].utility.shape[-1]
+    if state_width != layer.width:
+      raise ValueError(
+          f"cbp: layer '{name}' has {layer.width} units in these params but the state was "
+          f"initialised for {state_width}; call tx.init(params) for the new parameters")
+
+
 def cbp(
     graph: graph_lib.LayerGraph,
     *,
@@ -83,7 +100,7 @@ def cbp(
     maturity_threshold: int | jax.Array = 100,
     decay_rate: float | jax.Array = 0.99,
     utility: str = "contribution",
-    init: str = "kaiming",
+    init: str | Callable[..., jax.Array] = "kaiming",
     accumulate: bool = True,
     count_basis: str = "eligible",
     next_bias_correction: bool = True,
@@ -125,8 +142,16 @@ def cbp(
     utility: one of ``"contribution"``, ``"adaptable_contribution"``,
       ``"zero_contribution"``, ``"adaptation"``, ``"weight"``,
       ``"feature_by_input"``, ``"random"``.
-    init: distribution of new incoming weights: ``"kaiming"``, ``"default"``,
-      ``"xavier"`` or ``"lecun"`` (uniform; see `cbp_jax.initializers`).
+    init: distribution of new incoming weights: ``"kaiming"`` (uniform,
+      bound ``gain * sqrt(3 / fan_in)``), ``"default"`` (uniform,
+      ``sqrt(1 / fan_in)``), ``"xavier"`` (uniform,
+      ``gain * sqrt(6 / (fan_in + fan_out))``), ``"lecun"`` (uniform,
+      ``sqrt(3 / fan_in)``), ``"kaiming_normal"`` (std
+      ``gain / sqrt(fan_in)``), ``"lecun_normal"`` (flax's default kernel
+      init), with the gain of each layer's activation (`cbp_jax.initializers`);
+      or any ``jax.nn.initializers``-style callable ``init(key, shape,
+      dtype)``, e.g. the model's own ``kernel_init``, called with the
+      kernel's full shape on steps that replace units.
     accumulate: True accumulates fractional replacements and replaces
       ``floor`` of the total (exact long-run counts); False replaces one unit
       with probability ``rate * base`` when that is below 1.
@@ -175,8 +200,7 @@ def cbp(
   validation.check_nonnegative("maturity_threshold", maturity_threshold)
   if utility not in utility_lib.UTILITIES:
     raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
-  if init not in initializers.INITS:
-    raise ValueError(f"init must be one of {initializers.INITS}, got {init!r}")
+  initializers.check_initializer(init)
   if count_basis not in COUNT_BASES:
     raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
   if max_replacements_per_step is not None and (
@@ -242,6 +266,7 @@ def cbp(
     if params is None:
       raise ValueError("cbp: update needs params (tx.update(grads, state, params, activations=...))")
     layers, p, _ = graph_lib.resolve(graph, params)
+    _check_state_widths(layers, state)
     validation.check_activations("cbp", layers, activations)
     if inner is not None:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -323,7 +348,7 @@ def cbp(
     return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % magnitude_refresh_every)
 
   def _replacement_count(eligible, pending, draw, width):
-    """Units owed this step (SPEC 6) and the new pending fraction.
+    """Units owed this step (Semantics page, step 6) and the new pending fraction.
 
     ``draw`` is a uniform number in [0, 1), used when not accumulating.
     """
@@ -404,9 +429,19 @@ def reset_batch_stats(batch_stats: Any, graph: graph_lib.LayerGraph, opt_state: 
   state = find_cbp_state(opt_state)
   index, leaves, treedef = tree_paths.flatten_by_path(batch_stats)
   leaves = list(leaves)
-  for layer in graph:
-    if layer.norm is None:
-      continue
+  normed = [layer for layer in graph if layer.norm is not None]
+  expected = [f"{layer.norm}/{stat}" for layer in normed for stat in ("mean", "var")]
+  if normed and not any(path in index for path in expected):
+    hint = ""
+    if any(path.startswith("batch_stats/") for path in index):
+      hint = " It looks like a whole variables dict: pass variables['batch_stats']."
+    elif any(path.startswith(("params/",)) or path.endswith(("/kernel", "/scale")) for path in index):
+      hint = " It holds parameters: pass the running statistics (nnx.state(model, nnx.BatchStat))."
+    raise ValueError(
+        f"reset_batch_stats: batch_stats has none of the norms' running statistics "
+        f"({', '.join(expected[:4])}{' ...' if len(expected) > 4 else ''}); it has "
+        f"{sorted(index)[:6]}.{hint}")
+  for layer in normed:
     mask = state.last_replaced[layer.name]
     for stat, value in (("mean", 0.0), ("var", 1.0)):
       path = f"{layer.norm}/{stat}"

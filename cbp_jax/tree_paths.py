@@ -55,7 +55,10 @@ def lookup(index: dict[str, int], path: str, what: str) -> int:
   if path not in index:
     known = ", ".join(sorted(index)[:12])
     more = " ..." if len(index) > 12 else ""
+    hint = ""
+    if f"params/{path}" in index:
+      hint = "; this looks like a whole variables dict: pass variables['params']"
     raise ValueError(
         f"{what}: no parameter named '{path}' in the parameter tree "
-        f"(it has: {known}{more})")
+        f"(it has: {known}{more}){hint}")
   return index[path]

@@ -1,4 +1,4 @@
-"""Running per-unit statistics: age, mean activation and utility (SPEC 1-4).
+"""Running per-unit statistics: age, mean activation and utility (steps 1-4 of the Semantics page).
 
 Everything here is O(units) state and elementwise/reduction work; the only
 O(params) work per step is the weight-magnitude reductions, which read each
@@ -130,7 +130,7 @@ def update_statistics(
     utility: str,
     key: jax.Array,
 ) -> tuple[UnitStatistics, jax.Array, jax.Array, jax.Array]:
-  """Advances one layer's statistics by one batch (SPEC steps 1-4).
+  """Advances one layer's statistics by one batch (Semantics page, steps 1-4).
 
   Units whose batch statistics are not finite (NaN/inf activations or
   weights) keep their previous running values, so one bad batch cannot

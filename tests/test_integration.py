@@ -216,6 +216,8 @@ def test_double_precision_params():
     ({"maturity_threshold": -1}, "maturity_threshold must be >= 0, got -1"),
     ({"utility": "bogus"}, "utility must be one of .* got 'bogus'"),
     ({"init": "he"}, "init must be one of .* got 'he'"),
+    ({"init": lambda key: key}, "not a jax.nn.initializers-style callable init\\(key, shape, dtype\\)"),
+    ({"init": lambda key, shape, dtype: jnp.zeros(3)}, "must return an array of the requested shape"),
     ({"count_basis": "all"}, "count_basis must be one of .* got 'all'"),
     ({"max_replacements_per_step": 0}, "max_replacements_per_step must be a positive int"),
 ])
@@ -223,6 +225,38 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
   _, params = mlp()
   with pytest.raises(ValueError, match=message):
     cbp_jax.cbp(graph_of(params), key=0, **kwargs)
+
+
+def test_a_whole_variables_dict_is_refused_at_init_saying_what_to_pass():
+  model, params = mlp()
+  variables = {"params": params}
+  with pytest.raises(ValueError, match=r"whole variables dict: pass variables\['params'\]"):
+    cbp_jax.cbp(graph_of(params), key=0).init(variables)
+
+
+def test_a_state_initialised_for_other_widths_names_the_layer_and_both_widths():
+  model, params = mlp(hidden=(6, 5))
+  _, wider = mlp(hidden=(8, 5))
+  tx = cbp_jax.cbp(graph_of(params), key=0)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, wider)
+  _, acts = cbp_jax.apply_with_activations(model.clone(hidden=(8, 5)), wider, jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match="layer 'Dense_0' has 8 units in these params but the state "
+                                       "was initialised for 6"):
+    tx.update(grads, state, wider, activations=acts)
+
+
+def test_reset_batch_stats_without_the_norms_statistics_says_what_to_pass():
+  from tests.test_cbp import WithBatchNorm
+  model = WithBatchNorm()
+  variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
+  graph = cbp_jax.graph_from_params(variables["params"])
+  state = cbp_jax.cbp(graph, key=0).init(variables["params"])
+  with pytest.raises(ValueError, match=r"none of the norms' running statistics.*"
+                                       r"pass variables\['batch_stats'\]"):
+    cbp_jax.reset_batch_stats(variables, graph, state)
+  with pytest.raises(ValueError, match="It holds parameters"):
+    cbp_jax.reset_batch_stats(variables["params"], graph, state)
 
 
 def test_graph_naming_a_missing_parameter_fails_at_init():

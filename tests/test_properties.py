@@ -210,7 +210,9 @@ def init_bound(init: str, kernel_shape) -> float:
   # kaiming_normal has no bound; 8 std is crossed with probability ~1e-15.
   return {"kaiming": g * math.sqrt(3 / fan_in), "default": math.sqrt(1 / fan_in),
           "xavier": g * math.sqrt(6 / (fan_in + fan_out)), "lecun": math.sqrt(3 / fan_in),
-          "kaiming_normal": 8 * g / math.sqrt(fan_in)}[init]
+          "kaiming_normal": 8 * g / math.sqrt(fan_in),
+          # flax's lecun_normal: a normal truncated at 2 of its scales, sqrt(1 / fan_in) / 0.8796.
+          "lecun_normal": 2 * math.sqrt(1 / fan_in) / 0.87962566103423978}[init]
 
 
 OPTIMIZERS = {
