@@ -516,14 +516,10 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
 
 
 def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]:
-  """Environment steps per second of ``config`` (all methods and seeds), after compiling.
-
-  Returns ``{"compile_s", "seconds_per_chunk", "env_steps_per_s"}``.
-  """
-  config = make_config(config)
-  compile_s, per = runner.time_chunks(make_batched, config, chunks=chunks)
-  work = steps_per_chunk(config) * config["seeds"] * len(config["methods"])
-  return {"compile_s": compile_s, "seconds_per_chunk": per, "env_steps_per_s": work / per}
+  """Environment steps per second of ``config`` (all methods and seeds), after compiling:
+  ``{"compile_s", "seconds_per_chunk", "env_steps_per_s"}``
+  (`experiments.slippery_ant.env_steps_benchmark`)."""
+  return learner_lib.env_steps_benchmark(make_batched, make_config(config), chunks=chunks)
 
 
 # ---------------------------------------------------------------------------

@@ -878,12 +878,19 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
 
 
 def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]:
-  """Environment steps per second of ``config`` (all methods, seeds), after compiling.
+  """Environment steps per second of ``config`` (all methods, seeds), after compiling
+  (`env_steps_benchmark`)."""
+  return env_steps_benchmark(make_batched, make_config(config), chunks=chunks)
+
+
+def env_steps_benchmark(make_batched, config: Mapping[str, Any], *,
+                        chunks: int = 2) -> dict[str, float]:
+  """Environment steps per second of a PPO experiment's compiled chunk
+  (`experiments.runner.time_chunks`; ``config`` complete).
 
   Returns ``{"compile_s", "seconds_per_chunk", "env_steps_per_s"}`` where
   ``env_steps_per_s`` counts every method's and seed's steps.
   """
-  config = make_config(config)
   compile_s, per = runner.time_chunks(make_batched, config, chunks=chunks)
   work = steps_per_chunk(config) * config["seeds"] * len(config["methods"])
   return {"compile_s": compile_s, "seconds_per_chunk": per, "env_steps_per_s": work / per}
