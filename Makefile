@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed
 
 # `make test-floor`: the library's tests (every test module but the experiments' below) in .venv-floor, where each
 # direct dependency is installed at its lower bound in pyproject.toml. A test module of a new experiment goes here.
-EXPERIMENT_TESTS := tests/test_benchmark.py tests/test_continual_imagenet.py tests/test_incremental_cifar100.py \
-  tests/test_permuted_mnist.py tests/test_runner.py tests/test_slippery_ant.py tests/test_slowly_changing_regression.py
+EXPERIMENT_TESTS := tests/test_benchmark.py tests/test_continual_imagenet.py tests/test_continual_minatar.py \
+  tests/test_incremental_cifar100.py tests/test_permuted_mnist.py tests/test_runner.py tests/test_slippery_ant.py \
+  tests/test_slowly_changing_regression.py
 LIBRARY_TESTS = $(filter-out $(EXPERIMENT_TESTS),$(wildcard tests/test_*.py))
 FLOOR_VENV := .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: setup demo test test-slow test-floor dist wheel-check docs benchmark clean
+.PHONY: setup demo test test-slow test-minatar test-floor dist wheel-check docs benchmark clean
 
 setup: $(STAMP)
 
@@ -33,6 +34,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The continual-MinAtar tests need gymnax (the `minatar` extra), which `make test` skips without.
+test-minatar: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-minatar.lock
+	$(PY) -m pytest -q tests/test_continual_minatar.py
 
 $(FLOOR_STAMP): pyproject.toml .ci/floor_requirements.py
 	rm -rf $(FLOOR_VENV)

@@ -3,7 +3,8 @@
 The parts of PPO that do not depend on an environment or a network, written
 as small pure functions so that a whole training run (rollouts, advantage
 estimation, minibatch epochs, and CBP inside the update) compiles into one
-program, purejaxrl style. `experiments/slippery_ant.py` assembles them.
+program, purejaxrl style. `experiments/slippery_ant.py` assembles them into a learner,
+which `experiments/continual_minatar.py` reuses with a categorical policy head.
 
 Conventions: rollouts are *time-major*, arrays ``(T, ...)`` with any batch
 axes (parallel environments) after time. Flags are floats or bools, 1/True

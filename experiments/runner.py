@@ -701,6 +701,26 @@ def compile_chunk(chunk_fn: Callable, carry: Any, args: tuple = ()) -> tuple[Any
   return compiled, time.perf_counter() - start
 
 
+def time_chunks(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *,
+                chunks: int = 2) -> tuple[float, float]:
+  """``(compile_seconds, median seconds per chunk)`` of an experiment's compiled chunk.
+
+  ``init, chunk = make_batched(config)``; the chunk is compiled ahead of time
+  (`compile_chunk`, not timed) and run ``chunks`` times from
+  ``init(seed_keys(config))``, each call timed to completion.
+  """
+  init, chunk = make_batched(config)
+  carry = init(seed_keys(config))
+  compiled, compile_s = compile_chunk(chunk, carry)
+  times = []
+  for i in range(chunks):
+    tic = time.perf_counter()
+    carry, metrics = compiled(carry, jnp.asarray(i, jnp.int32))
+    jax.block_until_ready((carry, metrics))
+    times.append(time.perf_counter() - tic)
+  return compile_s, float(np.median(times))
+
+
 def run(
     chunk_fn: Callable[..., tuple[Any, Any]],
     init_carry: Any,
@@ -1206,6 +1226,11 @@ def parse_number(text: str) -> int | float:
 def parse_floats(text: str) -> list[float]:
   """``"0.1,0.03"`` -> ``[0.1, 0.03]`` (an argparse ``type``)."""
   return [float(v) for v in text.split(",") if v]
+
+
+def parse_ints(text: str) -> list[int]:
+  """``"32,128"`` -> ``[32, 128]`` (an argparse ``type``)."""
+  return [int(v) for v in text.split(",") if v]
 
 
 def split_names(text: str) -> list[str]:

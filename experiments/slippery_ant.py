@@ -96,7 +96,6 @@ import dataclasses
 import functools
 import math
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -205,22 +204,31 @@ def validate_config(c: Mapping[str, Any]) -> None:
   runner.require_positive_ints(c, (
       "seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
       "change_every", "updates_per_point", "points_per_chunk"))
+  lo, hi = c["friction_range"]
+  need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
+  runner.require_methods(c["methods"], METHODS)
+  validate_learner(c, HPARAMS)
+
+
+def validate_learner(c: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+  """The checks of the PPO learner's entries (batching, PPO settings, ``hidden``,
+  ``dormant_tau`` and every method's hyperparameters, ``defaults`` giving each
+  method's names); raises ValueError naming the first bad one."""
+  need = runner.require
   need(steps_per_update(c) % c["minibatches"] == 0,
        f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len "
        f"({steps_per_update(c)})")
   need(0 < c["gamma"] <= 1 and 0 <= c["gae_lambda"] <= 1, "gamma must be in (0, 1], "
        "gae_lambda in [0, 1]")
   need(c["clip_eps"] > 0, f"clip_eps must be > 0, got {c['clip_eps']}")
+  need(c.get("entropy_coef", 0.0) >= 0, f"entropy_coef must be >= 0, got {c.get('entropy_coef')}")
   need(c["max_grad_norm"] >= 0, f"max_grad_norm must be >= 0 (0: off), got {c['max_grad_norm']}")
-  lo, hi = c["friction_range"]
-  need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
   need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
        f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
   need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
-  runner.require_methods(c["methods"], METHODS)
-  for m in METHODS:
+  for m in defaults:
     hp = c["hparams"][m]
-    need(set(hp) == set(HPARAMS[m]), f"hparams.{m} must have exactly {sorted(HPARAMS[m])}")
+    need(set(hp) == set(defaults[m]), f"hparams.{m} must have exactly {sorted(defaults[m])}")
     need(hp["lr"] > 0, f"{m}: lr must be > 0")
     need(0 <= hp["b1"] < 1 and 0 <= hp["b2"] < 1, f"{m}: b1, b2 must be in [0, 1)")
     need(hp["eps"] > 0, f"{m}: eps must be > 0")
@@ -343,6 +351,17 @@ class SlipperyAnt:
     s = self.env.reset(key)
     return EnvState(brax=s, t=jnp.zeros((), jnp.int32), ret=jnp.zeros((), jnp.float32))
 
+  def observation(self, state: EnvState, friction: jax.Array) -> jax.Array:
+    """The observation the agent acts on (the friction is not observed)."""
+    del friction
+    return state.brax.obs
+
+  def start_update(self, state: EnvState, friction: jax.Array, reset_state: EnvState) -> EnvState:
+    """The state an update's rollout starts from: ``state`` itself (a new
+    friction takes effect mid-episode)."""
+    del friction, reset_state
+    return state
+
   def step(self, state: EnvState, action: jax.Array, friction: jax.Array,
            reset_state: EnvState) -> tuple[EnvState, Transition]:
     """One step under ``friction``; auto-resets to ``reset_state`` at an episode's end."""
@@ -373,12 +392,35 @@ def make_nets(config: Mapping[str, Any], action_size: int):
           "value": cbp_jax.models.MLP(hidden=hidden, outputs=1, init_scheme="lecun")}
 
 
-def init_params(nets, key: jax.Array, obs_size: int, action_size: int) -> dict:
+class GaussianPolicy:
+  """The policy head of slippery Ant: a diagonal Gaussian around the policy
+  net's output, with a state-independent log std (parameter ``log_std``,
+  initially 0). `_Group` asks its head for the extra parameters, samples and
+  log-likelihoods, so another experiment can bring another head (a
+  categorical one for discrete actions)."""
+
+  def extra_params(self, action_size: int) -> dict:
+    return {"log_std": jnp.zeros((action_size,), jnp.float32)}
+
+  def sample(self, params, out: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(action, log_prob)`` for the policy net's output ``out``."""
+    action = out + jnp.exp(params["log_std"]) * jax.random.normal(key, out.shape)
+    return action, self.log_prob(params, out, action)
+
+  def log_prob(self, params, out: jax.Array, action: jax.Array) -> jax.Array:
+    return ppo.gaussian_log_prob(out, params["log_std"], action)
+
+
+GAUSSIAN = GaussianPolicy()
+
+
+def init_params(nets, key: jax.Array, obs_size: int, action_size: int,
+                policy=GAUSSIAN) -> dict:
   x = jnp.zeros((1, obs_size), jnp.float32)
   kp, kv = jax.random.split(key)
   return {"policy": nets["policy"].init(kp, x)["params"],
           "value": nets["value"].init(kv, x)["params"],
-          "log_std": jnp.zeros((action_size,), jnp.float32)}
+          **policy.extra_params(action_size)}
 
 
 def _prefixed(graph: cbp_jax.LayerGraph, prefix: str) -> list[cbp_jax.Layer]:
@@ -482,22 +524,37 @@ class Learner(NamedTuple):
   env: EnvState     # batched over num_envs
 
 
-def ppo_loss(nets, params, batch, clip_eps):
-  """Reference PPO loss: clipped surrogate + value MSE (weight 1), and activations."""
-  mean, value, acts = forward(nets, params, batch["obs"])
-  logp = ppo.gaussian_log_prob(mean, params["log_std"], batch["action"])
+def ppo_loss(nets, params, batch, clip_eps, policy=GAUSSIAN, entropy_coef: float = 0.0):
+  """Reference PPO loss: clipped surrogate + value MSE (weight 1), and activations.
+
+  ``entropy_coef > 0`` subtracts that multiple of the policy's mean entropy
+  (``policy.entropy``; the reference's slippery-Ant PPO has no entropy bonus).
+  """
+  out, value, acts = forward(nets, params, batch["obs"])
+  logp = policy.log_prob(params, out, batch["action"])
   p_loss, info = ppo.clipped_surrogate_loss(logp, batch["log_prob"], batch["advantage"], clip_eps)
   v_loss = ppo.value_loss(value, batch["return"])
   aux = {"policy_loss": p_loss, "value_loss": v_loss, "approx_kl": info.approx_kl}
-  return p_loss + v_loss, (acts, aux)
+  loss = p_loss + v_loss
+  if entropy_coef:
+    aux["entropy"] = jnp.mean(policy.entropy(out))
+    loss = loss - entropy_coef * aux["entropy"]
+  return loss, (acts, aux)
 
 
 class _Group:
-  """One optimiser structure and the methods that run in it (vmapped)."""
+  """One optimiser structure and the methods that run in it (vmapped).
 
-  def __init__(self, config, kind, methods, env: SlipperyAnt, nets, graph):
+  ``env`` needs ``reset(key)``, ``observation(state, task)``,
+  ``start_update(state, task, reset_state)`` and ``step(state, action, task,
+  reset_state) -> (state, Transition)``, ``observation_size`` and
+  ``action_size``; ``task`` is whatever `update` is given (slippery Ant: the
+  friction). ``policy`` is the action distribution (`GaussianPolicy`).
+  """
+
+  def __init__(self, config, kind, methods, env, nets, graph, policy=GAUSSIAN):
     self.config, self.kind, self.methods = config, kind, methods
-    self.env, self.nets, self.graph = env, nets, graph
+    self.env, self.nets, self.graph, self.policy = env, nets, graph, policy
     self.hp = _group_hparams(config, methods)
 
   def tx(self, hp, key):
@@ -506,30 +563,29 @@ class _Group:
   def init(self, key, hp) -> Learner:
     c, env = self.config, self.env
     params = init_params(self.nets, jax.random.fold_in(key, 1), env.observation_size,
-                         env.action_size)
+                         env.action_size, self.policy)
     opt_state = self.tx(hp, jax.random.fold_in(key, 2)).init(params)
     env_state = jax.vmap(env.reset)(jax.random.split(jax.random.fold_in(key, 3), c["num_envs"]))
     return Learner(params, opt_state, env_state)
 
-  def update(self, learner: Learner, hp, key, friction):
+  def update(self, learner: Learner, hp, key, task):
     """One PPO update; returns the learner, per-update sums and the rollout's observations."""
-    c, env, nets = self.config, self.env, self.nets
+    c, env, nets, policy = self.config, self.env, self.nets, self.policy
     params = learner.params
     k_reset, k_act, k_epochs = jax.random.split(key, 3)
     reset_states = jax.vmap(env.reset)(jax.random.split(k_reset, c["num_envs"]))
 
     def act_step(env_state, k):
-      obs = env_state.brax.obs
-      mean, value, _ = forward(nets, params, obs)
-      std = jnp.exp(params["log_std"])
-      action = mean + std * jax.random.normal(k, mean.shape)
-      logp = ppo.gaussian_log_prob(mean, params["log_std"], action)
+      obs = jax.vmap(env.observation, in_axes=(0, None))(env_state, task)
+      out, value, _ = forward(nets, params, obs)
+      action, logp = policy.sample(params, out, k)
       env_state, tr = jax.vmap(env.step, in_axes=(0, 0, None, 0))(
-          env_state, action, friction, reset_states)
+          env_state, action, task, reset_states)
       return env_state, (tr, action, logp, value)
 
+    start = jax.vmap(env.start_update, in_axes=(0, None, 0))(learner.env, task, reset_states)
     env_state, (tr, actions, logps, values) = jax.lax.scan(
-        act_step, learner.env, jax.random.split(k_act, c["rollout_len"]))
+        act_step, start, jax.random.split(k_act, c["rollout_len"]))
     _, next_values, _ = forward(nets, params, tr.next_obs)
     terminal = tr.terminated if c["bootstrap_truncation"] else tr.episode_end
     adv, rets = ppo.gae(tr.reward, values, next_values, terminal, tr.episode_end,
@@ -537,7 +593,7 @@ class _Group:
     if c["normalize_advantages"]:
       adv = ppo.normalize_advantages(adv)
     n = steps_per_update(c)
-    batch = {"obs": tr.obs.reshape(n, -1), "action": actions.reshape(n, -1),
+    batch = {"obs": tr.obs.reshape(n, -1), "action": actions.reshape((n,) + actions.shape[2:]),
              "log_prob": logps.reshape(n), "advantage": adv.reshape(n), "return": rets.reshape(n)}
 
     tx = self.tx(hp, jax.random.key(0))  # The optimiser's own key lives in its state.
@@ -546,7 +602,8 @@ class _Group:
       params, opt_state = carry
       mb = jax.tree.map(lambda a: a[idx], batch)
       grads, (acts, aux) = jax.grad(
-          lambda p: ppo_loss(nets, p, mb, c["clip_eps"]), has_aux=True)(params)
+          lambda p: ppo_loss(nets, p, mb, c["clip_eps"], policy, c.get("entropy_coef", 0.0)),
+          has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
       return (optax.apply_updates(params, updates), opt_state), aux
 
@@ -580,6 +637,35 @@ class _Group:
 # ---------------------------------------------------------------------------
 # The compiled program.
 # ---------------------------------------------------------------------------
+
+
+def point_metrics(groups: list[_Group], learners: Mapping[str, Learner], sums: Mapping[str, Any],
+                  obs: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+  """``{method: {name: scalar}}`` of one point: the mean return of the episodes
+  that ended in it (NaN if none), their count, the plasticity correlates of
+  the learners after it (`_Group.probe` on the last update's observations)
+  and the PPO losses averaged over its updates.
+
+  Args:
+    groups: the method groups.
+    learners, sums, obs: per group kind, the learners after the point, the
+      per-update sums (leaves ``(updates, methods)``) and the observations of
+      each update (``(updates, methods, batch, obs_size)``).
+  """
+  out = {}
+  for g in groups:
+    s = sums[g.kind]
+    probed = jax.vmap(g.probe)(learners[g.kind], obs[g.kind][-1])
+    episodes = jnp.sum(s["episodes"], axis=0)
+    ret = jnp.where(episodes > 0, jnp.sum(s["return_sum"], axis=0) / jnp.maximum(episodes, 1),
+                    jnp.nan)
+    for v, m in enumerate(g.methods):
+      out[m] = {"episode_return": ret[v], "episodes": episodes[v],
+                **{k: probed[k][v] for k in ("dead_fraction", "dormant_fraction",
+                                             "effective_rank", "weight_magnitude",
+                                             "replaced_units")},
+                **{k: jnp.mean(s[k][:, v]) for k in ("policy_loss", "value_loss", "approx_kl")}}
+  return out
 
 
 METRIC_NAMES = ("episode_return", "episodes", "friction", "phase", "dead_fraction",
@@ -623,21 +709,9 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
   def one_point(carry, point):
     updates = point * upp + jnp.arange(upp, dtype=jnp.int32)
     carry, (sums, obs, friction, phase) = jax.lax.scan(one_update, carry, updates)
-    out = {}
-    for g in groups:
-      s = sums[g.kind]  # leaves (upp, V)
-      probed = jax.vmap(g.probe)(carry["learners"][g.kind], obs[g.kind][-1])
-      episodes = jnp.sum(s["episodes"], axis=0)
-      ret = jnp.where(episodes > 0, jnp.sum(s["return_sum"], axis=0) / jnp.maximum(episodes, 1),
-                      jnp.nan)
-      for v, m in enumerate(g.methods):
-        out[m] = {"episode_return": ret[v], "episodes": episodes[v],
-                  "friction": friction[-1], "phase": phase[-1].astype(jnp.float32),
-                  **{k: probed[k][v] for k in ("dead_fraction", "dormant_fraction",
-                                               "effective_rank", "weight_magnitude",
-                                               "replaced_units")},
-                  **{k: jnp.mean(s[k][:, v]) for k in ("policy_loss", "value_loss", "approx_kl")}}
-    out = {m: {k: out[m][k].astype(jnp.float32) for k in METRIC_NAMES} for m in config["methods"]}
+    out = point_metrics(groups, carry["learners"], sums, obs)
+    out = {m: {k: {**out[m], "friction": friction[-1], "phase": phase[-1]}[k].astype(jnp.float32)
+               for k in METRIC_NAMES} for m in config["methods"]}
     return carry, out
 
   chunk = runner.scan_points(one_point, ppc)
@@ -804,22 +878,20 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
 
 
 def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]:
-  """Environment steps per second of ``config`` (all methods, seeds), after compiling.
+  """Environment steps per second of ``config`` (all methods, seeds), after compiling
+  (`env_steps_benchmark`)."""
+  return env_steps_benchmark(make_batched, make_config(config), chunks=chunks)
+
+
+def env_steps_benchmark(make_batched, config: Mapping[str, Any], *,
+                        chunks: int = 2) -> dict[str, float]:
+  """Environment steps per second of a PPO experiment's compiled chunk
+  (`experiments.runner.time_chunks`; ``config`` complete).
 
   Returns ``{"compile_s", "seconds_per_chunk", "env_steps_per_s"}`` where
   ``env_steps_per_s`` counts every method's and seed's steps.
   """
-  config = make_config(config)
-  init, chunk = make_batched(config)
-  carry = init(seed_keys(config))
-  compiled, compile_s = runner.compile_chunk(chunk, carry)
-  times = []
-  for i in range(chunks):
-    tic = time.perf_counter()
-    carry, m = compiled(carry, jnp.asarray(i, jnp.int32))
-    jax.block_until_ready((carry, m))
-    times.append(time.perf_counter() - tic)
-  per = float(np.median(times))
+  compile_s, per = runner.time_chunks(make_batched, config, chunks=chunks)
   work = steps_per_chunk(config) * config["seeds"] * len(config["methods"])
   return {"compile_s": compile_s, "seconds_per_chunk": per, "env_steps_per_s": work / per}
 
