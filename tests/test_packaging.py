@@ -38,7 +38,9 @@ def test_import_does_not_load_data_checkpoint_or_plotting_packages():
 
 
 def test_every_module_named_in_readme_works_after_a_plain_import():
-  modules = {p.stem for p in (ROOT / "cbp_jax").glob("*.py")} - {"__init__"}
+  package = ROOT / "cbp_jax"
+  modules = ({p.stem for p in package.glob("*.py")} - {"__init__"}) | {
+      p.parent.name for p in package.glob("*/__init__.py")}  # Subpackages (cbp_jax.methods).
   named = set(re.findall(r"cbp_jax\.([a-z_]+)\b", (ROOT / "README.md").read_text())) & modules
   assert {"resnet", "sharding", "methods", "metrics"} <= named
   missing = _fresh_python(
