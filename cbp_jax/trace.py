@@ -318,7 +318,7 @@ class _Tracer:
     consumers = self._consumers(name, h, width)
     return Layer(
         name=name, kernel=self.paths[kernel], bias=bias, consumers=tuple(consumers), norm=norm,
-        activation=activation or self._activation(name, chain))
+        activation=activation or self._activation(name, chain, width))
 
   def _chain(self, name, z, h, backward_chain, width):
     """The equations on paths from the kernel's output ``z`` to ``h``, in program order."""
@@ -412,7 +412,7 @@ class _Tracer:
         stack.extend(v.users)
     return True
 
-  def _activation(self, name, chain):
+  def _activation(self, name, chain, width):
     for eqn in reversed(chain):
       for n in eqn.names:
         if n in _ACTIVATION_NAMES:
@@ -427,8 +427,9 @@ class _Tracer:
       inputs = {id(x) for e in chain if e.prim == "logistic" for x in e.ins}
       gated = any(e.prim == "mul" and any(id(x) in inputs for x in e.ins) for e in chain)
       return "silu" if gated else "sigmoid"
-    if any(e.prim == "max" and any(x.kind == "literal" and float(np.max(x.literal)) == 0.0
-                                   for x in e.ins) for e in chain):
+    # max(z, 0) on the units themselves (a norm's max(var, 0) acts on a reduced value).
+    if any(e.prim == "max" and e.outs[0].shape[-1:] == (width,) and any(
+        x.kind == "literal" and float(np.max(x.literal)) == 0.0 for x in e.ins) for e in chain):
       return "relu"
     unknown = sorted(prims - _NOT_ACTIVATIONS)
     if unknown:

@@ -111,6 +111,19 @@ def test_channels_first_flatten_behind_dropout_and_the_activation_are_read():
       [cbp_jax.Consumer("Dense_0/kernel", "Dense_0/bias", "channels_first")], activation="tanh")])
 
 
+def test_a_layer_norm_without_activation_is_the_identity_not_relu():
+  """flax's LayerNorm clips its variance with max(var, 0): that is no ReLU on the units."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dense = nn.Dense(5)
+      return nn.Dense(1)(cbp_jax.sow_activation(dense, nn.LayerNorm()(dense(x))))
+
+  graph, _ = traced(Net(), jnp.ones((2, 3)))
+  assert (graph.layers[0].norm, graph.layers[0].activation) == ("LayerNorm_0", "identity")
+
+
 @pytest.mark.parametrize("act, name", [
     (nn.relu, "relu"), (nn.gelu, "gelu"), (lambda z: nn.gelu(z, approximate=False), "gelu"),
     (nn.silu, "silu"), (nn.tanh, "tanh"), (nn.sigmoid, "sigmoid"), (nn.leaky_relu, "leaky_relu"),
