@@ -94,6 +94,99 @@ def _check_state_widths(layers, state: CbpState) -> None:
           f"initialised for {state_width}; call tx.init(params) for the new parameters")
 
 
+def _magnitudes(layer, p: list, u: list, cache: utility_lib.MagnitudeCache | None,
+                refresh_every: int) -> tuple[jax.Array, jax.Array]:
+  """This step's ``(out_mag, in_mag)`` of one layer: all units, or a slice + cache."""
+  consumers = [(p[c.kernel], u[c.kernel], c.layout) for c in layer.consumers]
+  if cache is None:
+    return (utility_lib.outgoing_magnitude(consumers, layer.width),
+            utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]))
+  name = layer.layer.name
+  size = -(-layer.width // refresh_every)
+  # The last slice is clamped to end at the last unit (static size).
+  start = jnp.minimum(cache.phase * size, layer.width - size)
+  units = (start, size)
+  out_mag = jax.lax.dynamic_update_slice_in_dim(
+      cache.outgoing[name], utility_lib.outgoing_magnitude(consumers, layer.width, units),
+      start, 0)
+  in_mag = jax.lax.dynamic_update_slice_in_dim(
+      cache.incoming[name], utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel], units),
+      start, 0)
+  return out_mag, in_mag
+
+
+def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitudes: dict,
+                       phase: jax.Array, refresh_every: int) -> utility_lib.MagnitudeCache:
+  """The magnitude cache for the next step, exact for this step's replaced units.
+
+  Their outgoing weights are now 0 and their incoming ones new: read only
+  those ``K`` columns, so a fresh unit is not ranked by its predecessor's
+  weights until its slice comes round.
+  """
+  incoming, outgoing = {}, {}
+  for layer in layers:
+    name = layer.layer.name
+    idx = selections[name].indices
+    out_mag, in_mag = magnitudes[name]
+    columns = reset_lib.take_post_step(p[layer.kernel], new_u[layer.kernel], idx, axis=-1)
+    fresh = jnp.mean(jnp.abs(columns).reshape(-1, idx.shape[0]), axis=0)
+    incoming[name] = in_mag.at[idx].set(fresh, mode="drop")
+    outgoing[name] = out_mag.at[idx].set(0.0, mode="drop")
+  return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % refresh_every)
+
+
+def _replacement_count(eligible: jax.Array, pending: jax.Array, draw: jax.Array | None, *,
+                       rate: Any, count_basis: str, accumulate: bool,
+                       bound: int) -> tuple[jax.Array, jax.Array]:
+  """Units owed this step (Semantics page, step 6) and the new pending fraction.
+
+  Args:
+    eligible: ``(n,)`` bool, the mature units.
+    pending: the fraction of a replacement carried over (accumulate mode).
+    draw: a uniform number in [0, 1), used when not accumulating.
+    rate: the replacement rate (may be traced).
+    count_basis: ``"eligible"`` or ``"layer"``.
+    accumulate: accumulate fractions (True) or draw a lottery (False).
+    bound: the static bound on replacements per step (`_max_per_step`).
+
+  Returns:
+    ``(count, new_pending)``.
+  """
+  width = eligible.shape[0]
+  n_eligible = jnp.sum(eligible).astype(jnp.float32)
+  if count_basis == "eligible":
+    base = n_eligible
+  else:
+    base = jnp.where(n_eligible > 0, float(width), 0.0)
+  amount = jnp.asarray(rate, jnp.float32) * base
+  if accumulate:
+    total = pending + amount
+    due = jnp.floor(total)
+    # Units owed beyond the eligible ones are forgiven (as the reference's
+    # top_k would fail); only the static-bound overflow carries over.
+    owed = jnp.minimum(due, n_eligible)
+    count = jnp.minimum(owed, bound)
+    return count.astype(jnp.int32), total - count - (due - owed)
+  lucky = draw < amount
+  count = jnp.where(amount < 1.0, lucky.astype(jnp.float32), jnp.floor(amount))
+  count = jnp.minimum(jnp.minimum(count, n_eligible), bound)
+  return count.astype(jnp.int32), pending
+
+
+def _skip_if_nonfinite(updates, new_state, state, bad_statistics):
+  """``(0, state)`` with ``skipped + 1`` if the step is not finite, else the step.
+
+  Selects rather than a `lax.cond`, as for the reset: the check fuses with
+  the update, and vmapped seeds skip independently.
+  """
+  finite = jnp.logical_not(bad_statistics)
+  for x in jax.tree.leaves(updates):
+    finite = finite & jnp.all(jnp.isfinite(x))
+  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return updates, kept._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
+
+
 def cbp(
     graph: graph_lib.LayerGraph,
     *,
@@ -241,7 +334,8 @@ def cbp(
     if magnitude_refresh_every > 1:
       p = jax.tree.leaves(params)
       zero = [jnp.zeros_like(x) for x in p]  # All units' magnitudes of the initial weights.
-      initial = {l.layer.name: _magnitudes(l, p, zero, None) for l in layers}
+      initial = {l.layer.name: _magnitudes(l, p, zero, None, magnitude_refresh_every)
+                 for l in layers}
       magnitudes = utility_lib.MagnitudeCache(
           incoming={name: in_mag for name, (_, in_mag) in initial.items()},
           outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
@@ -257,25 +351,6 @@ def cbp(
         key=key,
         magnitudes=magnitudes,
         inner_state=inner_state)
-
-  def _magnitudes(layer, p, u, cache):
-    """This step's ``(out_mag, in_mag)`` of one layer: all units, or a slice + cache."""
-    consumers = [(p[c.kernel], u[c.kernel], c.layout) for c in layer.consumers]
-    if cache is None:
-      return (utility_lib.outgoing_magnitude(consumers, layer.width),
-              utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]))
-    name = layer.layer.name
-    size = -(-layer.width // magnitude_refresh_every)
-    # The last slice is clamped to end at the last unit (static size).
-    start = jnp.minimum(cache.phase * size, layer.width - size)
-    units = (start, size)
-    out_mag = jax.lax.dynamic_update_slice_in_dim(
-        cache.outgoing[name], utility_lib.outgoing_magnitude(consumers, layer.width, units),
-        start, 0)
-    in_mag = jax.lax.dynamic_update_slice_in_dim(
-        cache.incoming[name], utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel], units),
-        start, 0)
-    return out_mag, in_mag
 
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     if params is None:
@@ -299,16 +374,17 @@ def cbp(
     nonfinite = state.nonfinite
     for n, layer in enumerate(layers):
       name = layer.layer.name
-      out_mag, in_mag = _magnitudes(layer, p, u, state.magnitudes)
+      out_mag, in_mag = _magnitudes(layer, p, u, state.magnitudes, magnitude_refresh_every)
       magnitudes[name] = (out_mag, in_mag)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
           state.statistics[name], activations[name], out_mag, in_mag,
           decay=decay_rate, utility=utility, key=util_keys[n])
       nonfinite = nonfinite + bad
       eligible = stats.age > maturity_threshold
-      count, pending[name] = _replacement_count(
-          eligible, state.pending[name], None if lottery is None else lottery[n], layer.width)
       bound = _max_per_step(replacement_rate, layer.width, max_replacements_per_step)
+      count, pending[name] = _replacement_count(
+          eligible, state.pending[name], None if lottery is None else lottery[n],
+          rate=replacement_rate, count_basis=count_basis, accumulate=accumulate, bound=bound)
       selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
       statistics[name], f_hats[name] = stats, f_hat
 
@@ -337,7 +413,7 @@ def cbp(
     cache = None
     if state.magnitudes is not None:
       cache = _cache_after_reset(layers, p, jax.tree.leaves(updates), selections, magnitudes,
-                                 state.magnitudes.phase)
+                                 state.magnitudes.phase, magnitude_refresh_every)
     new_state = CbpState(
         statistics=statistics, pending=pending, replaced_total=replaced_total,
         last_replaced=last_replaced, nonfinite=nonfinite, skipped=state.skipped,
@@ -345,62 +421,6 @@ def cbp(
     if skip_nonfinite:
       return _skip_if_nonfinite(updates, new_state, state, nonfinite > state.nonfinite)
     return updates, new_state
-
-  def _skip_if_nonfinite(updates, new_state, state, bad_statistics):
-    """``(0, state)`` with ``skipped + 1`` if the step is not finite, else the step.
-
-    Selects rather than a `lax.cond`, as for the reset: the check fuses with
-    the update, and vmapped seeds skip independently.
-    """
-    finite = jnp.logical_not(bad_statistics)
-    for x in jax.tree.leaves(updates):
-      finite = finite & jnp.all(jnp.isfinite(x))
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return updates, kept._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
-
-  def _cache_after_reset(layers, p, new_u, selections, magnitudes, phase):
-    """The magnitude cache for the next step, exact for this step's replaced units.
-
-    Their outgoing weights are now 0 and their incoming ones new: read only
-    those ``K`` columns, so a fresh unit is not ranked by its predecessor's
-    weights until its slice comes round.
-    """
-    incoming, outgoing = {}, {}
-    for layer in layers:
-      name = layer.layer.name
-      idx = selections[name].indices
-      out_mag, in_mag = magnitudes[name]
-      columns = reset_lib.take_post_step(p[layer.kernel], new_u[layer.kernel], idx, axis=-1)
-      fresh = jnp.mean(jnp.abs(columns).reshape(-1, idx.shape[0]), axis=0)
-      incoming[name] = in_mag.at[idx].set(fresh, mode="drop")
-      outgoing[name] = out_mag.at[idx].set(0.0, mode="drop")
-    return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % magnitude_refresh_every)
-
-  def _replacement_count(eligible, pending, draw, width):
-    """Units owed this step (Semantics page, step 6) and the new pending fraction.
-
-    ``draw`` is a uniform number in [0, 1), used when not accumulating.
-    """
-    n_eligible = jnp.sum(eligible).astype(jnp.float32)
-    if count_basis == "eligible":
-      base = n_eligible
-    else:
-      base = jnp.where(n_eligible > 0, float(width), 0.0)
-    amount = jnp.asarray(replacement_rate, jnp.float32) * base
-    bound = _max_per_step(replacement_rate, width, max_replacements_per_step)
-    if accumulate:
-      total = pending + amount
-      due = jnp.floor(total)
-      # Units owed beyond the eligible ones are forgiven (as the reference's
-      # top_k would fail); only the static-bound overflow carries over.
-      owed = jnp.minimum(due, n_eligible)
-      count = jnp.minimum(owed, bound)
-      return count.astype(jnp.int32), total - count - (due - owed)
-    lucky = draw < amount
-    count = jnp.where(amount < 1.0, lucky.astype(jnp.float32), jnp.floor(amount))
-    count = jnp.minimum(jnp.minimum(count, n_eligible), bound)
-    return count.astype(jnp.int32), pending
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

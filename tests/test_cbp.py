@@ -143,6 +143,32 @@ def test_accumulate_mode_exact_counts_and_only_mature_units(maturity, rate, boun
   assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) == sum(expected)
 
 
+@pytest.mark.parametrize("basis, accumulate, pending, draw, expected", [
+    # 3 of 8 units eligible, rate 0.5: "eligible" owes 1.5, "layer" 4 (8 units once any is eligible).
+    ("eligible", True, 0.25, None, (1, 0.75)),       # floor(0.25 + 1.5) = 1, 0.75 carried.
+    ("eligible", True, 0.75, None, (2, 0.25)),       # floor(2.25) = 2.
+    ("layer", True, 0.0, None, (2, 1.0)),           # 4 due, only 3 eligible (1 forgiven), bound 2 (1 carried).
+    ("eligible", False, 0.3, 0.2, (1, 0.3)),         # 1.5 >= 1: floor(1.5) = 1; pending untouched.
+])
+def test_replacement_count_by_hand(basis, accumulate, pending, draw, expected):
+  eligible = jnp.asarray([True, False, True, False, False, True, False, False])
+  count, new_pending = cbp_jax.transform._replacement_count(
+      eligible, jnp.float32(pending), None if draw is None else jnp.float32(draw), rate=0.5,
+      count_basis=basis, accumulate=accumulate, bound=2)
+  assert int(count) == expected[0]
+  np.testing.assert_allclose(float(new_pending), expected[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("draw, expected", [(0.04, 1), (0.06, 0)])
+def test_replacement_count_lottery_below_one(draw, expected):
+  """rate 0.01 x 5 eligible = 0.05 < 1: one unit when the draw falls under 0.05."""
+  eligible = jnp.ones((5,), bool)
+  count, pending = cbp_jax.transform._replacement_count(
+      eligible, jnp.float32(0.0), jnp.float32(draw), rate=0.01, count_basis="eligible",
+      accumulate=False, bound=1)
+  assert (int(count), float(pending)) == (expected, 0.0)
+
+
 def test_layer_count_basis_counts_the_whole_layer():
   width = 8
   model, params = mlp(hidden=(width,))
