@@ -542,26 +542,16 @@ def reset_optimizer_for(
     >>> opt_state = cbp_jax.methods.reset_optimizer_for(tx, opt_state, params, "Dense_2")
   """
   paths = _paths_list(paths, "reset_optimizer_for")
-  index, p_leaves, p_def = tree_paths.flatten_by_path(new_params)
+  index, _, p_def = tree_paths.flatten_by_path(new_params)
   chosen = _leaves_under(index, paths, "reset_optimizer_for")
-  selected = jax.tree.unflatten(p_def, [i in chosen for i in range(len(p_leaves))])
-
   state_leaves, state_def = jax.tree.flatten(opt_state)
-  positions = jax.tree.unflatten(state_def, list(range(len(state_leaves))))
-  hits: set[int] = set()
-
-  def record(pos, is_selected):
-    if is_selected:
-      hits.add(pos)
-    return pos
-
   try:
-    optax.tree_utils.tree_map_params(tx, record, positions, selected)
-  except Exception as e:  # Any failure means optax cannot locate the statistics.
+    mirrored = reset_lib.state_param_leaves(tx, opt_state, new_params)
+    hits = {pos for pos, leaf in mirrored.items() if leaf in chosen}
+  except ValueError as e:  # optax cannot locate the statistics (cbp/redo need real params).
     if not scored_reset.unit_reset_states(opt_state):
-      raise ValueError(
-          "reset_optimizer_for cannot locate the per-parameter statistics of this "
-          f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
+      raise ValueError(f"reset_optimizer_for: {e}") from e
+    positions = jax.tree.unflatten(state_def, list(range(len(state_leaves))))
     hits = _mirror_positions(positions, p_def, chosen)
   fresh, fresh_def = jax.tree.flatten(tx.init(new_params))
   if fresh_def != state_def:
