@@ -192,20 +192,23 @@ class _Unit(NamedTuple):
   inner: int
 
 
-def _param_source(v: _Value):
-  """The params leaf a kernel operand is, through casts and reshapes; else None."""
-  while v.kind == "inner" and v.producer is not None and v.producer.prim in (
-      "convert_element_type", "reshape", "copy", "copy_p"):
+_CASTS = ("convert_element_type", "reshape", "copy", "copy_p")
+
+
+def _param_source(v: _Value, through=_CASTS):
+  """The params leaf ``v`` is, through casts and reshapes (a kernel operand); else None.
+
+  ``through`` names the primitives looked through: add ``broadcast_in_dim``
+  for a bias or norm vector broadcast along the other axes.
+  """
+  while v.kind == "inner" and v.producer is not None and v.producer.prim in through:
     v = v.producer.ins[0]
   return v.leaf if v.kind == "param" else None
 
 
 def _vector_source(v: _Value):
   """A params leaf broadcast along other axes (a bias or norm vector), else None."""
-  while v.kind == "inner" and v.producer is not None and v.producer.prim in (
-      "convert_element_type", "reshape", "broadcast_in_dim", "copy", "copy_p"):
-    v = v.producer.ins[0]
-  return v.leaf if v.kind == "param" else None
+  return _param_source(v, _CASTS + ("broadcast_in_dim",))
 
 
 class _Tracer:
