@@ -56,7 +56,9 @@ def variant_config(experiment: str, variant: str, step_sizes: list[float], seeds
     return continual_imagenet.make_config(
         continual_imagenet.REDUCED_OVERRIDES, dataset="fashion_mnist", seeds=seeds, tasks=tasks,
         tasks_per_chunk=1, methods=[method],
-        step_size={m: step_size for m in continual_imagenet.METHODS}, cbp=cbp)
+        step_size={m: step_size for m in continual_imagenet.METHODS}, cbp=cbp,
+        # The probes never touch the learners; off, the grid costs 1/1.35 of the time.
+        probes={"enabled": False})
   return permuted_mnist.make_config(
       permuted_mnist.REDUCED_OVERRIDES, seeds=seeds, tasks=tasks, tasks_per_chunk=1,
       methods=[method], step_sizes={method: list(step_sizes)}, cbp=cbp)
