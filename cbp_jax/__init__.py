@@ -5,7 +5,6 @@ The data path of one training step:
   -> reset (`reset`) -> updates (`transform.cbp`).
 """
 
-from cbp_jax import data
 from cbp_jax import initializers
 from cbp_jax import methods
 from cbp_jax import metrics
@@ -39,7 +38,6 @@ __all__ = [
     "collect_activations",
     "Consumer",
     "graph_from_params",
-    "data",
     "initializers",
     "methods",
     "metrics",

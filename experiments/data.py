@@ -1,6 +1,6 @@
 """Image-classification data sets as in-memory numpy arrays.
 
-This is the one place where the library reads data sets from disk. Every loader
+This is the one place where the experiments read data sets from disk. Every loader
 returns images as ``uint8`` arrays in NHWC layout ``(N, H, W, C)`` and labels as
 ``int32`` arrays of shape ``(N,)``, and validates what it read: a missing,
 truncated or inconsistent file raises an error naming the file, never returns
