@@ -62,8 +62,8 @@ program (`whole_run`), running all seeds (`run_seeds`) and the command line
 One module per concern; every name below is also importable from here, as
 ``from experiments import runner; runner.run(...)``:
 
-* `errors`: the four errors a run raises (config mismatch, corrupt
-  checkpoint, a failed write, a folder locked by another run).
+* `errors`: the errors a run raises (config mismatch, incompatible or
+  corrupt checkpoint, a failed write, a folder locked by another run).
 * `results_file`: the schema, JSON conversion, atomic writes, `load_results`.
 * `locking`: `output_lock`, one run at a time per folder.
 * `chunks`: `scan_points`, `whole_run`, `compile_chunk`, `time_chunks`, and
@@ -79,12 +79,18 @@ One module per concern; every name below is also importable from here, as
 
 Checkpoints (orbax, one directory per saved chunk boundary) hold the carry
 (PRNG key arrays stored as their key data), the metrics so far, the chunk
-index, the config, and the dtype, shape and a SHA-256 checksum of every saved
+index, the config, the checkpoint format (`checkpoints.FORMAT`), every carry
+leaf's key path, and the dtype, shape and a SHA-256 checksum of every saved
 array. Resuming with a different config raises `ConfigMismatchError` naming
-every differing entry; a checkpoint orbax cannot read (truncated, garbled or
-missing files) or whose arrays do not match their checksum raises
-`CorruptCheckpointError` naming the step directory and what to do. Neither
-falls back silently to an older checkpoint.
+every differing entry; a checkpoint written by another version of the code (a
+format this code does not read, a config of another schema, a carry of
+another structure, leaf paths, dtypes or shapes) raises
+`IncompatibleCheckpointError` before anything is compiled, naming the step
+directory and what differs and saying to start afresh (``--fresh``); a
+checkpoint orbax cannot read (truncated, garbled or missing files) or whose
+arrays do not match their checksum raises `CorruptCheckpointError` naming the
+step directory and what to do. None falls back silently to an older
+checkpoint.
 
 Faults (`run`): the results file is written to a temporary file, flushed to
 disk (``fsync``) and renamed over the old one, and orbax finalises a
@@ -109,7 +115,8 @@ from experiments.runner.cli import (
 from experiments.runner.configs import (
     build_config, merge_config, require, require_methods, require_positive_ints)
 from experiments.runner.errors import (
-    ConfigMismatchError, CorruptCheckpointError, OutputLockedError, OutputWriteError)
+    ConfigMismatchError, CorruptCheckpointError, IncompatibleCheckpointError, OutputLockedError,
+    OutputWriteError)
 from experiments.runner.locking import LOCK_NAME, output_lock
 from experiments.runner.plots import METRIC_TITLES, mean_and_stderr, plot_results
 from experiments.runner.progress import Progress
@@ -123,3 +130,67 @@ from experiments.runner.statistics import (
     BAND_LABEL, BOOTSTRAP_REPS, BOOTSTRAP_SEED, CONFIDENCE, MAIN_METRICS, area_under_curve,
     curve_with_ci, format_statistics, interquartile_mean, run_statistics,
     stratified_bootstrap_ci)
+
+__all__ = [
+    "add_presets",
+    "add_run_arguments",
+    "area_under_curve",
+    "BAND_LABEL",
+    "batch_over_seeds",
+    "batched_per_config",
+    "BOOTSTRAP_REPS",
+    "BOOTSTRAP_SEED",
+    "build_config",
+    "cache_per_config",
+    "Checkpoints",
+    "checksum",
+    "cli_error",
+    "compile_chunk",
+    "CONFIDENCE",
+    "ConfigMismatchError",
+    "CorruptCheckpointError",
+    "curve_with_ci",
+    "format_statistics",
+    "IncompatibleCheckpointError",
+    "interquartile_mean",
+    "load_results",
+    "LOCK_NAME",
+    "MAIN_METRICS",
+    "map_leading",
+    "mean_and_stderr",
+    "merge_config",
+    "METRIC_TITLES",
+    "normalize_config",
+    "output_lock",
+    "OutputLockedError",
+    "OutputWriteError",
+    "overrides_from_args",
+    "parse_floats",
+    "parse_hparam_sets",
+    "parse_ints",
+    "parse_number",
+    "plot_results",
+    "preset_overrides",
+    "Progress",
+    "require",
+    "require_methods",
+    "require_positive_ints",
+    "results_dict",
+    "run",
+    "run_from_cli",
+    "run_seeds",
+    "run_statistics",
+    "RunResult",
+    "scan_points",
+    "SCHEMA",
+    "seed_key",
+    "seed_keys",
+    "seed_placement",
+    "split_assignment",
+    "split_names",
+    "STATUSES",
+    "stratified_bootstrap_ci",
+    "time_chunks",
+    "whole_run",
+    "write_json_atomic",
+]

@@ -14,8 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.runner.errors import ConfigMismatchError, CorruptCheckpointError, OutputWriteError
+from experiments.runner.errors import (ConfigMismatchError, CorruptCheckpointError,
+                                       IncompatibleCheckpointError, OutputWriteError)
 from experiments.runner.results_file import normalize_config
+
+# The checkpoint format this code writes, recorded in every checkpoint's record
+# (``"format"``). Bump it when a change of the runner, or of a state the
+# experiments carry (e.g. ``cbp()``'s), would make an earlier checkpoint restore
+# wrongly while its structure still matches, and drop the old number from
+# `READABLE_FORMATS`: such checkpoints are then refused by name.
+#   1: no "format" entry (the runner before it recorded one, up to commit a51cc87).
+#   2: "format" and "carry_paths" (every carry leaf's key path, so a renamed or
+#      reordered field is seen even where the structure's text is the same).
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def _is_key(x: Any) -> bool:
@@ -37,6 +49,43 @@ def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
   if saved != now:
     return [f"{prefix or 'config'}: {saved!r} in the checkpoint, {now!r} now"]
   return []
+
+
+def _entry_paths(config: Any, prefix: str = "") -> set[str]:
+  """The dotted names of every entry of a nested config: its schema, without the values."""
+  if not isinstance(config, dict):
+    return set()
+  out = set()
+  for k, v in config.items():
+    name = f"{prefix}.{k}" if prefix else str(k)
+    out |= {name} | _entry_paths(v, name)
+  return out
+
+
+def _where_texts_differ(saved: str, now: str, context: int = 70) -> str:
+  """Both texts around their first difference (a structure's text can be thousands of characters)."""
+  i = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+  start = max(0, i - context)
+
+  def excerpt(text):
+    end = i + 1 + context  # The first differing character and ``context`` either side.
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
+
+  return f"at character {i}:\n  checkpoint: {excerpt(saved)}\n  now:        {excerpt(now)}"
+
+
+def _stored_spec(x: Any, points_scale: int = 1) -> jax.ShapeDtypeStruct:
+  """How leaf ``x`` is stored (a key as its key data), its last axis ``points_scale`` times as long."""
+  data = jax.random.key_data(x) if _is_key(x) else x
+  shape = tuple(data.shape)
+  if points_scale != 1:
+    shape = shape[:-1] + (shape[-1] * points_scale,)
+  return jax.ShapeDtypeStruct(shape, data.dtype)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  """Every leaf's key path, e.g. ``"['learners']['cbp'][1].age"``, in flattening order."""
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _leaf_specs(leaves: list) -> list[list]:
@@ -114,10 +163,12 @@ class Checkpoints:
     }
     state = {group: {str(i): x for i, x in enumerate(xs)} for group, xs in host.items()}
     meta = {
+        "format": FORMAT,
         "experiment": self.experiment,
         "config": self.config,
         "chunks_done": chunks_done,
         "carry_structure": str(carry_def),
+        "carry_paths": _leaf_paths(carry),
         "metrics_structure": str(metric_def),
         "leaves": {group: _leaf_specs(xs) for group, xs in host.items()},
         "checksums": {group: checksum(xs) for group, xs in host.items()},
@@ -161,11 +212,36 @@ class Checkpoints:
         f"refusing to resume from {self.step_dir(step)} (chunk {step}): the checkpoint is "
         f"unreadable or corrupt: {what}. Nothing was restored. {todo}")
 
-  def check(self, step: int) -> dict:
-    """Reads checkpoint ``step``'s record.
+  def incompatible(self, step: int, meta: dict, what: str) -> IncompatibleCheckpointError:
+    """The error for checkpoint ``step`` written by another version of the code, saying what to do."""
+    version = meta.get("format", 1)
+    written = (f"checkpoint format {version}" if "format" in meta else
+               "checkpoint format 1, from before the format was recorded")
+    what = what.rstrip("\n")
+    return IncompatibleCheckpointError(
+        f"refusing to resume from {self.step_dir(step)} (chunk {step}): it was written by another "
+        f"version of the code ({written}; this code writes format {FORMAT}): {what}"
+        + ("\n" if "\n" in what else ". ")
+        + "Nothing was restored: resuming would fail or continue a different run than the one saved. "
+        f"To start afresh, rerun with --fresh (it deletes {self.directory}) or delete that folder; "
+        "to finish the saved run, resume it with the version of the code that wrote it.")
+
+  def check(self, step: int, carry_template: Any = None) -> dict:
+    """Reads checkpoint ``step``'s record and checks that this run can resume from it.
+
+    Args:
+      step: the checkpoint (chunks done).
+      carry_template: this run's initial carry; if given, the checkpoint's
+        carry must have its structure, leaf paths, dtypes and shapes. Checked
+        here, before anything is compiled.
 
     Raises:
-      ConfigMismatchError: the record is of another experiment or config.
+      IncompatibleCheckpointError: the checkpoint was written by another
+        version of the code: a format this code does not read, a config of
+        another schema (entries present on one side only), or a carry of
+        another structure. The message says what differs and to use --fresh.
+      ConfigMismatchError: the record is of another experiment or of other
+        config values.
       CorruptCheckpointError: the record cannot be read.
     """
     ocp = self._ocp
@@ -176,19 +252,62 @@ class Checkpoints:
       raise self.corrupt(step, f"its record cannot be read: {_first_line(e)}") from e
     if not isinstance(meta, dict) or meta.get("chunks_done") != step:
       raise self.corrupt(step, "its record does not describe this checkpoint")
-    problems = []
+    if meta.get("format", 1) not in READABLE_FORMATS:
+      raise self.incompatible(step, meta, f"this code reads formats {list(READABLE_FORMATS)} only")
     if meta.get("experiment") != self.experiment:
-      problems.append(f"experiment: {meta.get('experiment')!r} in the checkpoint, "
-                      f"{self.experiment!r} now")
-    problems += _config_diff(meta.get("config"), self.config)
+      raise ConfigMismatchError(
+          f"refusing to resume from {self.directory} (chunk {step}): it is a checkpoint of "
+          f"experiment {meta.get('experiment')!r}, not {self.experiment!r}. Use another checkpoint "
+          "directory, or --fresh to delete this one and start afresh.")
+    problems = _config_diff(meta.get("config"), self.config)
+    if problems and _entry_paths(meta.get("config")) != _entry_paths(self.config):
+      # Overrides cannot add or remove entries (`merge_config`): the code's config schema changed.
+      raise self.incompatible(
+          step, meta, "its config has other entries than this code's (the experiment's config "
+          "schema changed):\n  " + "\n  ".join(problems[:12])
+          + (f"\n  ... ({len(problems)} differences)" if len(problems) > 12 else "") + "\n")
     if problems:
       raise ConfigMismatchError(
           f"refusing to resume from {self.directory} (chunk {step}): it was written with a "
           "different configuration, so continuing would not give the results of either run:\n  "
           + "\n  ".join(problems)
           + "\nRun with the checkpoint's settings, or use another checkpoint directory "
-            "(or drop --resume and delete this one) to start afresh.")
+            "(or drop --resume and delete this one, or pass --fresh) to start afresh.")
+    if carry_template is not None:
+      self._check_structure(step, meta, "carry", carry_template)
     return meta
+
+  def _check_structure(self, step: int, meta: dict, group: str, template: Any,
+                       points_scale: int = 1) -> None:
+    """Raises `IncompatibleCheckpointError` unless the checkpoint's ``group`` ("carry" or
+    "metrics") has ``template``'s structure, leaf paths (where recorded), dtypes and shapes."""
+    leaves, treedef = jax.tree.flatten(template)
+    saved_paths = meta.get(f"{group}_paths")
+    paths = _leaf_paths(template)
+    if saved_paths is not None and saved_paths != paths:
+      gone = [p for p in saved_paths if p not in set(paths)]
+      new = [p for p in paths if p not in set(saved_paths)]
+      what = (f"the {group}'s leaves differ: only in the checkpoint {gone[:6]}"
+              + (f" (+{len(gone) - 6} more)" if len(gone) > 6 else "")
+              + f", only in this code {new[:6]}" + (f" (+{len(new) - 6} more)" if len(new) > 6 else "")
+              if gone or new else f"the {group}'s leaves are in another order")
+      raise self.incompatible(step, meta, what)
+    saved = meta.get(f"{group}_structure")
+    if saved != str(treedef):
+      raise self.incompatible(
+          step, meta, f"the {group}'s structure differs from this code's, "
+          + (_where_texts_differ(saved, str(treedef)) + "\n" if isinstance(saved, str) else
+             "the record does not describe it\n"))
+    # Checkpoints written before checksums existed have no "leaves".
+    saved = (meta.get("leaves") or {}).get(group)
+    now = _leaf_specs([_stored_spec(x, points_scale) for x in leaves])
+    if saved is not None and saved != now:
+      diffs = [f"{group} leaf {i}: {a} in the checkpoint, {b} now"
+               + (f" ({paths[i]})" if i < len(paths) else "")
+               for i, (a, b) in enumerate(itertools.zip_longest(saved, now)) if a != b]
+      raise self.incompatible(
+          step, meta, f"the {group} arrays' [dtype, shape] differ from this code's:\n  "
+          + "\n  ".join(diffs[:5]) + ("\n  ..." if len(diffs) > 5 else "") + "\n")
 
   def restore(self, carry_template: Any, metrics_template: Any) -> tuple[int, Any, Any]:
     """Restores the latest checkpoint.
@@ -201,42 +320,23 @@ class Checkpoints:
 
     Returns:
       ``(chunks_done, carry, metrics)``.
+
+    Raises:
+      As `check`, and CorruptCheckpointError when the arrays cannot be read
+      or fail their checksum.
     """
     ocp = self._ocp
     step = self.latest()
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    meta = self.check(step)
+    meta = self.check(step, carry_template)
+    self._check_structure(step, meta, "metrics", metrics_template, points_scale=step)
     carry_leaves, carry_def = jax.tree.flatten(carry_template)
     metric_leaves, metric_def = jax.tree.flatten(metrics_template)
-    for what, saved, now in (("carry", meta["carry_structure"], str(carry_def)),
-                             ("metrics", meta["metrics_structure"], str(metric_def))):
-      if saved != now:
-        raise ConfigMismatchError(
-            f"refusing to resume from {self.directory}: the {what} structure differs from "
-            f"this code's (was the experiment's code changed?)\n  checkpoint: {saved}\n  now: {now}")
-
-    def abstract(x, points_scale=1):
-      data = jax.random.key_data(x) if _is_key(x) else x
-      shape = tuple(data.shape)
-      if points_scale != 1:
-        shape = shape[:-1] + (shape[-1] * points_scale,)
-      return jax.ShapeDtypeStruct(shape, data.dtype)
-
     target = {
-        "carry": {str(i): abstract(x) for i, x in enumerate(carry_leaves)},
-        "metrics": {str(i): abstract(x, step) for i, x in enumerate(metric_leaves)},
+        "carry": {str(i): _stored_spec(x) for i, x in enumerate(carry_leaves)},
+        "metrics": {str(i): _stored_spec(x, step) for i, x in enumerate(metric_leaves)},
     }
-    # Checkpoints written before checksums existed have no "leaves"/"checksums".
-    for group, saved in (meta.get("leaves") or {}).items():
-      now = _leaf_specs(list(target[group].values()))
-      if saved != now:
-        diffs = [f"{group} leaf {i}: {a} in the checkpoint, {b} now"
-                 for i, (a, b) in enumerate(itertools.zip_longest(saved, now)) if a != b]
-        raise ConfigMismatchError(
-            f"refusing to resume from {self.directory} (chunk {step}): the {group} arrays' "
-            "[dtype, shape] differ from this code's (was the experiment's code changed?)\n  "
-            + "\n  ".join(diffs[:5]) + ("\n  ..." if len(diffs) > 5 else ""))
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target)))["state"]

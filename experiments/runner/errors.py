@@ -5,6 +5,12 @@ class ConfigMismatchError(ValueError):
   """A checkpoint was written by a run with a different configuration."""
 
 
+class IncompatibleCheckpointError(ConfigMismatchError):
+  """A checkpoint was written by another version of the code: its format, its
+  config's schema or the structure of the state it holds differs from this
+  code's, so it cannot be resumed (only started afresh)."""
+
+
 class CorruptCheckpointError(ValueError):
   """A checkpoint cannot be read, or its arrays differ from what was saved."""
 

@@ -153,7 +153,7 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
           "(--resume) to continue it, or remove the directory to start afresh")
     if latest is not None:
       try:
-        checkpoints.check(latest)
+        checkpoints.check(latest, init_carry)  # Also the carry's structure: before compiling.
       except BaseException:
         checkpoints.close()
         raise
