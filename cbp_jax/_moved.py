@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import warnings
@@ -26,11 +27,14 @@ def _importer_stacklevel() -> int:
 
 
 def forward(old: str, new: str) -> None:
-  """Makes module ``old`` the module ``new``, warning that it moved.
+  """Makes module ``old`` stand for module ``new``, warning that it moved.
 
-  Called by the old module while it is imported: it replaces itself in
-  ``sys.modules`` by ``new``, so ``import old``, ``from old import x`` and
-  ``old.x`` all give ``new``'s objects (the same ones, not copies).
+  Called by the old module while it is imported. The new module's public
+  names (those ``from new import *`` gives) become the old module's, the same
+  objects, and any other attribute is looked up in ``new``, so
+  ``import old``, ``from old import x`` and ``old.x`` keep working. The old
+  module stays a module of its own (its own ``__file__``), so tools that walk
+  the package's files (doctest, the API reference) find what they expect.
 
   Args:
     old: the moved module's old name (its ``__name__``).
@@ -54,4 +58,8 @@ def forward(old: str, new: str) -> None:
         f"{old} moved to {new}, which is not part of the installed cbp_jax package: it lives in the "
         f"{top}/ folder of the cbp_jax repository. Run from a clone's root (where `import {new}` "
         "works) and import it from there.", name=old) from e
-  sys.modules[old] = module
+  public = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+  namespace = vars(sys.modules[old])
+  namespace.update({name: getattr(module, name) for name in public})
+  namespace["__all__"] = list(public)
+  namespace["__getattr__"] = functools.partial(getattr, module)  # The rest (PEP 562).

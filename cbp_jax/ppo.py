@@ -2,9 +2,10 @@
 
 They are experiment infrastructure (slippery Ant, continual MinAtar), kept in
 the repository's ``experiments/`` folder, not in the cbp_jax package.
-Importing this module warns (DeprecationWarning) and gives
-``experiments.ppo`` itself when the repository is importable (run from a
-clone's root); elsewhere it raises an ImportError saying where the code went.
+Importing this module warns (DeprecationWarning) and forwards to
+``experiments.ppo`` (the same objects) when the repository is importable (run
+from a clone's root); elsewhere it raises an ImportError saying where the code
+went.
 """
 
 from cbp_jax import _moved

@@ -28,8 +28,11 @@ def fresh_import(monkeypatch):
 def test_old_name_warns_naming_the_new_place_and_is_the_new_module(fresh_import, old, new):
   with pytest.warns(DeprecationWarning, match=rf"{old} moved to {new}\b.*import {new} instead"):
     module = fresh_import(old)
-  assert module is importlib.import_module(new)  # The same objects, not copies.
-  assert sys.modules[old] is module
+  moved = importlib.import_module(new)
+  assert module.__all__ == moved.__all__ and len(moved.__all__) >= 5
+  for name in moved.__all__:
+    assert getattr(module, name) is getattr(moved, name)  # The same objects, not copies.
+  assert module.__file__ == str(ROOT / "cbp_jax" / f"{old.split('.')[1]}.py")  # A module of its own.
 
 
 def test_from_import_and_attribute_access_give_the_moved_objects(fresh_import, monkeypatch):
@@ -43,6 +46,9 @@ def test_from_import_and_attribute_access_give_the_moved_objects(fresh_import, m
   with pytest.warns(DeprecationWarning, match="cbp_jax.data moved to experiments.data"):
     loader = cbp_jax.data.load_dataset  # After a plain `import cbp_jax`, as before the move.
   assert loader is data.load_dataset
+  assert cbp_jax.data._read_idx is data._read_idx  # A private name is looked up in the new module.
+  with pytest.raises(AttributeError, match="experiments.data"):
+    cbp_jax.data.no_such_name  # noqa: B018
 
 
 def test_warning_points_at_the_importing_line(fresh_import):
