@@ -5,7 +5,8 @@ The data path of one training step:
   -> reset (`reset`) -> updates (`transform.cbp`).
 """
 
-from cbp_jax import data
+import importlib
+
 from cbp_jax import initializers
 from cbp_jax import methods
 from cbp_jax import metrics
@@ -39,7 +40,6 @@ __all__ = [
     "collect_activations",
     "Consumer",
     "graph_from_params",
-    "data",
     "initializers",
     "methods",
     "metrics",
@@ -56,3 +56,12 @@ __all__ = [
     "trace_graph",
     "unit_stats",
 ]
+
+# Moved to the repository's experiments/ folder; the old names warn and forward (cbp_jax/_moved.py).
+_MOVED = ("data", "ppo")
+
+
+def __getattr__(name):
+  if name in _MOVED:  # ``cbp_jax.data`` after a plain ``import cbp_jax``, as before the move.
+    return importlib.import_module(f"cbp_jax.{name}")
+  raise AttributeError(f"module 'cbp_jax' has no attribute {name!r}")

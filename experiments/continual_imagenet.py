@@ -89,7 +89,7 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from cbp_jax.data import load_dataset
+from experiments.data import load_dataset
 from cbp_jax.methods import reset_layers, reset_optimizer_for, shrink_and_perturb
 from experiments import plasticity_probes
 from experiments import runner

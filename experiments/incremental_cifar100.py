@@ -101,7 +101,7 @@ import optax
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax import resnet
-from cbp_jax.data import load_dataset
+from experiments.data import load_dataset
 from cbp_jax.methods import reset_optimizer_for, shrink_and_perturb
 from experiments import runner
 from experiments.continual_imagenet import IMAGE_SHAPE, class_array

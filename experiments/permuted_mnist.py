@@ -96,7 +96,7 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from cbp_jax.data import load_dataset
+from experiments.data import load_dataset
 from cbp_jax.methods import shrink_and_perturb
 from experiments import plasticity_methods
 from experiments import plasticity_probes

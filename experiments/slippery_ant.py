@@ -107,7 +107,7 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from cbp_jax import ppo
+from experiments import ppo
 from experiments import runner
 
 EXPERIMENT = "slippery_ant"

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbp_jax.data import load_dataset, shared_data_dir
+from experiments.data import load_dataset, shared_data_dir
 from experiments import continual_imagenet as ci
 from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
                                  assert_resume_after_sigkill_is_bit_for_bit)

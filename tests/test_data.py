@@ -1,4 +1,4 @@
-"""Tests of cbp_jax.data: real MNIST / Fashion-MNIST, IDX validation, tfds."""
+"""Tests of experiments.data (the data set loaders): real MNIST / Fashion-MNIST, IDX validation, tfds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbp_jax import data
+from experiments import data
 
 # The shared offline copies, located from this file so the tests do not depend
 # on the current directory: <checkout>/tests/../../shared/data.

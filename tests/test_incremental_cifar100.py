@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import cbp_jax
-from cbp_jax.data import shared_data_dir
+from experiments.data import shared_data_dir
 from experiments import incremental_cifar100 as ic
 from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
                                  assert_resume_after_sigkill_is_bit_for_bit)

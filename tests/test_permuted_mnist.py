@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbp_jax.data import shared_data_dir
+from experiments.data import shared_data_dir
 from experiments import permuted_mnist as pm
 from experiments import runner
 from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,

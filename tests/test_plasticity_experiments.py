@@ -7,7 +7,7 @@ on the slowly-changing regression's generated stream.
 import numpy as np
 import pytest
 
-from cbp_jax.data import shared_data_dir
+from experiments.data import shared_data_dir
 from experiments import permuted_mnist as pm
 from experiments import plasticity_methods
 from experiments import slowly_changing_regression as scr

@@ -1,4 +1,4 @@
-"""cbp_jax.ppo against hand computations and plain NumPy loops."""
+"""experiments.ppo (PPO pieces) against hand computations and plain NumPy loops."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbp_jax import ppo
+from experiments import ppo
 
 
 def numpy_gae(r, v, nv, term, end, gamma, lam):

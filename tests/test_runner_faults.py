@@ -22,13 +22,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import runner
+from experiments.runner import results_file
 from tests.test_runner import REPO, run_toy
 
 CHUNKS = 4
 
 
 class FailingOs(types.SimpleNamespace):
-  """`os` for the runner module, whose ``write`` fails once ``armed``: it
+  """`os` for the results-file module, whose ``write`` fails once ``armed``: it
   writes half of what it is given, then raises ``OSError(code)``."""
 
   def __init__(self, code):
@@ -60,7 +61,7 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full-disk", "read-only"])
 def test_results_write_failing_midway_keeps_the_previous_file(tmp_path, monkeypatch, straight, code):
   fake = FailingOs(code)
-  monkeypatch.setattr(runner, "os", fake)
+  monkeypatch.setattr(results_file, "os", fake)
 
   def on_chunk(done, results):
     fake.armed = done == 2  # Chunk 3's results write fails halfway.
@@ -79,7 +80,7 @@ def test_results_write_failing_midway_keeps_the_previous_file(tmp_path, monkeypa
   assert res["status"] == "running" and res["chunks_done"] == 2
   assert stray_files(out) == []
   # Space freed: resuming gives the uninterrupted run's file, byte for byte.
-  monkeypatch.setattr(runner, "os", os)
+  monkeypatch.setattr(results_file, "os", os)
   result = run_toy(out, chunks=CHUNKS, checkpoint_dir=ckpt, resume=True)
   assert result.resumed_from == 2
   assert (out / "results.json").read_bytes() == straight
