@@ -142,6 +142,11 @@ class ResolvedLayer:
   fan_in: int
   fan_out: int
 
+  @property
+  def name(self) -> str:
+    """The layer's name: the key of its activations and of its state entries."""
+    return self.layer.name
+
 
 def _shape(leaf: Any) -> tuple[int, ...]:
   return tuple(getattr(leaf, "shape", ()))

@@ -152,7 +152,7 @@ def touched_slices(
   """
   touched: dict[int, list[tuple[int, jax.Array]]] = {}
   for layer in layers:
-    sel = selections[layer.layer.name]
+    sel = selections[layer.name]
     for leaf in (layer.kernel, layer.bias, layer.norm_scale, layer.norm_offset):
       if leaf is not None:
         touched.setdefault(leaf, []).append((-1, sel.indices))
@@ -173,12 +173,12 @@ def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict
   O(kernel) draw is skipped (`lax.cond`) on steps where the layer replaces
   nothing (under `vmap` both branches run).
   """
-  shapes = [p[layer.kernel].shape[:-1] + selections[layer.layer.name].indices.shape
+  shapes = [p[layer.kernel].shape[:-1] + selections[layer.name].indices.shape
             for layer in layers]
   if callable(init):
     columns = []
     for layer, shape, layer_key in zip(layers, shapes, prng.split(key, len(layers))):
-      idx = selections[layer.layer.name].indices
+      idx = selections[layer.name].indices
       kernel = p[layer.kernel]
 
       def draw(layer_key=layer_key, kernel=kernel, idx=idx):
@@ -233,8 +233,8 @@ def reset_units(
 
   if mean_activation is not None:
     for layer in layers:
-      sel = selections[layer.layer.name]
-      f_hat = jnp.take(mean_activation[layer.layer.name], sel.indices, mode="fill", fill_value=0.0)
+      sel = selections[layer.name]
+      f_hat = jnp.take(mean_activation[layer.name], sel.indices, mode="fill", fill_value=0.0)
       for c in layer.consumers:
         if c.bias is None:
           continue
@@ -247,14 +247,14 @@ def reset_units(
         u[c.bias] = u[c.bias] + delta.astype(u[c.bias].dtype)
 
   for layer in layers:
-    sel = selections[layer.layer.name]
+    sel = selections[layer.name]
     for c in layer.consumers:
       rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
       u[c.kernel] = _where_along(u[c.kernel], -2, rows, -p[c.kernel])
 
   columns = _new_columns(p, layers, selections, key, init)
   for layer, fresh in zip(layers, columns):
-    idx = selections[layer.layer.name].indices
+    idx = selections[layer.name].indices
     k = p[layer.kernel]
     u[layer.kernel] = _place_columns(u[layer.kernel], idx, fresh.astype(k.dtype), k)
     for leaf, target in ((layer.bias, 0.0), (layer.norm_offset, 0.0), (layer.norm_scale, 1.0)):

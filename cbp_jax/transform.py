@@ -82,7 +82,7 @@ def _check_state_widths(layers, state: CbpState) -> None:
   if not isinstance(state, CbpState):
     raise ValueError(f"cbp: update needs the state that init returned, got {type(state).__name__}")
   for layer in layers:
-    name = layer.layer.name
+    name = layer.name
     if name not in state.statistics:
       raise ValueError(
           f"cbp: the state has no statistics for layer '{name}' (it has "
@@ -101,7 +101,7 @@ def _magnitudes(layer, p: list, u: list, cache: utility_lib.MagnitudeCache | Non
   if cache is None:
     return (utility_lib.outgoing_magnitude(consumers, layer.width),
             utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]))
-  name = layer.layer.name
+  name = layer.name
   size = -(-layer.width // refresh_every)
   # The last slice is clamped to end at the last unit (static size).
   start = jnp.minimum(cache.phase * size, layer.width - size)
@@ -125,7 +125,7 @@ def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitude
   """
   incoming, outgoing = {}, {}
   for layer in layers:
-    name = layer.layer.name
+    name = layer.name
     idx = selections[name].indices
     out_mag, in_mag = magnitudes[name]
     columns = reset_lib.take_post_step(p[layer.kernel], new_u[layer.kernel], idx, axis=-1)
@@ -329,22 +329,22 @@ def cbp(
       reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
     else:
       inner_state = optax.EmptyState()
-    names = [layer.layer.name for layer in layers]
+    names = [layer.name for layer in layers]
     magnitudes = None
     if magnitude_refresh_every > 1:
       p = jax.tree.leaves(params)
       zero = [jnp.zeros_like(x) for x in p]  # All units' magnitudes of the initial weights.
-      initial = {l.layer.name: _magnitudes(l, p, zero, None, magnitude_refresh_every)
+      initial = {l.name: _magnitudes(l, p, zero, None, magnitude_refresh_every)
                  for l in layers}
       magnitudes = utility_lib.MagnitudeCache(
           incoming={name: in_mag for name, (_, in_mag) in initial.items()},
           outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
           phase=jnp.zeros((), jnp.int32))
     return CbpState(
-        statistics={l.layer.name: utility_lib.init_statistics(l.width) for l in layers},
+        statistics={l.name: utility_lib.init_statistics(l.width) for l in layers},
         pending={n: jnp.zeros((), jnp.float32) for n in names},
         replaced_total={n: jnp.zeros((), jnp.int32) for n in names},
-        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
+        last_replaced={l.name: jnp.zeros((l.width,), bool) for l in layers},
         nonfinite=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         decay_rate=jnp.asarray(decay_rate, jnp.float32),
@@ -373,7 +373,7 @@ def cbp(
     statistics, pending, selections, f_hats, magnitudes = {}, {}, {}, {}, {}
     nonfinite = state.nonfinite
     for n, layer in enumerate(layers):
-      name = layer.layer.name
+      name = layer.name
       out_mag, in_mag = _magnitudes(layer, p, u, state.magnitudes, magnitude_refresh_every)
       magnitudes[name] = (out_mag, in_mag)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
@@ -401,7 +401,7 @@ def cbp(
 
     replaced_total, last_replaced = {}, {}
     for layer in layers:
-      name = layer.layer.name
+      name = layer.name
       mask = selections[name].mask(layer.width)
       s = statistics[name]
       statistics[name] = utility_lib.UnitStatistics(

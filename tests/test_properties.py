@@ -419,9 +419,9 @@ def test_resolved_graph_and_touched_slices_match_the_description(net, data):
   layers, leaves, _ = cbp_jax.graph.resolve(net.graph(), params)
   paths = leaf_paths(params)
   shapes = net.kernel_shapes()
-  assert [l.layer.name for l in layers] == net.hidden
+  assert [l.name for l in layers] == net.hidden
   for layer, width in zip(layers, net.widths):
-    name = layer.layer.name
+    name = layer.name
     assert layer.width == width
     assert paths[layer.kernel] == f"{name}/kernel"
     assert layer.fan_in == math.prod(shapes[name][:-1])

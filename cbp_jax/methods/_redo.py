@@ -99,7 +99,7 @@ def redo(
     due = count % period == 0
     selections, means = {}, {}
     for layer in layers:
-      name = layer.layer.name
+      name = layer.name
       h = activations[name]
       scores = metrics.dormant_scores(h)
       eligible = (scores <= tau) & due

@@ -173,8 +173,8 @@ def unit_reset_transform(
     common = dict(
         count=jnp.zeros((), jnp.int32),
         key=key,
-        replaced_total={l.layer.name: jnp.zeros((), jnp.int32) for l in layers},
-        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
+        replaced_total={l.name: jnp.zeros((), jnp.int32) for l in layers},
+        last_replaced={l.name: jnp.zeros((l.width,), bool) for l in layers},
         inner_state=inner_state)
     if init_stats is None:
       return RedoState(**common)
@@ -217,14 +217,14 @@ def unit_reset_transform(
     # cond: 766M flops against plain SGD's 61M, the threefry draw of 9.6M
     # weights).
     any_replaced = jnp.any(jnp.stack(
-        [selections[l.layer.name].count(l.width) > 0 for l in layers]))
+        [selections[l.name].count(l.width) > 0 for l in layers]))
     updates, inner_state = jax.lax.cond(
         any_replaced, reset, lambda operands: operands, (updates, inner_state))
 
     replaced_total, last_replaced = {}, {}
     new_stats = {f: {} for f in scored.stats}
     for layer in layers:
-      name = layer.layer.name
+      name = layer.name
       mask = selections[name].mask(layer.width)
       replaced_total[name] = state.replaced_total[name] + jnp.sum(mask, dtype=jnp.int32)
       last_replaced[name] = mask
