@@ -21,6 +21,19 @@ import jax.numpy as jnp
 
 from cbp_jax import prng
 
+# `standard_draw` and `check_initializer` serve the reset kernel and the transforms.
+__all__ = [
+    "ACTIVATIONS",
+    "gain",
+    "initializer",
+    "INITS",
+    "is_initializer",
+    "NORMAL_INITS",
+    "scale",
+    "TRUNCATED_INITS",
+]
+
+
 INITS = ("kaiming", "default", "xavier", "lecun", "kaiming_normal", "lecun_normal")
 NORMAL_INITS = ("kaiming_normal",)
 TRUNCATED_INITS = ("lecun_normal",)

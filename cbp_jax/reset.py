@@ -34,6 +34,17 @@ from cbp_jax import initializers
 from cbp_jax import prng
 from cbp_jax.graph import ResolvedLayer
 
+# `take_post_step` serves `cbp`'s magnitude cache.
+__all__ = [
+    "reset_optimizer_state",
+    "reset_units",
+    "select_lowest",
+    "Selection",
+    "state_param_leaves",
+    "touched_slices",
+]
+
+
 
 class Selection(NamedTuple):
   """Units of one layer to replace: ``indices`` of static length ``K``.
@@ -133,7 +144,7 @@ def take_post_step(param: jax.Array, update: jax.Array, indices: jax.Array,
              for x in (param, update))
 
 
-def consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
+def _consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
   """Inputs (axis -2 entries) of a consumer that read the selected units."""
   i = selection.indices[None, :]
   p = jnp.arange(positions)[:, None]
@@ -157,7 +168,7 @@ def touched_slices(
       if leaf is not None:
         touched.setdefault(leaf, []).append((-1, sel.indices))
     for c in layer.consumers:
-      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
       touched.setdefault(c.kernel, []).append((-2, rows))
   return touched
 
@@ -239,8 +250,8 @@ def reset_units(
         if c.bias is None:
           continue
         # The replaced units' input rows, (..., K * P, out), and each row's
-        # unit's f_hat in the same p-major order as `consumer_inputs`.
-        rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+        # unit's f_hat in the same p-major order as `_consumer_inputs`.
+        rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
         w = take_post_step(p[c.kernel], u_leaves[c.kernel], rows, axis=-2)
         f_rows = jnp.tile(f_hat, c.positions)
         delta = jnp.einsum("...ko,k->o", w, f_rows)
@@ -249,7 +260,7 @@ def reset_units(
   for layer in layers:
     sel = selections[layer.name]
     for c in layer.consumers:
-      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
       u[c.kernel] = _where_along(u[c.kernel], -2, rows, -p[c.kernel])
 
   columns = _new_columns(p, layers, selections, key, init)

@@ -28,6 +28,17 @@ from cbp_jax import tree_paths
 from cbp_jax import utility as utility_lib
 from cbp_jax import validation
 
+__all__ = [
+    "cbp",
+    "CbpState",
+    "COUNT_BASES",
+    "find_cbp_state",
+    "LayerState",
+    "reset_batch_stats",
+    "unit_stats",
+]
+
+
 COUNT_BASES = ("eligible", "layer")
 
 
