@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import cbp_jax
 from cbp_jax import reset as reset_lib
-from tests.test_cbp import mlp
+from tests.cbp_steps import mlp
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -30,7 +30,7 @@ from jax.experimental import checkify
 import cbp_jax
 from cbp_jax.utility import AGE_CAP
 from tests.numpy_reference import NumpyUnitStats, consumer_rows
-from tests.test_cbp import batches, make_step, mlp
+from tests.cbp_steps import batches, make_step, mlp
 from tests.test_integration import NnxMLP, graph_of
 
 HIDDEN = (6, 5)
