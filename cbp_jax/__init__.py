@@ -27,6 +27,7 @@ from cbp_jax.graph import LayerGraph
 from cbp_jax.trace import trace_graph
 from cbp_jax.transform import cbp
 from cbp_jax.transform import CbpState
+from cbp_jax.transform import LayerState
 from cbp_jax.transform import reset_batch_stats
 from cbp_jax.transform import unit_stats
 
@@ -45,6 +46,7 @@ __all__ = [
     "metrics",
     "Layer",
     "LayerGraph",
+    "LayerState",
     "models",
     "prng",
     "reset",

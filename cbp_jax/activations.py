@@ -22,8 +22,16 @@ from flax import nnx
 
 from cbp_jax import tree_paths
 
-COLLECTION = "activations"
-RECORD = "post_activation"
+__all__ = [
+    "apply_with_activations",
+    "capture_activations",
+    "collect_activations",
+    "sow_activation",
+]
+
+
+_COLLECTION = "activations"
+_RECORD = "post_activation"
 
 
 def sow_activation(module: nn.Module | nnx.Module, h: jax.Array) -> jax.Array:
@@ -37,9 +45,9 @@ def sow_activation(module: nn.Module | nnx.Module, h: jax.Array) -> jax.Array:
     ``h``, so the call can sit inline.
   """
   if isinstance(module, nn.Module):
-    module.sow(COLLECTION, RECORD, h)
+    module.sow(_COLLECTION, _RECORD, h)
   elif isinstance(module, nnx.Module):
-    module.sow(nnx.Intermediate, RECORD, h)
+    module.sow(nnx.Intermediate, _RECORD, h)
   else:
     raise ValueError(
         f"sow_activation needs a flax linen or nnx module, got {type(module).__name__}")
@@ -60,9 +68,9 @@ def collect_activations(records: Any) -> dict[str, jax.Array]:
   found: dict[str, jax.Array] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(records)[0]:
     keys = [tree_paths.key_to_str(k) for k in path]
-    if RECORD in keys:
+    if _RECORD in keys:
       # Later sows append to a tuple; flatten order keeps the newest last.
-      found["/".join(keys[:keys.index(RECORD)])] = leaf
+      found["/".join(keys[:keys.index(_RECORD)])] = leaf
   return found
 
 
@@ -80,8 +88,8 @@ def apply_with_activations(
   Returns:
     The model's output and ``{layer_name: h}``.
   """
-  out, state = model.apply({"params": params}, *args, mutable=[COLLECTION], **kwargs)
-  return out, collect_activations(state.get(COLLECTION, {}))
+  out, state = model.apply({"params": params}, *args, mutable=[_COLLECTION], **kwargs)
+  return out, collect_activations(state.get(_COLLECTION, {}))
 
 
 def capture_activations(module: nnx.Module, *args: Any, **kwargs: Any

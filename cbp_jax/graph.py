@@ -27,6 +27,17 @@ from flax import nnx
 from cbp_jax import initializers
 from cbp_jax import tree_paths
 
+# `resolve` and the Resolved* records are the library's own plumbing (the transforms'
+# view of a graph in one parameter tree), not part of the API.
+__all__ = [
+    "Consumer",
+    "graph_from_params",
+    "LAYOUTS",
+    "Layer",
+    "LayerGraph",
+]
+
+
 LAYOUTS = ("channels_last", "channels_first")
 
 
@@ -141,6 +152,11 @@ class ResolvedLayer:
   consumers: tuple[ResolvedConsumer, ...]
   fan_in: int
   fan_out: int
+
+  @property
+  def name(self) -> str:
+    """The layer's name: the key of its activations and of its state entries."""
+    return self.layer.name
 
 
 def _shape(leaf: Any) -> tuple[int, ...]:

@@ -21,6 +21,19 @@ import jax.numpy as jnp
 
 from cbp_jax import prng
 
+# `standard_draw` and `check_initializer` serve the reset kernel and the transforms.
+__all__ = [
+    "ACTIVATIONS",
+    "gain",
+    "initializer",
+    "INITS",
+    "is_initializer",
+    "NORMAL_INITS",
+    "scale",
+    "TRUNCATED_INITS",
+]
+
+
 INITS = ("kaiming", "default", "xavier", "lecun", "kaiming_normal", "lecun_normal")
 NORMAL_INITS = ("kaiming_normal",)
 TRUNCATED_INITS = ("lecun_normal",)
@@ -62,10 +75,10 @@ def scale(init: str, fan_in: int, fan_out: int, activation: str = "relu") -> flo
     init: ``"kaiming"`` (bound gain * sqrt(3 / fan_in)), ``"default"``
       (bound sqrt(1 / fan_in), PyTorch's Linear/Conv default), ``"xavier"``
       (bound gain * sqrt(6 / (fan_in + fan_out))), ``"lecun"`` (bound
-      sqrt(3 / fan_in)) or ``"kaiming_normal"`` (std gain / sqrt(fan_in)).
-    fan_in: inputs per unit.
+      sqrt(3 / fan_in)), ``"kaiming_normal"`` (std gain / sqrt(fan_in)) or
       ``"lecun_normal"`` (std sqrt(1 / fan_in) / 0.8796 of a normal truncated
       at +-2, flax's default; no gain).
+    fan_in: inputs per unit.
     fan_out: outputs per input.
     activation: hidden activation, for the gain.
 

@@ -27,6 +27,18 @@ from flax import linen as nn
 from cbp_jax import initializers
 from cbp_jax.activations import sow_activation
 
+__all__ = [
+    "ACTIVATION_FNS",
+    "conv_function",
+    "conv_im2col",
+    "CONV_IMPLS",
+    "ConvNet",
+    "max_pool_2x2",
+    "MLP",
+    "resolve_conv",
+]
+
+
 ACTIVATION_FNS = {
     "relu": nn.relu,
     "tanh": jnp.tanh,
@@ -42,7 +54,7 @@ ACTIVATION_FNS = {
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
-def activation_fn(name: str):
+def _activation_fn(name: str):
   if name not in ACTIVATION_FNS:
     raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACTIVATION_FNS)}")
   return ACTIVATION_FNS[name]
@@ -180,7 +192,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    act = activation_fn(self.activation)
+    act = _activation_fn(self.activation)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       dense = nn.Dense(width, kernel_init=initializers.initializer(self.init_scheme, self.activation),

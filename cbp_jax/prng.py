@@ -21,6 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "normal",
+    "split",
+    "uniform",
+]
+
+
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 

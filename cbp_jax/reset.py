@@ -34,6 +34,17 @@ from cbp_jax import initializers
 from cbp_jax import prng
 from cbp_jax.graph import ResolvedLayer
 
+# `take_post_step` serves `cbp`'s magnitude cache.
+__all__ = [
+    "reset_optimizer_state",
+    "reset_units",
+    "select_lowest",
+    "Selection",
+    "state_param_leaves",
+    "touched_slices",
+]
+
+
 
 class Selection(NamedTuple):
   """Units of one layer to replace: ``indices`` of static length ``K``.
@@ -133,7 +144,7 @@ def take_post_step(param: jax.Array, update: jax.Array, indices: jax.Array,
              for x in (param, update))
 
 
-def consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
+def _consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
   """Inputs (axis -2 entries) of a consumer that read the selected units."""
   i = selection.indices[None, :]
   p = jnp.arange(positions)[:, None]
@@ -152,12 +163,12 @@ def touched_slices(
   """
   touched: dict[int, list[tuple[int, jax.Array]]] = {}
   for layer in layers:
-    sel = selections[layer.layer.name]
+    sel = selections[layer.name]
     for leaf in (layer.kernel, layer.bias, layer.norm_scale, layer.norm_offset):
       if leaf is not None:
         touched.setdefault(leaf, []).append((-1, sel.indices))
     for c in layer.consumers:
-      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
       touched.setdefault(c.kernel, []).append((-2, rows))
   return touched
 
@@ -173,12 +184,12 @@ def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict
   O(kernel) draw is skipped (`lax.cond`) on steps where the layer replaces
   nothing (under `vmap` both branches run).
   """
-  shapes = [p[layer.kernel].shape[:-1] + selections[layer.layer.name].indices.shape
+  shapes = [p[layer.kernel].shape[:-1] + selections[layer.name].indices.shape
             for layer in layers]
   if callable(init):
     columns = []
     for layer, shape, layer_key in zip(layers, shapes, prng.split(key, len(layers))):
-      idx = selections[layer.layer.name].indices
+      idx = selections[layer.name].indices
       kernel = p[layer.kernel]
 
       def draw(layer_key=layer_key, kernel=kernel, idx=idx):
@@ -233,28 +244,28 @@ def reset_units(
 
   if mean_activation is not None:
     for layer in layers:
-      sel = selections[layer.layer.name]
-      f_hat = jnp.take(mean_activation[layer.layer.name], sel.indices, mode="fill", fill_value=0.0)
+      sel = selections[layer.name]
+      f_hat = jnp.take(mean_activation[layer.name], sel.indices, mode="fill", fill_value=0.0)
       for c in layer.consumers:
         if c.bias is None:
           continue
         # The replaced units' input rows, (..., K * P, out), and each row's
-        # unit's f_hat in the same p-major order as `consumer_inputs`.
-        rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+        # unit's f_hat in the same p-major order as `_consumer_inputs`.
+        rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
         w = take_post_step(p[c.kernel], u_leaves[c.kernel], rows, axis=-2)
         f_rows = jnp.tile(f_hat, c.positions)
         delta = jnp.einsum("...ko,k->o", w, f_rows)
         u[c.bias] = u[c.bias] + delta.astype(u[c.bias].dtype)
 
   for layer in layers:
-    sel = selections[layer.layer.name]
+    sel = selections[layer.name]
     for c in layer.consumers:
-      rows = consumer_inputs(sel, layer.width, c.positions, c.layout)
+      rows = _consumer_inputs(sel, layer.width, c.positions, c.layout)
       u[c.kernel] = _where_along(u[c.kernel], -2, rows, -p[c.kernel])
 
   columns = _new_columns(p, layers, selections, key, init)
   for layer, fresh in zip(layers, columns):
-    idx = selections[layer.layer.name].indices
+    idx = selections[layer.name].indices
     k = p[layer.kernel]
     u[layer.kernel] = _place_columns(u[layer.kernel], idx, fresh.astype(k.dtype), k)
     for leaf, target in ((layer.bias, 0.0), (layer.norm_offset, 0.0), (layer.norm_scale, 1.0)):

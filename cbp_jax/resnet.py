@@ -47,6 +47,18 @@ from cbp_jax.graph import Consumer, Layer, LayerGraph
 # The convolution choice (``conv`` field) is shared with `cbp_jax.models.ConvNet`.
 from cbp_jax.models import conv_function
 
+__all__ = [
+    "BasicBlock",
+    "block_names",
+    "conv_kernel_init",
+    "head_kernel_init",
+    "relu_layer_names",
+    "RESNET18_STAGES",
+    "ResNet18",
+    "resnet_graph",
+]
+
+
 RESNET18_STAGES = (2, 2, 2, 2)
 
 
@@ -116,20 +128,20 @@ class ResNet18(nn.Module):
       for b in range(blocks):
         x = BasicBlock(self.width * 2 ** s, strides=2 if s > 0 and b == 0 else 1,
                        conv=self.conv, param_dtype=self.param_dtype,
-                       name=block_name(s, b))(x, train)
+                       name=_block_name(s, b))(x, train)
     features = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, kernel_init=head_kernel_init, name="fc",
                       param_dtype=self.param_dtype, dtype=self.param_dtype)(features)
     return (logits, features) if return_features else logits
 
 
-def block_name(stage: int, block: int) -> str:
+def _block_name(stage: int, block: int) -> str:
   """Module name of block ``block`` of stage ``stage`` (both from 0): ``block{s+1}_{b}``."""
   return f"block{stage + 1}_{block}"
 
 
 def block_names(stage_sizes: Sequence[int] = RESNET18_STAGES) -> list[str]:
-  return [block_name(s, b) for s, n in enumerate(stage_sizes) for b in range(n)]
+  return [_block_name(s, b) for s, n in enumerate(stage_sizes) for b in range(n)]
 
 
 def resnet_graph(model_or_stage_sizes: ResNet18 | Sequence[int] = RESNET18_STAGES) -> LayerGraph:

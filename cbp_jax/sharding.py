@@ -86,6 +86,19 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+__all__ = [
+    "data_parallel",
+    "is_replicated_consistently",
+    "leading_axis_sharding",
+    "make_mesh",
+    "replicate",
+    "replicated_sharding",
+    "shard_batch",
+    "shard_leading_axis",
+    "sharded_sweep",
+]
+
+
 
 def make_mesh(axis_name: str = "data", devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over ``devices`` (default: all devices, of all processes).

@@ -36,6 +36,11 @@ from cbp_jax import initializers
 from cbp_jax import tree_paths
 from cbp_jax.graph import Consumer, Layer, LayerGraph
 
+__all__ = [
+    "trace_graph",
+]
+
+
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")
 # Control flow hides its body behind a loop: units cannot be followed through it.
 _OPAQUE = ("scan", "while", "cond", "custom_lin", "shard_map", "pure_callback", "io_callback")

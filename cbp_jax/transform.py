@@ -10,6 +10,7 @@ One step, as data flows ("Per step" on the Semantics page of the documentation):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -27,18 +28,49 @@ from cbp_jax import tree_paths
 from cbp_jax import utility as utility_lib
 from cbp_jax import validation
 
+__all__ = [
+    "cbp",
+    "CbpState",
+    "COUNT_BASES",
+    "find_cbp_state",
+    "LayerState",
+    "reset_batch_stats",
+    "unit_stats",
+]
+
+
 COUNT_BASES = ("eligible", "layer")
+
+
+class LayerState(NamedTuple):
+  """The state `cbp` keeps for one hidden layer.
+
+  Attributes:
+    statistics: running utility, mean activation and age of each unit.
+    pending: accumulated fraction of a replacement still owed (float32).
+    replaced_total: units replaced so far (int32).
+    last_replaced: boolean mask of the units replaced at the last step (e.g.
+      for `reset_batch_stats`).
+  """
+  statistics: utility_lib.UnitStatistics
+  pending: jax.Array
+  replaced_total: jax.Array
+  last_replaced: jax.Array
+
+
+# The per-layer fields of the state before `LayerState`: four dicts by layer.
+_LEGACY_FIELDS = ("statistics", "pending", "replaced_total", "last_replaced")
 
 
 class CbpState(NamedTuple):
   """State of `cbp`: O(units) beyond the wrapped optimizer's own state.
 
+  The per-layer views `statistics`, `pending`, `replaced_total` and
+  `last_replaced` (dicts by layer name) are read-only properties over
+  ``layers``.
+
   Attributes:
-    statistics: per layer, running utility, mean activation and age.
-    pending: per layer, accumulated fraction of a replacement still owed.
-    replaced_total: per layer, units replaced so far (int32).
-    last_replaced: per layer, boolean mask of the units replaced at the last
-      step (e.g. for `reset_batch_stats`).
+    layers: per layer name, its `LayerState`.
     nonfinite: unit-steps whose statistics were not finite and were skipped.
     skipped: steps dropped whole by ``skip_nonfinite=True`` (int32).
     decay_rate: the decay rate, kept for bias correction in `unit_stats`.
@@ -48,16 +80,55 @@ class CbpState(NamedTuple):
     inner_state: the wrapped optimizer's state (``optimizer=`` form), else
       ``optax.EmptyState()``.
   """
-  statistics: dict[str, utility_lib.UnitStatistics]
-  pending: dict[str, jax.Array]
-  replaced_total: dict[str, jax.Array]
-  last_replaced: dict[str, jax.Array]
+  layers: dict[str, LayerState]
   nonfinite: jax.Array
   skipped: jax.Array
   decay_rate: jax.Array
   key: jax.Array
   magnitudes: utility_lib.MagnitudeCache | None
   inner_state: optax.OptState
+
+  @property
+  def statistics(self) -> dict[str, utility_lib.UnitStatistics]:
+    """Per layer, running utility, mean activation and age."""
+    return {name: layer.statistics for name, layer in self.layers.items()}
+
+  @property
+  def pending(self) -> dict[str, jax.Array]:
+    """Per layer, accumulated fraction of a replacement still owed."""
+    return {name: layer.pending for name, layer in self.layers.items()}
+
+  @property
+  def replaced_total(self) -> dict[str, jax.Array]:
+    """Per layer, units replaced so far (int32)."""
+    return {name: layer.replaced_total for name, layer in self.layers.items()}
+
+  @property
+  def last_replaced(self) -> dict[str, jax.Array]:
+    """Per layer, boolean mask of the units replaced at the last step."""
+    return {name: layer.last_replaced for name, layer in self.layers.items()}
+
+
+def _init_layer_state(width: int) -> LayerState:
+  """A layer's state before the first step: age 0, nothing owed or replaced."""
+  return LayerState(
+      statistics=utility_lib.init_statistics(width),
+      pending=jnp.zeros((), jnp.float32),
+      replaced_total=jnp.zeros((), jnp.int32),
+      last_replaced=jnp.zeros((width,), bool))
+
+
+def _layer_after_step(statistics: utility_lib.UnitStatistics, pending: jax.Array,
+                      replaced_before: jax.Array, mask: jax.Array) -> LayerState:
+  """A layer's state after this step: replaced units' statistics restart at 0."""
+  return LayerState(
+      statistics=utility_lib.UnitStatistics(
+          utility=jnp.where(mask, 0.0, statistics.utility),
+          mean_activation=jnp.where(mask, 0.0, statistics.mean_activation),
+          age=jnp.where(mask, 0, statistics.age)),
+      pending=pending,
+      replaced_total=replaced_before + jnp.sum(mask, dtype=jnp.int32),
+      last_replaced=mask)
 
 
 def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
@@ -77,17 +148,26 @@ def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
   return width
 
 
-def _check_state_widths(layers, state: CbpState) -> None:
-  """A state made by ``init`` for other parameters is refused, naming the layer."""
+def _check_state(layers, state: CbpState) -> None:
+  """A state of the old layout, or made by ``init`` for other parameters, is refused."""
   if not isinstance(state, CbpState):
+    fields = state.keys() if isinstance(state, Mapping) else getattr(state, "_fields", ())
+    if set(_LEGACY_FIELDS) <= set(fields):
+      raise ValueError(
+          "cbp: this state has the old layout, four per-layer dicts (statistics, pending, "
+          "replaced_total, last_replaced); CbpState now holds one LayerState per layer in "
+          "CbpState.layers (e.g. restored from a checkpoint written before that change). "
+          "Start from tx.init(params), or rebuild it: CbpState(layers={name: "
+          "LayerState(statistics[name], pending[name], replaced_total[name], "
+          "last_replaced[name])}, nonfinite=..., ...) with the other fields as they were")
     raise ValueError(f"cbp: update needs the state that init returned, got {type(state).__name__}")
   for layer in layers:
-    name = layer.layer.name
-    if name not in state.statistics:
+    name = layer.name
+    if name not in state.layers:
       raise ValueError(
           f"cbp: the state has no statistics for layer '{name}' (it has "
-          f"{sorted(state.statistics)}); was it initialised with another graph?")
-    state_width = state.statistics[name].utility.shape[-1]
+          f"{sorted(state.layers)}); was it initialised with another graph?")
+    state_width = state.layers[name].statistics.utility.shape[-1]
     if state_width != layer.width:
       raise ValueError(
           f"cbp: layer '{name}' has {layer.width} units in these params but the state was "
@@ -101,7 +181,7 @@ def _magnitudes(layer, p: list, u: list, cache: utility_lib.MagnitudeCache | Non
   if cache is None:
     return (utility_lib.outgoing_magnitude(consumers, layer.width),
             utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]))
-  name = layer.layer.name
+  name = layer.name
   size = -(-layer.width // refresh_every)
   # The last slice is clamped to end at the last unit (static size).
   start = jnp.minimum(cache.phase * size, layer.width - size)
@@ -115,6 +195,17 @@ def _magnitudes(layer, p: list, u: list, cache: utility_lib.MagnitudeCache | Non
   return out_mag, in_mag
 
 
+def _initial_magnitudes(layers, params: Any, refresh_every: int) -> utility_lib.MagnitudeCache:
+  """The magnitude cache before the first step: every unit's, of the initial weights."""
+  p = jax.tree.leaves(params)
+  zero = [jnp.zeros_like(x) for x in p]
+  initial = {l.name: _magnitudes(l, p, zero, None, refresh_every) for l in layers}
+  return utility_lib.MagnitudeCache(
+      incoming={name: in_mag for name, (_, in_mag) in initial.items()},
+      outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
+      phase=jnp.zeros((), jnp.int32))
+
+
 def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitudes: dict,
                        phase: jax.Array, refresh_every: int) -> utility_lib.MagnitudeCache:
   """The magnitude cache for the next step, exact for this step's replaced units.
@@ -125,7 +216,7 @@ def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitude
   """
   incoming, outgoing = {}, {}
   for layer in layers:
-    name = layer.layer.name
+    name = layer.name
     idx = selections[name].indices
     out_mag, in_mag = magnitudes[name]
     columns = reset_lib.take_post_step(p[layer.kernel], new_u[layer.kernel], idx, axis=-1)
@@ -185,6 +276,34 @@ def _skip_if_nonfinite(updates, new_state, state, bad_statistics):
   updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   return updates, kept._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
+
+
+def _check_arguments(graph, *, replacement_rate, decay_rate, maturity_threshold, utility, init,
+                     count_basis, max_replacements_per_step, magnitude_refresh_every,
+                     skip_nonfinite) -> None:
+  """`cbp`'s arguments, refused with a ValueError naming the bad one."""
+  if not isinstance(graph, graph_lib.LayerGraph):
+    raise ValueError(
+        f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
+  validation.check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
+  validation.check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
+  validation.check_nonnegative("maturity_threshold", maturity_threshold)
+  if utility not in utility_lib.UTILITIES:
+    raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
+  initializers.check_initializer(init)
+  if count_basis not in COUNT_BASES:
+    raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
+  if max_replacements_per_step is not None and (
+      not isinstance(max_replacements_per_step, int) or max_replacements_per_step < 1):
+    raise ValueError(
+        "max_replacements_per_step must be a positive int, got "
+        f"{max_replacements_per_step!r}")
+  if not isinstance(magnitude_refresh_every, int) or magnitude_refresh_every < 1:
+    raise ValueError(
+        "magnitude_refresh_every must be a positive int, got "
+        f"{magnitude_refresh_every!r}")
+  if not isinstance(skip_nonfinite, bool):
+    raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
 
 
 def cbp(
@@ -297,28 +416,10 @@ def cbp(
     >>> updates, state = tx.update(g, state, params, activations=acts)
     >>> params = optax.apply_updates(params, updates)
   """
-  if not isinstance(graph, graph_lib.LayerGraph):
-    raise ValueError(
-        f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
-  validation.check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
-  validation.check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
-  validation.check_nonnegative("maturity_threshold", maturity_threshold)
-  if utility not in utility_lib.UTILITIES:
-    raise ValueError(f"utility must be one of {utility_lib.UTILITIES}, got {utility!r}")
-  initializers.check_initializer(init)
-  if count_basis not in COUNT_BASES:
-    raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
-  if max_replacements_per_step is not None and (
-      not isinstance(max_replacements_per_step, int) or max_replacements_per_step < 1):
-    raise ValueError(
-        "max_replacements_per_step must be a positive int, got "
-        f"{max_replacements_per_step!r}")
-  if not isinstance(magnitude_refresh_every, int) or magnitude_refresh_every < 1:
-    raise ValueError(
-        "magnitude_refresh_every must be a positive int, got "
-        f"{magnitude_refresh_every!r}")
-  if not isinstance(skip_nonfinite, bool):
-    raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+  _check_arguments(graph, replacement_rate=replacement_rate, decay_rate=decay_rate,
+                   maturity_threshold=maturity_threshold, utility=utility, init=init,
+                   count_basis=count_basis, max_replacements_per_step=max_replacements_per_step,
+                   magnitude_refresh_every=magnitude_refresh_every, skip_nonfinite=skip_nonfinite)
   key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
@@ -329,22 +430,11 @@ def cbp(
       reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
     else:
       inner_state = optax.EmptyState()
-    names = [layer.layer.name for layer in layers]
     magnitudes = None
     if magnitude_refresh_every > 1:
-      p = jax.tree.leaves(params)
-      zero = [jnp.zeros_like(x) for x in p]  # All units' magnitudes of the initial weights.
-      initial = {l.layer.name: _magnitudes(l, p, zero, None, magnitude_refresh_every)
-                 for l in layers}
-      magnitudes = utility_lib.MagnitudeCache(
-          incoming={name: in_mag for name, (_, in_mag) in initial.items()},
-          outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
-          phase=jnp.zeros((), jnp.int32))
+      magnitudes = _initial_magnitudes(layers, params, magnitude_refresh_every)
     return CbpState(
-        statistics={l.layer.name: utility_lib.init_statistics(l.width) for l in layers},
-        pending={n: jnp.zeros((), jnp.float32) for n in names},
-        replaced_total={n: jnp.zeros((), jnp.int32) for n in names},
-        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
+        layers={l.name: _init_layer_state(l.width) for l in layers},
         nonfinite=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         decay_rate=jnp.asarray(decay_rate, jnp.float32),
@@ -356,7 +446,7 @@ def cbp(
     if params is None:
       raise ValueError("cbp: update needs params (tx.update(grads, state, params, activations=...))")
     layers, p, _ = graph_lib.resolve(graph, params)
-    _check_state_widths(layers, state)
+    _check_state(layers, state)
     validation.check_activations("cbp", layers, activations)
     if inner is not None:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -373,17 +463,17 @@ def cbp(
     statistics, pending, selections, f_hats, magnitudes = {}, {}, {}, {}, {}
     nonfinite = state.nonfinite
     for n, layer in enumerate(layers):
-      name = layer.layer.name
+      name = layer.name
       out_mag, in_mag = _magnitudes(layer, p, u, state.magnitudes, magnitude_refresh_every)
       magnitudes[name] = (out_mag, in_mag)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
-          state.statistics[name], activations[name], out_mag, in_mag,
+          state.layers[name].statistics, activations[name], out_mag, in_mag,
           decay=decay_rate, utility=utility, key=util_keys[n])
       nonfinite = nonfinite + bad
       eligible = stats.age > maturity_threshold
       bound = _max_per_step(replacement_rate, layer.width, max_replacements_per_step)
       count, pending[name] = _replacement_count(
-          eligible, state.pending[name], None if lottery is None else lottery[n],
+          eligible, state.layers[name].pending, None if lottery is None else lottery[n],
           rate=replacement_rate, count_basis=count_basis, accumulate=accumulate, bound=bound)
       selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
       statistics[name], f_hats[name] = stats, f_hat
@@ -399,24 +489,17 @@ def cbp(
       inner_state = reset_lib.reset_optimizer_state(
           inner, inner_state, optax.apply_updates(params, updates), touched)
 
-    replaced_total, last_replaced = {}, {}
-    for layer in layers:
-      name = layer.layer.name
-      mask = selections[name].mask(layer.width)
-      s = statistics[name]
-      statistics[name] = utility_lib.UnitStatistics(
-          utility=jnp.where(mask, 0.0, s.utility),
-          mean_activation=jnp.where(mask, 0.0, s.mean_activation),
-          age=jnp.where(mask, 0, s.age))
-      replaced_total[name] = state.replaced_total[name] + jnp.sum(mask, dtype=jnp.int32)
-      last_replaced[name] = mask
+    new_layers = {
+        l.name: _layer_after_step(statistics[l.name], pending[l.name],
+                                  state.layers[l.name].replaced_total,
+                                  selections[l.name].mask(l.width))
+        for l in layers}
     cache = None
     if state.magnitudes is not None:
       cache = _cache_after_reset(layers, p, jax.tree.leaves(updates), selections, magnitudes,
                                  state.magnitudes.phase, magnitude_refresh_every)
     new_state = CbpState(
-        statistics=statistics, pending=pending, replaced_total=replaced_total,
-        last_replaced=last_replaced, nonfinite=nonfinite, skipped=state.skipped,
+        layers=new_layers, nonfinite=nonfinite, skipped=state.skipped,
         decay_rate=state.decay_rate, key=key, magnitudes=cache, inner_state=inner_state)
     if skip_nonfinite:
       return _skip_if_nonfinite(updates, new_state, state, nonfinite > state.nonfinite)
@@ -451,12 +534,13 @@ def unit_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   """
   state = find_cbp_state(opt_state)
   out = {}
-  for name, s in state.statistics.items():
+  for name, layer in state.layers.items():
+    s = layer.statistics
     out[name] = {
         "utility": utility_lib.debias(s.utility, state.decay_rate, s.age),
         "age": s.age,
         "mean_activation": utility_lib.debias(s.mean_activation, state.decay_rate, s.age),
-        "replaced": state.replaced_total[name],
+        "replaced": layer.replaced_total,
     }
   return out
 
@@ -492,7 +576,7 @@ def reset_batch_stats(batch_stats: Any, graph: graph_lib.LayerGraph, opt_state: 
         f"({', '.join(expected[:4])}{' ...' if len(expected) > 4 else ''}); it has "
         f"{sorted(index)[:6]}.{hint}")
   for layer in normed:
-    mask = state.last_replaced[layer.name]
+    mask = state.layers[layer.name].last_replaced
     for stat, value in (("mean", 0.0), ("var", 1.0)):
       path = f"{layer.norm}/{stat}"
       if path in index:

@@ -14,6 +14,19 @@ import jax.numpy as jnp
 
 from cbp_jax import prng
 
+__all__ = [
+    "AGE_CAP",
+    "debias",
+    "incoming_magnitude",
+    "init_statistics",
+    "MagnitudeCache",
+    "outgoing_magnitude",
+    "UnitStatistics",
+    "update_statistics",
+    "UTILITIES",
+]
+
+
 UTILITIES = (
     "contribution",
     "adaptable_contribution",

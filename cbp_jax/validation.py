@@ -79,14 +79,14 @@ def check_activations(who: str, layers: Sequence[Any], activations: Any) -> None
     layers: `cbp_jax.graph.ResolvedLayer` objects.
     activations: ``{layer_name: h}`` with units on the last axis.
   """
-  names = [layer.layer.name for layer in layers]
+  names = [layer.name for layer in layers]
   if activations is None:
     raise ValueError(
         f"{who}: update needs the keyword argument activations={{layer: h}}; layers: {names}")
   if not isinstance(activations, Mapping):
     raise ValueError(f"{who}: activations must be a dict, got {type(activations).__name__}")
   for layer in layers:
-    name = layer.layer.name
+    name = layer.name
     if name not in activations:
       raise ValueError(
           f"{who}: activations has no entry for layer '{name}' (got {sorted(activations)})")

@@ -234,10 +234,12 @@ def age_past_maturity(opt_state: Any, maturity: int) -> Any:
   """
   def fix(s):
     if isinstance(s, transform_lib.CbpState):
-      stats = {n: st._replace(age=jnp.full_like(st.age, maturity + 1))
-               for n, st in s.statistics.items()}
-      pending = {n: jnp.full_like(v, 0.99) for n, v in s.pending.items()}
-      return s._replace(statistics=stats, pending=pending)
+      layers = {}
+      for n, l in s.layers.items():
+        age = jnp.full_like(l.statistics.age, maturity + 1)
+        layers[n] = l._replace(statistics=l.statistics._replace(age=age),
+                               pending=jnp.full_like(l.pending, 0.99))
+      return s._replace(layers=layers)
     return s
   return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, transform_lib.CbpState))
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import cbp_jax
-from tests.test_cbp import batches, make_step, mlp
+from tests.cbp_steps import batches, make_step, mlp
 
 
 def run(tx, steps=12, hidden=(6, 5), seed=0, dtype=jnp.float32):
@@ -247,7 +247,7 @@ def test_a_state_initialised_for_other_widths_names_the_layer_and_both_widths():
 
 
 def test_reset_batch_stats_without_the_norms_statistics_says_what_to_pass():
-  from tests.test_cbp import WithBatchNorm
+  from tests.cbp_steps import WithBatchNorm
   model = WithBatchNorm()
   variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
   graph = cbp_jax.graph_from_params(variables["params"])
@@ -257,37 +257,6 @@ def test_reset_batch_stats_without_the_norms_statistics_says_what_to_pass():
     cbp_jax.reset_batch_stats(variables, graph, state)
   with pytest.raises(ValueError, match="It holds parameters"):
     cbp_jax.reset_batch_stats(variables["params"], graph, state)
-
-
-def test_graph_naming_a_missing_parameter_fails_at_init():
-  _, params = mlp()
-  graph = cbp_jax.LayerGraph([cbp_jax.Layer(
-      "h", kernel="Dense_0/kernel", bias="Dense_0/bias",
-      consumers=[cbp_jax.Consumer("Dense_9/kernel")])])
-  with pytest.raises(ValueError, match="layer 'h': no parameter named 'Dense_9/kernel'"):
-    cbp_jax.cbp(graph, key=0).init(params)
-
-
-def test_graph_with_mismatched_consumer_fails_at_init():
-  _, params = mlp(hidden=(6, 5))
-  graph = cbp_jax.LayerGraph([cbp_jax.Layer(
-      "Dense_0", kernel="Dense_0/kernel", bias="Dense_0/bias",
-      consumers=[cbp_jax.Consumer("Dense_2/kernel")])])
-  with pytest.raises(ValueError, match="consumer kernel 'Dense_2/kernel' must read the 6 units"):
-    cbp_jax.cbp(graph, key=0).init(params)
-
-
-def test_graph_from_params_refuses_what_it_cannot_infer():
-  nested = {"Block_0": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},
-            "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)}}
-  with pytest.raises(ValueError, match="sequential stacks of sibling layers.*Block_0/Dense_0"):
-    cbp_jax.graph_from_params(nested)
-  odd = {"Embed_0": {"embedding": jnp.ones((10, 4))}, "Dense_0": {"kernel": jnp.ones((4, 2))}}
-  with pytest.raises(ValueError, match="cannot classify module 'Embed_0'"):
-    cbp_jax.graph_from_params(odd)
-  chain = {"Dense_0": {"kernel": jnp.ones((3, 4))}, "Dense_1": {"kernel": jnp.ones((5, 2))}}
-  with pytest.raises(ValueError, match="'Dense_1/kernel' reads 5 inputs, not a multiple of the 4"):
-    cbp_jax.graph_from_params(chain)
 
 
 def test_activation_errors_name_the_layer():

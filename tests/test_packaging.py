@@ -50,6 +50,31 @@ def test_every_module_named_in_readme_works_after_a_plain_import():
   assert missing == []
 
 
+# Every library module a user imports declares its public names; `tree_paths` and `validation` are the library's
+# own helpers (and `data`, the experiments' loaders).
+PUBLIC_MODULES = ("activations", "graph", "initializers", "methods", "metrics", "models", "prng", "reset", "resnet",
+                  "sharding", "trace", "transform", "utility")
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_library_module_lists_its_public_names_and_they_exist(name):
+  module = importlib.import_module(f"cbp_jax.{name}")
+  assert module.__all__, name
+  missing = [n for n in module.__all__ if not hasattr(module, n)]
+  assert missing == []
+  assert len(set(module.__all__)) == len(module.__all__)
+  assert not [n for n in module.__all__ if n.startswith("_")]
+
+
+def test_what_cbp_jax_exports_is_public_in_its_own_module():
+  for name in cbp_jax.__all__:
+    obj = getattr(cbp_jax, name)
+    if isinstance(obj, type(cbp_jax)):
+      continue  # A module.
+    home = sys.modules[obj.__module__]
+    assert name in home.__all__, f"cbp_jax.{name} is not in {home.__name__}.__all__"
+
+
 def test_one_version_number():
   version = cbp_jax.__version__
   assert re.fullmatch(r"\d+\.\d+\.\d+", version)

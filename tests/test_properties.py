@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import cbp_jax
 from cbp_jax import reset as reset_lib
-from tests.test_cbp import mlp
+from tests.cbp_steps import mlp
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -419,9 +419,9 @@ def test_resolved_graph_and_touched_slices_match_the_description(net, data):
   layers, leaves, _ = cbp_jax.graph.resolve(net.graph(), params)
   paths = leaf_paths(params)
   shapes = net.kernel_shapes()
-  assert [l.layer.name for l in layers] == net.hidden
+  assert [l.name for l in layers] == net.hidden
   for layer, width in zip(layers, net.widths):
-    name = layer.layer.name
+    name = layer.name
     assert layer.width == width
     assert paths[layer.kernel] == f"{name}/kernel"
     assert layer.fan_in == math.prod(shapes[name][:-1])

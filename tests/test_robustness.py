@@ -30,7 +30,7 @@ from jax.experimental import checkify
 import cbp_jax
 from cbp_jax.utility import AGE_CAP
 from tests.numpy_reference import NumpyUnitStats, consumer_rows
-from tests.test_cbp import batches, make_step, mlp
+from tests.cbp_steps import batches, make_step, mlp
 from tests.test_integration import NnxMLP, graph_of
 
 HIDDEN = (6, 5)
@@ -353,7 +353,7 @@ def mature_state(tx, params, utility, mean, age=50):
   stats = {n: s._replace(age=jnp.full_like(s.age, age)) for n, s in state.statistics.items()}
   stats["Dense_0"] = stats["Dense_0"]._replace(utility=jnp.asarray(utility, jnp.float32),
                                                mean_activation=jnp.asarray(mean, jnp.float32))
-  return state._replace(statistics=stats)
+  return state._replace(layers={n: l._replace(statistics=stats[n]) for n, l in state.layers.items()})
 
 
 def test_unit_with_nonfinite_utility_is_never_replaced():
@@ -460,7 +460,7 @@ def test_ages_near_the_cap_saturate_and_units_stay_replaceable():
     stats[name] = s._replace(age=jnp.asarray(AGE_CAP - rng.integers(0, 3, n), jnp.int32),
                              utility=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32),
                              mean_activation=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32))
-  state = state._replace(statistics=stats)
+  state = state._replace(layers={n: l._replace(statistics=stats[n]) for n, l in state.layers.items()})
   replaced = {n: np.zeros(s.age.shape, bool) for n, s in stats.items()}
   for x, y in batches(6):
     g, acts = grads_and_acts()(params, x, y)

@@ -10,7 +10,7 @@ from flax import nnx
 
 import cbp_jax
 from cbp_jax import resnet
-from tests.test_cbp import FanOut, WithBatchNorm, fan_out_graph
+from tests.cbp_steps import FanOut, WithBatchNorm, fan_out_graph
 
 
 def linen_fn(model, **kw):

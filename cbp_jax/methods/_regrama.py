@@ -109,7 +109,7 @@ def regrama(
       scores = gradient_scores(g[layer.kernel])
       eligible = (scores <= tau) & due
       n = jnp.sum(eligible).astype(jnp.int32)
-      selections[layer.layer.name] = reset_lib.select_lowest(scores, eligible, n, layer.width)
+      selections[layer.name] = reset_lib.select_lowest(scores, eligible, n, layer.width)
     return scored_reset.Scored(selections, None, {})
 
   return scored_reset.unit_reset_transform(

@@ -68,21 +68,21 @@ class SnrState(NamedTuple):
 _STATS_FIELDS = SnrState._fields[len(RedoState._fields):]
 
 # The states that resolve a layer graph against real parameters in `init`.
-UNIT_RESET_STATES = (transform_lib.CbpState, RedoState, SnrState)
+_UNIT_RESET_STATES = (transform_lib.CbpState, RedoState, SnrState)
 
 # cbp and the unit-reset methods cannot be each other's optimizer=: the
 # wrapping transform passes no activations on to its optimizer, and
 # restarting that optimizer's statistics calls its init on optax's parameter
 # placeholder, which theirs cannot take (they resolve the layer graph against
 # the real parameters).
-COMPOSE = ("wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
+_COMPOSE = ("wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
            "optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))")
 
 
 def unit_reset_states(opt_state: Any) -> list[Any]:
   """The `cbp`, `redo`, `regrama` and `snr` states anywhere in ``opt_state``."""
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, UNIT_RESET_STATES))
-          if isinstance(s, UNIT_RESET_STATES)]
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _UNIT_RESET_STATES))
+          if isinstance(s, _UNIT_RESET_STATES)]
 
 
 def replaced_total(opt_state: Any) -> jax.Array:
@@ -161,20 +161,20 @@ def unit_reset_transform(
       raise ValueError(
           f"{who}: init needs the parameters, got a tree without arrays (as "
           "optax.tree_utils.tree_map_params passes when it is another transform's "
-          f"optimizer=, which is not supported: {COMPOSE})")
+          f"optimizer=, which is not supported: {_COMPOSE})")
     layers, _, _ = graph_lib.resolve(graph, params)
     if inner is not None:
       inner_state = inner.init(params)
       if unit_reset_states(inner_state):
-        raise ValueError(f"{who}: optimizer= holds a cbp, redo, regrama or snr transform: {COMPOSE}")
+        raise ValueError(f"{who}: optimizer= holds a cbp, redo, regrama or snr transform: {_COMPOSE}")
       reset_lib.state_param_leaves(inner, inner_state, params)  # Fail early.
     else:
       inner_state = optax.EmptyState()
     common = dict(
         count=jnp.zeros((), jnp.int32),
         key=key,
-        replaced_total={l.layer.name: jnp.zeros((), jnp.int32) for l in layers},
-        last_replaced={l.layer.name: jnp.zeros((l.width,), bool) for l in layers},
+        replaced_total={l.name: jnp.zeros((), jnp.int32) for l in layers},
+        last_replaced={l.name: jnp.zeros((l.width,), bool) for l in layers},
         inner_state=inner_state)
     if init_stats is None:
       return RedoState(**common)
@@ -217,14 +217,14 @@ def unit_reset_transform(
     # cond: 766M flops against plain SGD's 61M, the threefry draw of 9.6M
     # weights).
     any_replaced = jnp.any(jnp.stack(
-        [selections[l.layer.name].count(l.width) > 0 for l in layers]))
+        [selections[l.name].count(l.width) > 0 for l in layers]))
     updates, inner_state = jax.lax.cond(
         any_replaced, reset, lambda operands: operands, (updates, inner_state))
 
     replaced_total, last_replaced = {}, {}
     new_stats = {f: {} for f in scored.stats}
     for layer in layers:
-      name = layer.layer.name
+      name = layer.name
       mask = selections[name].mask(layer.width)
       replaced_total[name] = state.replaced_total[name] + jnp.sum(mask, dtype=jnp.int32)
       last_replaced[name] = mask

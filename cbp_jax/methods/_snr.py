@@ -116,7 +116,7 @@ def snr(
   log_eta = jnp.log(jnp.asarray(eta, jnp.float32)) if v is None else jnp.float32(math.log(v))
 
   def init_stats(layers):
-    zeros = lambda: {l.layer.name: jnp.zeros((l.width,), jnp.float32) for l in layers}
+    zeros = lambda: {l.name: jnp.zeros((l.width,), jnp.float32) for l in layers}
     return {"firing_rate": zeros(), "seen": zeros(), "streak": zeros()}
 
   def select(layers, grads, params, activations, count, stats):
@@ -124,7 +124,7 @@ def snr(
     selections = {}
     new = {"firing_rate": {}, "seen": {}, "streak": {}}
     for layer in layers:
-      name = layer.layer.name
+      name = layer.name
       rate, seen, streak = update_firing(
           stats["firing_rate"][name], stats["seen"][name], stats["streak"][name],
           activations[name])

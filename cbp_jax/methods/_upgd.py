@@ -32,7 +32,7 @@ import optax
 from cbp_jax import prng
 from cbp_jax import validation
 
-ORDERS = (1, 2)
+_ORDERS = (1, 2)
 
 
 class ScaleByUpgdState(NamedTuple):
@@ -130,8 +130,8 @@ def scale_by_upgd(
   """
   validation.check_range("beta_utility", beta_utility, 0.0, 1.0, high_open=True)
   validation.check_nonnegative("sigma", sigma)
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+  if order not in _ORDERS:
+    raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
   key = validation.as_key(key)
 
   def init_fn(params):
