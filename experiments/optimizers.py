@@ -38,6 +38,12 @@ CBP_ARGUMENTS = ("replacement_rate", "maturity_threshold", "decay_rate", "utilit
                  "count_basis", "accumulate", "next_bias_correction")
 
 
+def snp_shrink(method: str, hp: Mapping[str, Any]) -> dict:
+  """``{"shrink": 1 - step_size * weight_decay}`` for ``snp`` (recorded with its
+  runs; the factor `optimizer` applies with ``snp_decay="shrink"``), else ``{}``."""
+  return {"shrink": 1.0 - hp["step_size"] * hp["weight_decay"]} if method == "snp" else {}
+
+
 def base(method: str, hp: Mapping[str, Any], *, snp_decay: str = "shrink"
          ) -> optax.GradientTransformation:
   """The gradient step ``method``'s optimizer is built around (no resets, no noise).

@@ -203,11 +203,6 @@ def num_chunks(config: Mapping[str, Any]) -> int:
   return config["steps"] // (config["bin_size"] * config["bins_per_chunk"])
 
 
-def _snp_shrink(method: str, hp: Mapping[str, Any]) -> dict:
-  """S&P's shrink factor, recorded with its run."""
-  return {"shrink": 1.0 - hp["step_size"] * hp["weight_decay"]} if method == "snp" else {}
-
-
 seed_key = runner.seed_key
 seed_keys = runner.seed_keys
 
@@ -512,7 +507,7 @@ EXPERIMENT = protocol.Experiment(
     points_per_chunk="bins_per_chunk", x_label="examples", x_step=lambda c: c["bin_size"],
     work_per_run_chunk=lambda c: c["bin_size"] * c["bins_per_chunk"],
     validate=validate_config, summary=format_summary, plot=plot_results, plots=("scr.png",),
-    run_info=_snp_shrink, squeeze_single=False,
+    run_info=optimizers.snp_shrink, squeeze_single=False,
     # The base seed only enters through the keys in the carry, not the program.
     cache_ignore=("seed",),
     presets={"paper": ("the paper's configuration: 100 seeds x 1M examples, BP and linear at "
