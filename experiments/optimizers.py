@@ -8,7 +8,8 @@ vmapped); `optimizer` builds the chain the same way everywhere:
   method's hyperparameters have it);
 * ``adam``: Adam at ``step_size`` with ``b1``, ``b2``, ``eps``;
 * ``l2``: ``add_decayed_weights(weight_decay)`` before SGD (PyTorch SGD's
-  ``weight_decay``);
+  ``weight_decay``); the same for every method whose hyperparameters have a
+  ``weight_decay`` (but S&P's shrink form);
 * ``snp``: Shrink & Perturb after SGD. ``snp_decay="shrink"``: the shrink
   ``hp["shrink"]`` (``1 - step_size * weight_decay``) and the noise after
   plain SGD; ``"gradient"``: the weight decay enters the gradient before SGD
@@ -50,14 +51,15 @@ def base(method: str, hp: Mapping[str, Any], *, snp_decay: str = "shrink"
 
   Adam for ``adam``; otherwise SGD at ``hp["step_size"]`` (momentum
   ``hp["momentum"]`` if present and non-zero), after
-  ``add_decayed_weights(hp["weight_decay"])`` for ``l2`` and for ``snp`` with
-  ``snp_decay="gradient"``. This is the part a reset restarts the statistics
-  of (`cbp_jax.methods.reset_optimizer_for`).
+  ``add_decayed_weights(hp["weight_decay"])`` when ``hp`` has a weight decay
+  (not for ``snp`` with ``snp_decay="shrink"``, which shrinks after SGD).
+  This is the part a reset restarts the statistics of
+  (`cbp_jax.methods.reset_optimizer_for`).
   """
   if method == "adam":
     return optax.adam(hp["step_size"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
   sgd = optax.sgd(hp["step_size"], momentum=hp.get("momentum") or None)
-  if method == "l2" or (method == "snp" and snp_decay == "gradient"):
+  if "weight_decay" in hp and not (method == "snp" and snp_decay == "shrink"):
     return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd)
   return sgd
 

@@ -670,16 +670,10 @@ EXPERIMENT = protocol.Experiment(
                            f"{', '.join(EXPERIMENT.run_labels(c))}"),
 )
 
-make_config = EXPERIMENT.make_config
-run_labels = EXPERIMENT.run_labels
-make_train = EXPERIMENT.make_train
-# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
-# lax.map with ``seed_axis="map"``; a single seed unbatched, see
-# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
-make_batched = EXPERIMENT.make_batched
-run_experiment = EXPERIMENT.run_experiment
-parse_args = EXPERIMENT.parse_args
-config_from_args = EXPERIMENT.config_from_args
+# The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
+# and ``chunk(carry, index, ...)`` over all seeds, cached per config.
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, _) = EXPERIMENT.entry_points()
 
 
 def main(argv=None) -> int:

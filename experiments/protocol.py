@@ -38,9 +38,8 @@ Writing an experiment::
       points_per_chunk="tasks_per_chunk", x_label="task",
       work_per_run_chunk=lambda c: c["tasks_per_chunk"] * c["steps_per_task"],
       validate=validate_config, summary=format_summary)
-  make_config = EXPERIMENT.make_config
-  run_experiment = EXPERIMENT.run_experiment
-  main = EXPERIMENT.main
+  (make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+   config_from_args, main) = EXPERIMENT.entry_points()
 """
 
 from __future__ import annotations
@@ -189,7 +188,8 @@ class Flag:
   or ``"hparams.*.step_size"`` for every method of ``methods`` (default: all
   the experiment's). A flag whose value is a list of several numbers sweeps
   that hyperparameter instead (``sweep.METHOD.HPARAM``); a list of one sets it.
-  ``kwargs`` go to ``argparse.add_argument`` (``type``, ``help``, ...).
+  ``kwargs`` go to ``argparse.add_argument`` (``type``, ``help``, ...); an
+  on/off flag is ``action="store_const", const=VALUE`` (not given: None, unset).
   """
 
   name: str
@@ -248,10 +248,11 @@ class Experiment:
     points_per_chunk: the config entry holding the metric points per chunk.
     x_label: what a point counts (``"task"``, ``"examples"``).
     work_per_run_chunk: ``config -> `` the work of one run and seed in one
-      chunk (the progress line's rate).
+      chunk (the progress line's rate; None: no rate).
     validate: the experiment's own checks (the common ones run first).
     summary: ``results -> `` a text table printed after a run.
     x_step: ``config -> `` the x of one point (default 1).
+    work_label: what the progress line's rate counts.
     presets: ``{flag name: (help, overrides)}``; other flags still override.
     flags: the experiment's own `Flag` s.
     load_data: ``(config, data_dir) -> data``, passed to ``chunk`` as an
@@ -280,10 +281,11 @@ class Experiment:
   num_chunks: Callable[[Mapping[str, Any]], int]
   points_per_chunk: str
   x_label: str
-  work_per_run_chunk: Callable[[Mapping[str, Any]], float]
+  work_per_run_chunk: Callable[[Mapping[str, Any]], float] | None
   validate: Callable[[Mapping[str, Any]], None]
   summary: Callable[..., str]
   x_step: Callable[[Mapping[str, Any]], float] = lambda c: 1.0
+  work_label: str = "run-steps"
   presets: Mapping[str, tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)
   flags: tuple[Flag, ...] = ()
   load_data: Callable[..., Any] | None = None
@@ -298,6 +300,12 @@ class Experiment:
   overrides_from_args: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None
   cli_data: Callable[[Mapping[str, Any], argparse.Namespace], Any] | None = None
   describe: Callable[[Mapping[str, Any], Any], str] | None = None
+
+  def entry_points(self) -> tuple[Callable, ...]:
+    """``(make_config, run_labels, make_train, make_batched, run_experiment,
+    parse_args, config_from_args, main)``: the names an experiment module exposes."""
+    return (self.make_config, self.run_labels, self.make_train, self.make_batched,
+            self.run_experiment, self.parse_args, self.config_from_args, self.main)
 
   # --- Configs ---------------------------------------------------------------
 
@@ -374,7 +382,9 @@ class Experiment:
         self.make_batched, config, args=args, experiment=self.name, name=self.short,
         num_chunks=self.num_chunks(config), points_per_chunk=config[self.points_per_chunk],
         x_step=self.x_step(config), x_label=self.x_label, runs=self.run_labels(config),
-        work_per_run_chunk=self.work_per_run_chunk(config), progress=progress, out_dir=out_dir,
+        work_per_run_chunk=None if self.work_per_run_chunk is None
+        else self.work_per_run_chunk(config), work_label=self.work_label, progress=progress,
+        out_dir=out_dir,
         **run_kwargs)
     if plot and out_dir is not None and self.plot is not None:
       self.plot(result.results, Path(out_dir))
@@ -419,7 +429,7 @@ class Experiment:
     over.update(runner.overrides_from_args(args, ("seeds", "seed")))
     for f in self.flags:
       value = getattr(args, _dest(f))
-      if value is not None and value is not False:
+      if value is not None:  # A flag not given (store_const flags too: default None).
         _apply_flag(over, f, value, self.methods)
     if self.overrides_from_args is not None:
       for k, v in self.overrides_from_args(args).items():
@@ -443,7 +453,7 @@ class Experiment:
     try:
       config = self.config_from_args(args)
       data = self.cli_data_of(config, args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
       return runner.cli_error(e)
     out = Path(args.out)
     line = (self.describe(config, data) if self.describe is not None else

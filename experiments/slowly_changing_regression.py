@@ -528,7 +528,7 @@ EXPERIMENT = protocol.Experiment(
                       help="step size of every method (default 0.01)"),
         protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float,
                       help="CBP replacement rate (default 1e-4)"),
-        protocol.flag("--cbp-accumulate", "hparams.cbp.accumulate", action="store_true",
+        protocol.flag("--cbp-accumulate", "hparams.cbp.accumulate", action="store_const", const=True,
                       help="accumulate fractional replacements (default: probabilistic, as the "
                            "reference)"),
         protocol.flag("--l2", "hparams.l2.weight_decay", type=float,
@@ -542,17 +542,11 @@ EXPERIMENT = protocol.Experiment(
                            f"examples, runs {', '.join(EXPERIMENT.run_labels(c))}"),
 )
 
-make_config = EXPERIMENT.make_config
+# The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
+# and ``chunk(carry, index, ...)`` over all seeds, cached per config.
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
 variants = protocol.variants
-run_labels = EXPERIMENT.run_labels
-make_train = EXPERIMENT.make_train
-# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (one seed
-# too); metrics leaves ``(seeds, bins_per_chunk)``.
-make_batched = EXPERIMENT.make_batched
-run_experiment = EXPERIMENT.run_experiment
-parse_args = EXPERIMENT.parse_args
-config_from_args = EXPERIMENT.config_from_args
-main = EXPERIMENT.main
 
 
 if __name__ == "__main__":
