@@ -609,6 +609,21 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
 # ---------------------------------------------------------------------------
 
 
+def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any],
+                       data: Mapping[str, jax.Array]) -> int | None:
+  """``--benchmark``: steps/s of each method alone, printed; None without the flag."""
+  if not args.benchmark:
+    return None
+  net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
+  print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
+        f"one seed, backend {jax.default_backend()}", file=sys.stderr)
+  for method, r in benchmark(config, steps=args.benchmark_steps,
+                             repeats=args.benchmark_repeats, data=data).items():
+    print(f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
+          f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
+  return 0
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   plasticity_probes.add_arguments(p)
   p.add_argument("--benchmark", action="store_true",
@@ -665,6 +680,7 @@ EXPERIMENT = protocol.Experiment(
                            "middle)"),
     ),
     add_arguments=_add_arguments, overrides_from_args=plasticity_probes.overrides_from_args,
+    command=_benchmark_command,
     describe=lambda c, _: (f"permuted MNIST: {c['seeds']} seeds x {c['tasks']} tasks x "
                            f"{c['examples_per_task']:,} examples, width {c['width']}, runs "
                            f"{', '.join(EXPERIMENT.run_labels(c))}"),
@@ -673,27 +689,7 @@ EXPERIMENT = protocol.Experiment(
 # The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
 # and ``chunk(carry, index, ...)`` over all seeds, cached per config.
 (make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, _) = EXPERIMENT.entry_points()
-
-
-def main(argv=None) -> int:
-  """The protocol's command line, plus ``--benchmark``."""
-  args = parse_args(argv)
-  if not args.benchmark:
-    return EXPERIMENT.run_cli(args)
-  try:
-    config = config_from_args(args)
-    data = load_data(config, args.data_dir)
-  except (FileNotFoundError, ValueError) as e:
-    return runner.cli_error(e)
-  net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
-  print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
-        f"one seed, backend {jax.default_backend()}", file=sys.stderr)
-  for method, r in benchmark(config, steps=args.benchmark_steps,
-                             repeats=args.benchmark_repeats, data=data).items():
-    print(f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
-          f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
-  return 0
+ config_from_args, main) = EXPERIMENT.entry_points()
 
 
 if __name__ == "__main__":

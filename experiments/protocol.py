@@ -153,9 +153,9 @@ def upgrade(over: Mapping[str, Any] | None, methods: tuple[str, ...],
     for m, sizes in over.pop("step_sizes").items():
       if isinstance(sizes, (list, tuple)) and len(sizes) > 1:
         over.setdefault("sweep", {}).setdefault(m, {})["step_size"] = list(sizes)
-      else:
-        hparams.setdefault(m, {})["step_size"] = sizes[0] if isinstance(sizes, (list, tuple)) \
-            and sizes else sizes
+      else:  # One value; anything else is left for the validation to name.
+        one = isinstance(sizes, (list, tuple)) and len(sizes) == 1
+        hparams.setdefault(m, {})["step_size"] = sizes[0] if one else sizes
   if isinstance(over.get("step_size"), Mapping):
     moved("step_size", "hparams.METHOD.step_size")
     for m, lr in over.pop("step_size").items():
@@ -270,6 +270,9 @@ class Experiment:
     cli_data: ``(config, args) -> data`` for the command line (default
       ``load_data(config, args.data_dir)``).
     describe: ``(config, data) -> `` the line printed before a CLI run.
+    command: ``(args, config, data) -> `` the exit status of something the
+      experiment's own flags ask for instead of the run (e.g. ``--benchmark``),
+      or None to run.
   """
 
   name: str
@@ -300,6 +303,7 @@ class Experiment:
   overrides_from_args: Callable[[argparse.Namespace], Mapping[str, Any]] | None = None
   cli_data: Callable[[Mapping[str, Any], argparse.Namespace], Any] | None = None
   describe: Callable[[Mapping[str, Any], Any], str] | None = None
+  command: Callable[[argparse.Namespace, Mapping[str, Any], Any], int | None] | None = None
 
   def entry_points(self) -> tuple[Callable, ...]:
     """``(make_config, run_labels, make_train, make_batched, run_experiment,
@@ -326,9 +330,6 @@ class Experiment:
     """Raises ValueError naming the first inconsistent entry (common, then own)."""
     validate_common(c, self.methods)
     self.validate(c)
-
-  def variants(self, config: Mapping[str, Any], method: str) -> list[dict]:
-    return variants(config, method)
 
   def run_labels(self, config: Mapping[str, Any]) -> dict[str, dict]:
     """``{label: {"method": m, **hyperparameters}}`` for every run, in config order."""
@@ -455,6 +456,10 @@ class Experiment:
       data = self.cli_data_of(config, args)
     except (FileNotFoundError, ValueError, ImportError) as e:
       return runner.cli_error(e)
+    if self.command is not None:
+      status = self.command(args, config, data)
+      if status is not None:
+        return status
     out = Path(args.out)
     line = (self.describe(config, data) if self.describe is not None else
             f"{self.name}: {config['seeds']} seeds, runs {', '.join(self.run_labels(config))}")

@@ -112,3 +112,20 @@ def test_command_line_flags_set_and_sweep_the_config():
   with pytest.raises(ValueError, match="cbp has no hyperparameter 'rate'"):
     exp.config_from_args(exp.parse_args(["--set", "cbp.rate=1"]))
   assert exp.main(["--tasks", "0"]) == 2  # A bad config is a CLI error, before any work.
+
+
+def test_a_command_of_the_experiments_own_runs_instead_of_the_run(capsys):
+  def add(p):
+    p.add_argument("--hello", action="store_true")
+
+  def hello(args, config, data):
+    if not args.hello:
+      return None
+    print(f"hello from {config['tasks']} tasks")
+    return 0
+
+  exp, _ = _experiment(add_arguments=add, command=hello,
+                       flags=(protocol.flag("--tasks", "tasks", type=int),))
+  assert exp.main(["--hello", "--tasks", "7"]) == 0
+  assert capsys.readouterr().out == "hello from 7 tasks\n"
+  assert exp.main(["--hello", "--tasks", "0"]) == 2  # The config is checked first.
