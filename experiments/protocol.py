@@ -1,9 +1,11 @@
 """The experiment protocol: what an experiment declares, and what is shared.
 
 An experiment file reads top to bottom as its problem: its defaults and
-presets, its data or stream, its learner, its summary and plots. It declares
-them in one `Experiment`; this module does the rest, the same way for every
-experiment, on top of `experiments.runner`:
+presets, its data or stream, its learner (a ``Learner`` per method: ``init``,
+``step`` and ``probe`` of one seed, unbatched), the per-seed program
+``make_chunked`` that scans the learners over the stream, its summary and
+plots. It declares them in one `Experiment`; this module does the rest, the
+same way for every experiment, on top of `experiments.runner`:
 
 * configs: ``make_config`` merges overrides over the defaults, converts
   old-shape entries with a ``DeprecationWarning`` (`upgrade`) and validates
