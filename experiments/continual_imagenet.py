@@ -100,7 +100,6 @@ from experiments import plasticity_probes
 from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "continual_imagenet"
 METHODS = ("bp", "l2", "snp", "cbp")
 DATASETS = ("imagenet_resized/32x32", "fashion_mnist", "mnist")
 HEAD_RESETS = ("zero", "init")

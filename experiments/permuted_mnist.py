@@ -106,7 +106,6 @@ from experiments import plasticity_probes
 from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "permuted_mnist"
 METHODS = ("bp", "adam", "l2", "snp", "cbp") + plasticity_methods.NAMES
 # SGD-based methods: --step-size sets theirs.
 SGD_METHODS = ("bp", "l2", "snp", "cbp") + plasticity_methods.NAMES

@@ -91,7 +91,6 @@ from experiments import plasticity_methods
 from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "slowly_changing_regression"
 METHODS = ("linear", "bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "swish", "elu", "selu")
 SLOW_BITS_MODES = ("redraw", "flip_one")
