@@ -25,7 +25,7 @@ The problem
   update index only), so under `jax.vmap` it stays a branch and each step
   runs one game.
 * Agent: the experiments' PPO (`experiments.slippery_ant`'s learner, whose
-  pieces are `cbp_jax.ppo`) with a categorical policy head
+  pieces are `experiments.ppo`) with a categorical policy head
   (`CategoricalPolicy`) and the usual PPO settings of JAX PPO on MinAtar
   (purejaxrl/cleanrl style): ReLU MLPs ``hidden`` (policy and value nets,
   `lecun` init), GAE (0.99, 0.95), advantages normalised, clipped surrogate
@@ -72,16 +72,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import protocol
 from experiments import runner
 from experiments import slippery_ant as learner_lib
 
-EXPERIMENT = "continual_minatar"
 GAMES = ("Asterix", "Breakout", "Freeway", "SpaceInvaders", "Seaquest")
 FULL_ACTIONS = 6  # MinAtar's full action set: n, l, u, r, d, f.
 METHODS = ("ppo", "l2", "cbp", "redo")
 DESCRIPTIONS = {"ppo": "PPO", "l2": "PPO+L2", "cbp": "PPO+CBP+L2", "redo": "PPO+ReDo+L2"}
 
-_ADAM = {"lr": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
+_ADAM = {"step_size": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
 HPARAMS: dict[str, dict[str, Any]] = {
     "ppo": {**_ADAM, "weight_decay": 0.0},
     "l2": {**_ADAM, "weight_decay": 1e-3},
@@ -121,6 +121,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "dormant_tau": 0.1,
     "methods": list(METHODS),
     "hparams": HPARAMS,
+    "sweep": {},
 }
 
 # A tiny smoke configuration (tests, `--tiny`).
@@ -138,24 +139,16 @@ TINY_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
-
-  Nested dicts merge; unknown keys raise.
-  """
-  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
-
-
 def validate_config(c: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first inconsistent entry."""
+  """Raises ValueError naming the first inconsistent entry (the common entries
+  are checked by the protocol)."""
   need = runner.require
   runner.require_positive_ints(c, (
-      "seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
+      "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
       "change_every", "updates_per_point", "points_per_chunk", "permutations"))
   need(isinstance(c["games"], (list, tuple)) and len(c["games"]) >= 1
        and all(g in GAMES for g in c["games"]),
        f"games must be a non-empty list from {list(GAMES)}, got {c['games']}")
-  runner.require_methods(c["methods"], METHODS)
   learner_lib.validate_learner(c, HPARAMS)
 
 
@@ -167,12 +160,6 @@ num_chunks = learner_lib.num_chunks
 
 def num_tasks(config: Mapping[str, Any]) -> int:
   return len(config["games"]) * config["permutations"]
-
-
-def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  """``{label: {"method", "description", **hyperparameters}}``, in config order."""
-  return {m: {"method": m, "description": DESCRIPTIONS[m], **config["hparams"][m]}
-          for m in config["methods"]}
 
 
 # ---------------------------------------------------------------------------
@@ -356,7 +343,7 @@ def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
   `METRIC_NAMES`). Vmap both over seed keys.
   """
   config = runner.normalize_config(config)
-  validate_config(config)
+  EXPERIMENT.validate_config(config)
   env = env or MinAtarStream(config["games"], config["episode_length"])
   nets = learner_lib.make_nets(config, env.action_size)
   shapes = jax.eval_shape(
@@ -393,47 +380,12 @@ def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
   return init, runner.scan_points(one_point, config["points_per_chunk"])
 
 
-def make_train(config: Mapping[str, Any]):
-  """A pure ``train(key) -> {label: {name: array(num_points,)}}`` for one seed.
-
-  purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
-  runs every seed of the whole experiment as one program.
-  """
-  return runner.whole_run(*make_chunked(config), num_chunks(config))
-
-
-# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds, memoised per config.
-make_batched = runner.batched_per_config(make_chunked, make_config=make_config,
-                                         squeeze_single=False)
 seed_keys = runner.seed_keys
 
 
 # ---------------------------------------------------------------------------
 # Running, summaries, plots.
 # ---------------------------------------------------------------------------
-
-
-def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
-                   plot: bool = True, progress: bool = True,
-                   **run_kwargs: Any) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`.
-
-  Writes ``out_dir/results.json`` (runner schema; ``x`` = environment steps
-  per run at each point's end), ``out_dir/continual_minatar.png`` (time
-  series) and ``out_dir/tasks.png`` (return per task and visit).
-  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-  ``on_chunk``, ``shard_seeds``) go to `experiments.runner.run_seeds`.
-  """
-  config = make_config(config)
-  result = runner.run_seeds(
-      make_batched, config, experiment=EXPERIMENT, name="continual_minatar",
-      num_chunks=num_chunks(config), points_per_chunk=config["points_per_chunk"],
-      x_step=steps_per_update(config) * config["updates_per_point"], x_label="environment steps",
-      runs=run_labels(config), work_per_run_chunk=steps_per_chunk(config),
-      work_label="env-steps", progress=progress, out_dir=out_dir, **run_kwargs)
-  if plot and out_dir is not None:
-    plot_results(result.results, out_dir)
-  return result
 
 
 def task_returns(results: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -524,72 +476,56 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
 
 
 # ---------------------------------------------------------------------------
-# CLI.
+# The experiment: the protocol runs it (configs, CLI, chunked run, results).
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.continual_minatar",
-      description="Continual MinAtar: PPO with and without CBP on a cycle of gymnax games.")
-  runner.add_presets(p, tiny="a seconds-long smoke run")
-  p.add_argument("--seeds", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--games", help=f"comma-separated, from {','.join(GAMES)}")
-  p.add_argument("--permutations", type=int,
-                 help="observation permutations per game (1: none)")
-  p.add_argument("--steps", type=int, help="environment steps per run (rounded up to chunks)")
-  p.add_argument("--change-every", type=int, help="environment steps per task")
-  p.add_argument("--num-envs", type=int)
-  p.add_argument("--rollout-len", type=int)
-  p.add_argument("--updates-per-point", type=int)
-  p.add_argument("--points-per-chunk", type=int,
-                 help="metric points per compiled chunk: progress/partial-results/checkpoint "
-                      "granularity")
-  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
-                 help="set a hyperparameter, e.g. l2.weight_decay=1e-4 (repeatable)")
-  runner.add_run_arguments(p, out="results/continual_minatar")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--benchmark", type=runner.parse_ints, metavar="SEEDS,...",
                  help="print environment steps/s of PPO alone and PPO+CBP alone at each of "
                       "these seed counts (e.g. 32,128), one chunk of --points-per-chunk points "
                       "each after compiling, and exit")
-  return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-  over = runner.preset_overrides(args, DEFAULT_CONFIG, tiny=TINY_OVERRIDES)
-  over.update(runner.overrides_from_args(
-      args, ("seeds", "seed", "permutations", "change_every", "num_envs", "rollout_len",
-             "updates_per_point", "points_per_chunk"), total_steps="steps"))
-  if args.games:
-    over["games"] = runner.split_names(args.games)
-  over["hparams"] = runner.merge_config(over.get("hparams", HPARAMS),
-                                        runner.parse_hparam_sets(args.set, HPARAMS))
-  return make_config(over)
+def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -> int | None:
+  """``--benchmark SEEDS,...``: environment steps/s of PPO alone and PPO+CBP alone
+  at each seed count; None without it."""
+  if not args.benchmark:
+    return None
+  for seeds in args.benchmark:
+    for methods in (["ppo"], ["cbp"]):
+      b = benchmark({**config, "seeds": seeds, "methods": methods}, chunks=1)
+      print(f"{DESCRIPTIONS[methods[0]]}: {b['env_steps_per_s']:,.0f} env steps/s "
+            f"({seeds} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
+            f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)", flush=True)
+  return 0
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    config = config_from_args(args)
-  except ValueError as e:
-    return runner.cli_error(e)
-  if args.benchmark:
-    for seeds in args.benchmark:
-      for methods in (["ppo"], ["cbp"]):
-        b = benchmark({**config, "seeds": seeds, "methods": methods}, chunks=1)
-        print(f"{DESCRIPTIONS[methods[0]]}: {b['env_steps_per_s']:,.0f} env steps/s "
-              f"({seeds} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
-              f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)", flush=True)
-    return 0
-  print(f"continual MinAtar: {config['seeds']} seeds x "
-        f"{num_chunks(config) * steps_per_chunk(config):,} steps, tasks "
-        f"{[task_name(config, t) for t in range(num_tasks(config))]} every "
-        f"{config['change_every']:,} steps, runs {', '.join(run_labels(config))}; "
-        f"results -> {args.out}/results.json", file=sys.stderr)
-  return runner.run_from_cli(args, functools.partial(run_experiment, config),
-                             summary=format_summary, plots=("continual_minatar.png", "tasks.png"))
+def _describe(config: Mapping[str, Any], _) -> str:
+  return (f"continual MinAtar: {config['seeds']} seeds x "
+          f"{num_chunks(config) * steps_per_chunk(config):,} steps, tasks "
+          f"{[task_name(config, t) for t in range(num_tasks(config))]} every "
+          f"{config['change_every']:,} steps, runs {', '.join(EXPERIMENT.run_labels(config))}")
+
+
+EXPERIMENT = learner_lib.ppo_experiment(
+    name="continual_minatar", short="continual_minatar",
+    title="Continual MinAtar: PPO with and without CBP on a cycle of gymnax games.",
+    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
+    validate=validate_config, summary=format_summary, plot=plot_results,
+    plots=("continual_minatar.png", "tasks.png"),
+    run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
+    presets={"tiny": ("a seconds-long smoke run", TINY_OVERRIDES)},
+    flags=(protocol.flag("--games", "games", type=runner.split_names,
+                         help=f"comma-separated, from {','.join(GAMES)}"),
+           protocol.flag("--permutations", "permutations", type=int,
+                         help="observation permutations per game (1: none)"),
+           *learner_lib.PPO_FLAGS),
+    add_arguments=_add_arguments, command=_benchmark_command, describe=_describe,
+)
+
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
 
 
 if __name__ == "__main__":

@@ -53,15 +53,18 @@ def variant_config(experiment: str, variant: str, step_sizes: list[float], seeds
     cbp["next_bias_correction"] = False
   if experiment == "continual_imagenet":
     (step_size,) = step_sizes  # One step size per method in this experiment's config.
+    hparams = {m: {"step_size": step_size} for m in continual_imagenet.METHODS}
+    hparams["cbp"].update(cbp)
     return continual_imagenet.make_config(
         continual_imagenet.REDUCED_OVERRIDES, dataset="fashion_mnist", seeds=seeds, tasks=tasks,
-        tasks_per_chunk=1, methods=[method],
-        step_size={m: step_size for m in continual_imagenet.METHODS}, cbp=cbp,
+        tasks_per_chunk=1, methods=[method], hparams=hparams,
         # The probes never touch the learners; off, the grid costs 1/1.35 of the time.
         probes={"enabled": False})
+  # One step size: the method's; several: a sweep, vmapped (labels "cbp@0.1").
+  sweep = {method: {"step_size": list(step_sizes)}} if len(step_sizes) > 1 else {}
   return permuted_mnist.make_config(
       permuted_mnist.REDUCED_OVERRIDES, seeds=seeds, tasks=tasks, tasks_per_chunk=1,
-      methods=[method], step_sizes={method: list(step_sizes)}, cbp=cbp)
+      methods=[method], hparams={method: {"step_size": step_sizes[0]}, "cbp": cbp}, sweep=sweep)
 
 
 def diverged(weight_magnitude: np.ndarray, blowup: float) -> dict:

@@ -5,7 +5,7 @@ The problem (SPEC "Experiments"; reference: ``lop/incremental_cifar``)
 * Data: per class, the first ``val_per_class`` (50) training images form the
   validation set and the next ``train_per_class`` (450) the training set (the
   reference's split); ``test_per_class`` (100) test images. CIFAR-100 comes
-  from tfds (`cbp_jax.data.load_dataset`, array_record, no TensorFlow);
+  from tfds (`experiments.data.load_dataset`, array_record, no TensorFlow);
   offline, the stand-in is class-incremental MNIST/Fashion-MNIST from
   ``../shared/data`` (10 classes, zero-padded to 32x32, 3 channels). Images sit
   on the device as ``uint8`` class arrays, passed to the compiled program as
@@ -86,8 +86,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,11 +100,12 @@ import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax import resnet
 from experiments.data import load_dataset
-from cbp_jax.methods import reset_optimizer_for, shrink_and_perturb
+from cbp_jax.methods import reset_optimizer_for
+from experiments import optimizers
+from experiments import protocol
 from experiments import runner
 from experiments.continual_imagenet import IMAGE_SHAPE, class_array
 
-EXPERIMENT = "incremental_cifar100"
 METHODS = ("plain", "head_reset", "full_reset", "snp", "cbp")
 DATASETS = ("cifar100", "fashion_mnist", "mnist")
 SEED_AXES = ("vmap", "map")
@@ -116,6 +115,8 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 MASKED_LOGIT = -1e9
 # Key streams of a seed.
 _CLASSES, _INIT, _OPT, _ORDER, _AUGMENT, _RESET = range(6)
+
+_SGD = {"step_size": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -135,27 +136,31 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "conv": "auto",
     "augment": True,
     "early_stopping": True,
-    "step_size": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
     "lr_boundaries": [0.3, 0.6, 0.8],
     "lr_decay": 0.2,
     "probe_size": 1000,
     "dormant_threshold": 0.01,
     "seed_axis": "vmap",
     "methods": ["plain", "head_reset", "full_reset", "snp", "cbp"],
-    "snp": {"noise_scale": 1e-5},
-    "cbp": {
-        "replacement_rate": 1e-5,
-        "maturity_threshold": 1000,
-        "decay_rate": 0.99,
-        "utility": "contribution",
-        "init": "kaiming_normal",
-        "count_basis": "layer",
-        "accumulate": True,
-        "next_bias_correction": True,
-        "reset_optimizer": True,
+    # Every method: SGD at step_size (the task's schedule scales it), momentum
+    # and weight decay in the gradient; constants of the program (no sweeps).
+    "hparams": {
+        **{m: dict(_SGD) for m in ("plain", "head_reset", "full_reset")},
+        "snp": {**_SGD, "noise_scale": 1e-5},
+        "cbp": {
+            **_SGD,
+            "replacement_rate": 1e-5,
+            "maturity_threshold": 1000,
+            "decay_rate": 0.99,
+            "utility": "contribution",
+            "init": "kaiming_normal",
+            "count_basis": "layer",
+            "accumulate": True,
+            "next_bias_correction": True,
+            "reset_optimizer": True,
+        },
     },
+    "sweep": {},
 }
 
 # A smoke-test configuration for a CPU: class-incremental Fashion-MNIST (2 new
@@ -165,7 +170,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "dataset": "fashion_mnist", "classes_per_task": 2, "tasks": 5, "epochs_per_task": 3,
     "batch_size": 50, "eval_batch_size": 100, "train_per_class": 100, "val_per_class": 50,
     "test_per_class": 100, "width": 4, "probe_size": 200,
-    "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10},
+    "hparams": {"cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10}},
 }
 
 
@@ -196,8 +201,8 @@ REDUCED_OVERRIDES: dict[str, Any] = {
     "dataset": "fashion_mnist", "classes_per_task": 2, "tasks": 5, "epochs_per_task": 15,
     "batch_size": 50, "eval_batch_size": 100, "train_per_class": 100, "val_per_class": 50,
     "test_per_class": 200, "width": 8, "probe_size": 200,
-    "snp": {"noise_scale": 1e-4},
-    "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 12},
+    "hparams": {"snp": {"noise_scale": 1e-4},
+                "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 12}},
 }
 
 
@@ -206,20 +211,16 @@ REDUCED_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs`` (nested dicts merge), validated."""
-  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
-
-
 def num_classes_of(dataset: str) -> int:
   return 100 if dataset == "cifar100" else 10
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first inconsistent entry."""
+  """Raises ValueError naming the first inconsistent entry (the common entries
+  are checked by the protocol)."""
   need = runner.require
   runner.require_positive_ints(c, (
-      "seeds", "classes_per_task", "tasks", "epochs_per_task", "tasks_per_chunk", "batch_size",
+      "classes_per_task", "tasks", "epochs_per_task", "tasks_per_chunk", "batch_size",
       "eval_batch_size", "train_per_class", "val_per_class", "test_per_class", "width", "probe_size"))
   need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
   classes = num_classes_of(c["dataset"])
@@ -238,40 +239,33 @@ def validate_config(c: Mapping[str, Any]) -> None:
        f"stage_sizes must be a list of positive ints, got {c['stage_sizes']!r}")
   need(c["conv"] in cbp_jax.models.CONV_IMPLS, f"conv must be one of {cbp_jax.models.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
-  need(c["step_size"] > 0 and 0 <= c["momentum"] < 1 and c["weight_decay"] >= 0,
-       "need step_size > 0, momentum in [0, 1), weight_decay >= 0")
+  need(not c["sweep"], "incremental CIFAR-100 has no sweeps (every setting is a constant of "
+                       f"the compiled program; run one config per value), got sweep {c['sweep']}")
+  for m in c["methods"]:
+    hp = c["hparams"][m]
+    need(hp["step_size"] > 0 and 0 <= hp["momentum"] < 1 and hp["weight_decay"] >= 0,
+         f"hparams.{m}: need step_size > 0, momentum in [0, 1), weight_decay >= 0")
   need(all(0 < b < 1 for b in c["lr_boundaries"]) and 0 < c["lr_decay"] <= 1,
        "lr_boundaries must be fractions in (0, 1) and lr_decay in (0, 1]")
   need(0 < c["dormant_threshold"] < 1, "dormant_threshold must be in (0, 1)")
-  runner.require_methods(c["methods"], METHODS)
-  need(c["snp"]["noise_scale"] >= 0, "snp.noise_scale must be >= 0")
-  cb = c["cbp"]
-  need(0 <= cb["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
-  need(0 <= cb["decay_rate"] < 1, "cbp.decay_rate must be in [0, 1)")
-  need(cb["maturity_threshold"] >= 0, "cbp.maturity_threshold must be >= 0")
-
-
-def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  out = {}
-  for m in config["methods"]:
-    info = {"method": m, "step_size": config["step_size"], "momentum": config["momentum"],
-            "weight_decay": config["weight_decay"]}
-    if m in ("snp", "cbp"):
-      info.update(config[m])
-    out[m] = info
-  return out
+  need(c["hparams"]["snp"]["noise_scale"] >= 0, "hparams.snp.noise_scale must be >= 0")
+  cb = c["hparams"]["cbp"]
+  need(0 <= cb["replacement_rate"] <= 1, "hparams.cbp.replacement_rate must be in [0, 1]")
+  need(0 <= cb["decay_rate"] < 1, "hparams.cbp.decay_rate must be in [0, 1)")
+  need(cb["maturity_threshold"] >= 0, "hparams.cbp.maturity_threshold must be >= 0")
 
 
 def num_chunks(config: Mapping[str, Any]) -> int:
   return config["tasks"] // config["tasks_per_chunk"]
 
 
-def learning_rate(config: Mapping[str, Any], epoch: jax.Array) -> jax.Array:
-  """The step size at epoch ``epoch`` (0-based, within the task)."""
+def learning_rate(config: Mapping[str, Any], epoch: jax.Array, step_size: float) -> jax.Array:
+  """The step size at epoch ``epoch`` (0-based, within the task) of a method
+  whose base step size is ``step_size``."""
   e = config["epochs_per_task"]
   bounds = jnp.asarray([round(b * e) for b in config["lr_boundaries"]], jnp.int32)
   k = jnp.sum(epoch >= bounds)
-  return config["step_size"] * jnp.power(jnp.float32(config["lr_decay"]), k.astype(jnp.float32))
+  return step_size * jnp.power(jnp.float32(config["lr_decay"]), k.astype(jnp.float32))
 
 
 def active_classes(config: Mapping[str, Any], task: int | jax.Array) -> jax.Array:
@@ -284,7 +278,7 @@ def active_classes(config: Mapping[str, Any], task: int | jax.Array) -> jax.Arra
 
 
 def build_data(config: Mapping[str, Any], train: Any, test: Any) -> dict[str, np.ndarray]:
-  """Host arrays from two `cbp_jax.data.Dataset`-like splits (``images``, ``labels``).
+  """Host arrays from two `experiments.data.Dataset`-like splits (``images``, ``labels``).
 
   Returns:
     ``{"train": uint8 (C, val_per_class + train_per_class, 32, 32, 3)}`` (per
@@ -398,31 +392,22 @@ class Learner:
 
   def __init__(self, config, method, index):
     self.config, self.method, self.index = config, method, index
+    self.hp = config["hparams"][method]
+    # The resets are BP's optimizer with resets between tasks.
+    self.kind = method if method in ("snp", "cbp") else "bp"
     self.model = make_model(config)
     self.graph = resnet.resnet_graph(self.model)
 
+  def _hp(self, lr):
+    return self.hp if lr is None else {**self.hp, "step_size": lr}
+
   def inner(self, lr=None):
-    """SGD with momentum and weight decay (PyTorch ``SGD(weight_decay=)``)."""
-    c = self.config
-    lr = c["step_size"] if lr is None else lr
-    return optax.chain(optax.add_decayed_weights(c["weight_decay"]),
-                       optax.sgd(lr, momentum=c["momentum"] or None))
+    """SGD with momentum and weight decay (PyTorch ``SGD(weight_decay=)``) at step
+    size ``lr`` (default the method's)."""
+    return optimizers.base(self.kind, self._hp(lr), snp_decay="gradient")
 
   def tx(self, key, lr=None):
-    c = self.config
-    if self.method == "snp":
-      return optax.with_extra_args_support(optax.chain(
-          self.inner(lr), shrink_and_perturb(1.0, c["snp"]["noise_scale"], key=key)))
-    if self.method != "cbp":
-      return optax.with_extra_args_support(self.inner(lr))
-    cb = c["cbp"]
-    kwargs = dict(key=key, replacement_rate=cb["replacement_rate"],
-                  maturity_threshold=cb["maturity_threshold"], decay_rate=cb["decay_rate"],
-                  utility=cb["utility"], init=cb["init"], count_basis=cb["count_basis"],
-                  accumulate=cb["accumulate"], next_bias_correction=cb["next_bias_correction"])
-    if cb["reset_optimizer"]:
-      return cbp_jax.cbp(self.graph, optimizer=self.inner(lr), **kwargs)
-    return optax.chain(self.inner(lr), cbp_jax.cbp(self.graph, **kwargs))
+    return optimizers.optimizer(self.kind, self._hp(lr), self.graph, key, snp_decay="gradient")
 
   def init_network(self, key):
     x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
@@ -435,7 +420,7 @@ class Learner:
     return {"params": params, "batch_stats": batch_stats, "opt_state": self.tx(opt_key).init(params)}
 
   def _reset_inner_state(self, opt_state, params, path):
-    if self.method == "cbp" and self.config["cbp"]["reset_optimizer"]:
+    if self.method == "cbp" and self.hp["reset_optimizer"]:
       return opt_state._replace(
           inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, path))
     if self.method in ("cbp", "snp"):
@@ -581,7 +566,7 @@ def make_chunked(config: Mapping[str, Any]):
   ``metrics`` is ``{method: {name: array(tasks_per_chunk,)}}`` (names in the
   module docstring).
   """
-  config = make_config(config)
+  config = EXPERIMENT.make_config(config)
   learners = [Learner(config, m, i) for i, m in enumerate(config["methods"])]
   batch = config["batch_size"]
   num_classes = num_classes_of(config["dataset"])
@@ -603,7 +588,7 @@ def make_chunked(config: Mapping[str, Any]):
 
     def epoch_body(carry, epoch):
       states, best = carry
-      lr = learning_rate(config, epoch)
+      lr = {l.method: learning_rate(config, epoch, l.hp["step_size"]) for l in learners}
       epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, _ORDER), task), epoch)
       # A random order of the current classes' examples: those sort first.
       j = jnp.arange(total_train)
@@ -620,7 +605,7 @@ def make_chunked(config: Mapping[str, Any]):
           x = augment(jax.random.fold_in(aug_key, s), x)
         new, new_correct = {}, {}
         for l in learners:
-          new[l.method], c = l.step(states[l.method], x, y, n_active, lr)
+          new[l.method], c = l.step(states[l.method], x, y, n_active, lr[l.method])
           new_correct[l.method] = correct[l.method] + c
         return new, new_correct
 
@@ -657,40 +642,6 @@ def make_chunked(config: Mapping[str, Any]):
   return init, runner.scan_points(one_task, config["tasks_per_chunk"])
 
 
-def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):
-  """A pure ``train(key) -> {method: {name: array(tasks,)}}`` for one seed (data closed over)."""
-  config = make_config(config)
-  data = load_data(config) if data is None else data
-  return runner.whole_run(*make_chunked(config), num_chunks(config), data)
-
-
-# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
-# lax.map with ``seed_axis="map"``; a single seed unbatched, see
-# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
-make_batched = runner.batched_per_config(make_chunked, make_config=make_config, num_args=1)
-
-
-def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
-                   data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   plot: bool = True, progress: bool = True,
-                   **run_kwargs: Any) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`; writes results, timing and ``icifar.png``.
-
-  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-  ``on_chunk``) go to `experiments.runner.run`.
-  """
-  config = make_config(config)
-  data = load_data(config, data_dir) if data is None else data
-  result = runner.run_seeds(
-      make_batched, config, args=(data,), experiment=EXPERIMENT, name="icifar",
-      num_chunks=num_chunks(config), points_per_chunk=config["tasks_per_chunk"],
-      x_step=float(config["classes_per_task"]), x_label="classes", runs=run_labels(config),
-      progress=progress, out_dir=out_dir, **run_kwargs)
-  if plot and out_dir is not None:
-    plot_results(result.results, Path(out_dir) / "icifar.png")
-  return result
-
-
 def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> Path:
   if not isinstance(results, Mapping):
     results = runner.load_results(results)
@@ -714,60 +665,42 @@ def format_summary(results: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# CLI.
+# The experiment: the protocol runs it (configs, CLI, chunked run, results).
 # ---------------------------------------------------------------------------
 
+EXPERIMENT = protocol.Experiment(
+    name="incremental_cifar100", short="icifar",
+    title="Class-incremental CIFAR-100 with ResNet-18.",
+    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
+    points_per_chunk="tasks_per_chunk", x_label="classes",
+    x_step=lambda c: float(c["classes_per_task"]), work_per_run_chunk=None,
+    validate=validate_config, summary=format_summary, load_data=load_data,
+    plot=lambda results, out: plot_results(results, out / "icifar.png"), plots=("icifar.png",),
+    shared_hparams=("step_size", "momentum", "weight_decay"),
+    presets={
+        "tiny": ("a smoke-test configuration on Fashion-MNIST with a width-4 net", TINY_OVERRIDES),
+        "reduced": ("the CPU stand-in (about 20 minutes on one core): class-incremental "
+                    "Fashion-MNIST, 5 tasks x 2 classes x 15 epochs of 100 images a class, "
+                    "width-8 ResNet-18", REDUCED_OVERRIDES)},
+    flags=(
+        protocol.flag("--dataset", "dataset", choices=DATASETS),
+        protocol.flag("--tasks", "tasks", type=int),
+        protocol.flag("--classes-per-task", "classes_per_task", type=int),
+        protocol.flag("--epochs-per-task", "epochs_per_task", type=int),
+        protocol.flag("--width", "width", type=int),
+        protocol.flag("--conv", "conv", choices=cbp_jax.models.CONV_IMPLS),
+        protocol.flag("--no-augment", "augment", action="store_const", const=False),
+        protocol.flag("--no-early-stopping", "early_stopping", action="store_const", const=False),
+    ),
+    describe=lambda c, _: (f"class-incremental {c['dataset']}: {c['tasks']} tasks x "
+                           f"{c['classes_per_task']} classes x {c['epochs_per_task']} epochs, "
+                           f"ResNet-18 width {c['width']}, methods {', '.join(c['methods'])}"),
+)
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m experiments.incremental_cifar100",
-                              description="Class-incremental CIFAR-100 with ResNet-18.")
-  runner.add_presets(
-      p, tiny="a smoke-test configuration on Fashion-MNIST with a width-4 net",
-      reduced="the CPU stand-in (about 20 minutes on one core): class-incremental Fashion-MNIST, "
-              "5 tasks x 2 classes x 15 epochs of 100 images a class, width-8 ResNet-18")
-  p.add_argument("--dataset", choices=DATASETS)
-  p.add_argument("--data-dir", help="tfds data_dir (cifar100) or the root holding fashion-mnist/")
-  p.add_argument("--seeds", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--tasks", type=int)
-  p.add_argument("--classes-per-task", type=int)
-  p.add_argument("--epochs-per-task", type=int)
-  p.add_argument("--width", type=int)
-  p.add_argument("--conv", choices=cbp_jax.models.CONV_IMPLS)
-  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--no-augment", action="store_true")
-  p.add_argument("--no-early-stopping", action="store_true")
-  runner.add_run_arguments(p, out="results/icifar")
-  return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> dict:
-  over = runner.preset_overrides(args, DEFAULT_CONFIG, tiny=TINY_OVERRIDES,
-                                 reduced=REDUCED_OVERRIDES)
-  over.update(runner.overrides_from_args(
-      args, ("dataset", "seeds", "seed", "tasks", "classes_per_task", "epochs_per_task", "width",
-             "conv")))
-  if args.no_augment:
-    over["augment"] = False
-  if args.no_early_stopping:
-    over["early_stopping"] = False
-  return make_config(over)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    config = config_from_args(args)
-    data = load_data(config, args.data_dir)
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    return runner.cli_error(e)
-  out = Path(args.out)
-  print(f"class-incremental {config['dataset']}: {config['tasks']} tasks x "
-        f"{config['classes_per_task']} classes x {config['epochs_per_task']} epochs, ResNet-18 "
-        f"width {config['width']}, methods {', '.join(config['methods'])}; "
-        f"results -> {out}/results.json", file=sys.stderr)
-  return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
-                             summary=format_summary, plots=("icifar.png",))
+# The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
+# and ``chunk(carry, index, ...)`` over all seeds, cached per config.
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The problem (SPEC "Experiments"; reference: ``lop/permuted_mnist/online_expr.py``)
 ---------------------------------------------------------------------------------
-* Data: the 60,000 MNIST training images (`cbp_jax.data.load_dataset`, local
+* Data: the 60,000 MNIST training images (`experiments.data.load_dataset`, local
   IDX files in ``../shared/data/mnist``; never downloaded), flattened to 784
   pixels and scaled to ``[0, 1]`` (the reference's ``ToTensor``). The data set
   is put on the device **once**, as ``uint8`` (47 MB), and passed to the
@@ -46,8 +46,11 @@ The problem (SPEC "Experiments"; reference: ``lop/permuted_mnist/online_expr.py`
   `cbp_jax.cbp` last in the chain: replacement rate 1e-6 (figure; the config
   sweeps 1e-4, 1e-5, 1e-6), maturity 100, decay 0.99,
   ``adaptable_contribution``, kaiming, accumulated counts as the reference's
-  MLP CBP, next-layer bias correction as the paper intends). Step sizes can
-  be swept per method; variants of one method are vmapped together.
+  MLP CBP, next-layer bias correction as the paper intends). Every method's
+  hyperparameters are ``config["hparams"][method]``; the step size, and the
+  settings the program takes as arrays (the L2 weight decay, S&P's noise, the
+  newer methods' numeric settings), can be swept per method
+  (``config["sweep"]``); variants of one method are vmapped together.
 
 All methods of one seed see the same permutations, the same example order and
 the same initial weights (paired comparison). Seed ``i`` uses
@@ -58,7 +61,8 @@ Program structure (purejaxrl style): `make_train` returns a pure per-seed
 ``train(key)`` (the data set closed over); `make_chunked` returns per-seed
 ``init(key)`` and ``chunk(carry, chunk_index, data)`` (a ``lax.scan`` over
 the chunk's tasks, each a ``lax.scan`` over its steps with every method in
-one scan body); `run_experiment` vmaps them over seeds and drives them with
+one scan body); `EXPERIMENT` declares them to `experiments.protocol`, whose
+`run_experiment` vmaps them over seeds and drives them with
 `experiments.runner.run`, the data set an argument of the compiled program
 (progress, results file, plot, orbax checkpoints at chunk = task
 boundaries, ``--resume``).
@@ -81,7 +85,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
@@ -97,18 +100,22 @@ import optax
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from experiments.data import load_dataset
-from cbp_jax.methods import shrink_and_perturb
+from experiments import optimizers
 from experiments import plasticity_methods
 from experiments import plasticity_probes
+from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "permuted_mnist"
 METHODS = ("bp", "adam", "l2", "snp", "cbp") + plasticity_methods.NAMES
 # SGD-based methods: --step-size sets theirs.
 SGD_METHODS = ("bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 SEED_AXES = ("vmap", "map")
 NUM_PIXELS = 784
 NUM_CLASSES = 10
+# The settings the program takes as float32 arrays, one entry per vmapped
+# variant, besides the step size (the others are constants of the program).
+TRACED = {"l2": ("weight_decay",), "snp": ("noise_scale",),
+          **{m: tuple(v) for m, v in plasticity_methods.DEFAULTS.items()}}
 # uint8 pixels times this are in [0, 1] (a multiplication: XLA would turn a
 # division by 255 into one anyway, so this is what the program computes).
 PIXEL_SCALE = np.float32(1.0 / 255.0)
@@ -128,28 +135,32 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # How seeds are batched: "vmap" (one batched program) or "map" (lax.map,
     # seeds one after another inside the program; lax.cond stays a branch).
     "seed_axis": "vmap",
-    # Methods: run labels are the method names, or "bp@0.003" when a method
-    # has several step sizes.
+    # Methods, their hyperparameters and sweeps ({method: {hparam: [values]}},
+    # of the step size and the traced settings, `TRACED`). Run labels are the
+    # method names, or "bp@0.003" when a method's step size is swept.
     "methods": ["bp", "adam", "l2", "snp", "cbp"],
-    "step_sizes": {"bp": [0.003], "adam": [1e-4], "l2": [0.003], "snp": [0.003],
-                   "cbp": [0.003], **{m: [0.003] for m in plasticity_methods.NAMES}},
-    "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
-    "l2": {"weight_decay": 1e-4},
-    "snp": {"weight_decay": 1e-4, "noise_scale": 1e-5},
-    "cbp": {
-        "replacement_rate": 1e-6,
-        "maturity_threshold": 100,
-        "decay_rate": 0.99,
-        "utility": "adaptable_contribution",
-        "init": "kaiming",
-        "accumulate": True,
-        "next_bias_correction": True,
+    "hparams": {
+        "bp": {"step_size": 0.003},
+        "adam": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        "l2": {"step_size": 0.003, "weight_decay": 1e-4},
+        "snp": {"step_size": 0.003, "weight_decay": 1e-4, "noise_scale": 1e-5},
+        "cbp": {
+            "step_size": 0.003,
+            "replacement_rate": 1e-6,
+            "maturity_threshold": 100,
+            "decay_rate": 0.99,
+            "utility": "adaptable_contribution",
+            "init": "kaiming",
+            "accumulate": True,
+            "next_bias_correction": True,
+        },
+        # The newer methods (`experiments.plasticity_methods`; not in the
+        # paper), selectable by name; "injection" injects the output layer at
+        # the start of task ``at_task`` (0-based; the middle of the run by default).
+        **{m: {"step_size": 0.003, **v} for m, v in plasticity_methods.DEFAULTS.items()},
+        "injection": {"step_size": 0.003, "at_task": 400},
     },
-    # The newer methods (`experiments.plasticity_methods`; not in the paper),
-    # selectable by name; "injection" injects the output layer at the start
-    # of task ``at_task`` (0-based; the middle of the run by default).
-    **plasticity_methods.DEFAULTS,
-    "injection": {"at_task": 400},
+    "sweep": {},
     # Plasticity probes at each task's end (`experiments.plasticity_probes`).
     "probes": dict(plasticity_probes.DEFAULT_PROBES),
 }
@@ -169,10 +180,9 @@ REDUCED_OVERRIDES: dict[str, Any] = {
     "tasks_per_chunk": 5,
     "width": 100,
     "probe_size": 1000,
-    "step_sizes": {"bp": [0.03], "adam": [1e-3], "l2": [0.03], "snp": [0.03], "cbp": [0.03],
-                   **{m: [0.03] for m in plasticity_methods.NAMES}},
-    "cbp": {"replacement_rate": 1e-4},
-    "injection": {"at_task": 20},
+    "hparams": {**{m: {"step_size": 0.03} for m in SGD_METHODS}, "adam": {"step_size": 1e-3},
+                "cbp": {"step_size": 0.03, "replacement_rate": 1e-4},
+                "injection": {"step_size": 0.03, "at_task": 20}},
 }
 
 
@@ -181,18 +191,13 @@ REDUCED_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` and ``kwargs`` (nested dicts merge), validated."""
-  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
-
-
 def validate_config(c: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first inconsistent entry."""
+  """Raises ValueError naming the first inconsistent entry (the common entries
+  are checked by the protocol)."""
   need = runner.require
   runner.require_positive_ints(c, (
-      "seeds", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width", "depth",
+      "tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width", "depth",
       "probe_size"))
-  need(isinstance(c["seed"], int), f"seed must be an int, got {c['seed']!r}")
   need(c["tasks"] % c["tasks_per_chunk"] == 0,
        f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})")
   need(c["examples_per_task"] % c["batch_size"] == 0,
@@ -201,40 +206,26 @@ def validate_config(c: Mapping[str, Any]) -> None:
   need(c["dataset"] in ("mnist", "fashion_mnist"),
        f"dataset must be 'mnist' or 'fashion_mnist', got {c['dataset']!r}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}, got {c['seed_axis']!r}")
-  runner.require_methods(c["methods"], METHODS)
-  for m in c["methods"]:
-    sizes = c["step_sizes"].get(m)
-    need(isinstance(sizes, (list, tuple)) and len(sizes) > 0 and all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in sizes),
-         f"step_sizes[{m!r}] must be a non-empty list of numbers >= 0, got {sizes!r}")
-  need(0 <= c["cbp"]["replacement_rate"] <= 1, "cbp.replacement_rate must be in [0, 1]")
-  need(c["l2"]["weight_decay"] >= 0, "l2.weight_decay must be >= 0")
-  need(c["snp"]["weight_decay"] >= 0 and c["snp"]["noise_scale"] >= 0,
-       "snp.weight_decay and snp.noise_scale must be >= 0")
-  at = c["injection"]["at_task"]
+  for m, swept in c["sweep"].items():
+    for k in swept:
+      need(k == "step_size" or k in TRACED.get(m, ()),
+           f"sweep.{m}.{k}: {m} sweeps only step_size"
+           + "".join(f", {t}" for t in TRACED.get(m, ())) + " (the others are constants of the "
+           "program; run one config per value)")
+  hp = c["hparams"]
+  need(0 <= hp["cbp"]["replacement_rate"] <= 1, "hparams.cbp.replacement_rate must be in [0, 1]")
+  at = hp["injection"]["at_task"]
   need(isinstance(at, int) and not isinstance(at, bool) and at >= 0,
-       f"injection.at_task must be an int >= 0, got {at!r}")
+       f"hparams.injection.at_task must be an int >= 0, got {at!r}")
   plasticity_probes.validate(c["probes"])
-  if "snp" in c["methods"]:
-    for lr in c["step_sizes"]["snp"]:
-      need(0 < 1 - lr * c["snp"]["weight_decay"] <= 1,
+  for m in ("l2", "snp"):
+    for v in protocol.variants(c, m):
+      need(v["weight_decay"] >= 0, f"hparams.{m}.weight_decay must be >= 0")
+  for v in protocol.variants(c, "snp"):
+    need(v["noise_scale"] >= 0, "hparams.snp.noise_scale must be >= 0")
+    if "snp" in c["methods"]:
+      need(0 < 1 - v["step_size"] * v["weight_decay"] <= 1,
            "snp: step_size * weight_decay must be in [0, 1)")
-
-
-def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  """``{label: {"method", "step_size", ...hyperparameters}}`` in config order."""
-  out = {}
-  for m in config["methods"]:
-    sizes = config["step_sizes"][m]
-    for lr in sizes:
-      label = m if len(sizes) == 1 else f"{m}@{lr:g}"
-      info = {"method": m, "step_size": lr}
-      if m in ("adam", "l2", "snp", "cbp") + plasticity_methods.NAMES:
-        info.update(config[m])
-      if m == "snp":
-        info["shrink"] = 1.0 - lr * config["snp"]["weight_decay"]
-      out[label] = info
-  return out
 
 
 def num_chunks(config: Mapping[str, Any]) -> int:
@@ -254,7 +245,7 @@ def hidden_layers(config: Mapping[str, Any]) -> list[str]:
 def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None) -> dict[str, jax.Array]:
   """The training set on the device: ``{"images": uint8 (N, 784), "labels": int32 (N,)}``.
 
-  Reads the local IDX files (`cbp_jax.data.load_dataset`, ``source="local"``):
+  Reads the local IDX files (`experiments.data.load_dataset`, ``source="local"``):
   ``data_dir`` (default ``$CBP_JAX_DATA_DIR``, else ``../shared/data``) must
   hold ``mnist/``. Nothing is downloaded.
   """
@@ -329,44 +320,25 @@ def make_model(config: Mapping[str, Any], layer_norm: bool = False) -> cbp_jax.m
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
-  """Per-variant hyperparameters of ``method`` as float32 arrays ``(V,)``."""
-  lrs = np.asarray(config["step_sizes"][method], np.float32)
+  """Per-variant step size and `TRACED` settings of ``method`` as float32 arrays ``(V,)``."""
+  vs = protocol.variants(config, method)
+  lrs = np.asarray([v["step_size"] for v in vs], np.float32)
   hp = {"step_size": lrs}
-  if method == "l2":
-    hp["weight_decay"] = np.full_like(lrs, config["l2"]["weight_decay"])
+  for k in TRACED.get(method, ()):
+    hp[k] = np.asarray([v[k] for v in vs], np.float32)
   if method == "snp":
-    hp["shrink"] = (1.0 - lrs.astype(np.float64) * config["snp"]["weight_decay"]).astype(np.float32)
-    hp["noise_scale"] = np.full_like(lrs, config["snp"]["noise_scale"])
-  if method in plasticity_methods.NAMES:
-    hp.update({k: np.full_like(lrs, v) for k, v in config[method].items() if k != "at_task"})
+    wd = np.asarray([v["weight_decay"] for v in vs], np.float64)
+    hp["shrink"] = (1.0 - lrs.astype(np.float64) * wd).astype(np.float32)
   return {k: jnp.asarray(v) for k, v in hp.items()}
 
 
 def _optimizer(config, method, hp, graph, key):
-  if method == "adam":
-    a = config["adam"]
-    return optax.with_extra_args_support(
-        optax.adam(hp["step_size"], b1=a["b1"], b2=a["b2"], eps=a["eps"]))
-  if method in plasticity_methods.NAMES:
-    return plasticity_methods.optimizer(method, hp, graph, key, init=config["cbp"]["init"])
-  sgd = optax.sgd(hp["step_size"])
-  if method == "bp":
-    return optax.with_extra_args_support(sgd)
-  if method == "l2":
-    return optax.with_extra_args_support(
-        optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd))
-  if method == "snp":
-    return optax.with_extra_args_support(
-        optax.chain(sgd, shrink_and_perturb(hp["shrink"], hp["noise_scale"], key=key)))
-  c = config["cbp"]
-  return optax.chain(sgd, cbp_jax.cbp(
-      graph, key=key, replacement_rate=c["replacement_rate"],
-      maturity_threshold=c["maturity_threshold"], decay_rate=c["decay_rate"],
-      utility=c["utility"], init=c["init"], accumulate=c["accumulate"],
-      next_bias_correction=c["next_bias_correction"]))
+  """`experiments.optimizers.optimizer` with the method's traced settings ``hp``."""
+  return optimizers.optimizer(method, {**config["hparams"][method], **hp}, graph, key,
+                              init=config["hparams"]["cbp"]["init"])
 
 
-class _Method:
+class Learner:
   """One method's per-variant init, SGD step and probe metrics (unbatched)."""
 
   def __init__(self, config, method, index):
@@ -400,7 +372,7 @@ class _Method:
       return state
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
     return plasticity_methods.inject(self.model, state, jax.random.fold_in(key, 3), x,
-                                     task == self.config["injection"]["at_task"])
+                                     task == self.config["hparams"]["injection"]["at_task"])
 
   def step(self, state, hp, x, y):
     """One step on the batch ``(x, y)``; returns the new state and the number of
@@ -463,8 +435,8 @@ def make_chunked(config: Mapping[str, Any]):
   inputs of `heldout_examples`).
   """
   config = runner.normalize_config(config)
-  validate_config(config)
-  methods = [_Method(config, m, i) for i, m in enumerate(config["methods"])]
+  EXPERIMENT.validate_config(config)
+  methods = [Learner(config, m, i) for i, m in enumerate(config["methods"])]
   labels = list(run_labels(config))
   tasks_per_chunk = config["tasks_per_chunk"]
   batch = config["batch_size"]
@@ -547,49 +519,6 @@ def make_chunked(config: Mapping[str, Any]):
   return init, runner.scan_points(one_task, tasks_per_chunk)
 
 
-def make_train(config: Mapping[str, Any], data: Mapping[str, jax.Array] | None = None):
-  """A pure ``train(key) -> {label: {name: array(tasks,)}}`` for one seed.
-
-  purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
-  runs every seed of the whole experiment as one program. ``data`` (default:
-  `load_data`) is closed over, so it becomes a constant of that program
-  (a slower compile); `run_experiment` passes it as an argument instead.
-  """
-  config = make_config(config)
-  data = load_data(config) if data is None else data
-  return runner.whole_run(*make_chunked(config), num_chunks(config), data)
-
-
-# Jitted ``init(keys)`` and ``chunk(carry, index, data)`` over all seeds (vmap, or
-# lax.map with ``seed_axis="map"``; a single seed unbatched, see
-# `experiments.runner.map_leading`), cached per config; metrics ``(seeds, tasks)``.
-make_batched = runner.batched_per_config(make_chunked, make_config=make_config, num_args=1)
-
-
-def run_experiment(config: Mapping[str, Any], *, data: Mapping[str, jax.Array] | None = None,
-                   data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                   plot: bool = True, progress: bool = True,
-                   **run_kwargs: Any) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`.
-
-  Writes ``out_dir/results.json`` (runner schema; ``x`` = task number, one
-  point per task), ``out_dir/timing.json`` and ``out_dir/pmnist.png``.
-  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-  ``on_chunk``) go to `experiments.runner.run`.
-  """
-  config = make_config(config)
-  data = load_data(config, data_dir) if data is None else data
-  result = runner.run_seeds(
-      make_batched, config, args=(data,), experiment=EXPERIMENT, name="pmnist",
-      num_chunks=num_chunks(config), points_per_chunk=config["tasks_per_chunk"], x_step=1.0,
-      x_label="task", runs=run_labels(config),
-      work_per_run_chunk=config["examples_per_task"] * config["tasks_per_chunk"]
-      // config["batch_size"], progress=progress, out_dir=out_dir, **run_kwargs)
-  if plot and out_dir is not None:
-    plot_results(result.results, Path(out_dir) / "pmnist.png")
-  return result
-
-
 def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> Path:
   """The paper-style figure: online accuracy per task, then one panel per correlate."""
   if not isinstance(results, Mapping):
@@ -658,7 +587,7 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
   for method in base["methods"]:
     c = make_config(base, methods=[method], seeds=1, tasks=1, tasks_per_chunk=1,
                     examples_per_task=steps * base["batch_size"], probe_size=8,
-                    step_sizes={method: base["step_sizes"][method][:1]})
+                    hparams={method: protocol.variants(base, method)[0]}, sweep={})
     init, chunk = make_batched(c)
     carry = init(seed_keys(c))
     compiled, compile_s = runner.compile_chunk(chunk, carry, (data,))
@@ -675,108 +604,91 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
 
 
 # ---------------------------------------------------------------------------
-# CLI.
+# The experiment: the protocol runs it (configs, CLI, chunked run, results).
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.permuted_mnist",
-      description="Online permuted MNIST (loss of plasticity), compiled and vmapped.")
-  runner.add_presets(
-      p, paper="the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, "
-               "784-2000-2000-2000-10",
-      reduced="the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, width 100, "
-              "step size 0.03, CBP rate 1e-4")
-  p.add_argument("--seeds", type=int)
-  p.add_argument("--seed", type=int, help="base seed (default 0)")
-  p.add_argument("--tasks", type=int, help="number of tasks (default 800)")
-  p.add_argument("--examples-per-task", type=int, help="default 60,000")
-  p.add_argument("--tasks-per-chunk", type=int,
-                 help="tasks per compiled chunk (progress/checkpoint granularity)")
-  p.add_argument("--batch-size", type=int, help="examples per SGD step (default 1)")
-  p.add_argument("--width", type=int, help="hidden units per layer (default 2000)")
-  p.add_argument("--depth", type=int, help="hidden layers (default 3)")
-  p.add_argument("--probe-size", type=int, help="probe examples for the correlates (default 2000)")
-  p.add_argument("--seed-axis", choices=SEED_AXES, help="batch seeds with vmap (default) or lax.map")
-  p.add_argument("--dataset", choices=("mnist", "fashion_mnist"))
-  p.add_argument("--data-dir", help="root holding mnist/ (default $CBP_JAX_DATA_DIR or ../shared/data)")
-  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--step-size", type=runner.parse_floats,
-                 help="step size(s) of the SGD methods (all but adam), comma-separated")
-  p.add_argument("--adam-step-size", type=runner.parse_floats, help="Adam step size(s), comma-separated")
-  p.add_argument("--cbp-rate", type=float, help="CBP replacement rate (default 1e-6)")
-  p.add_argument("--cbp-maturity", type=int, help="CBP maturity threshold (default 100)")
-  p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-4)")
-  p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay: shrink = 1 - lr * wd")
-  p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-5)")
-  p.add_argument("--injection-task", type=int,
-                 help="task (0-based) at whose start `injection` injects (default: the middle)")
+def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any],
+                       data: Mapping[str, jax.Array]) -> int | None:
+  """``--benchmark``: steps/s of each method alone, printed; None without the flag."""
+  if not args.benchmark:
+    return None
+  net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
+  print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
+        f"one seed, backend {jax.default_backend()}", file=sys.stderr)
+  for method, r in benchmark(config, steps=args.benchmark_steps,
+                             repeats=args.benchmark_repeats, data=data).items():
+    print(f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
+          f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
+  return 0
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
   plasticity_probes.add_arguments(p)
-  runner.add_run_arguments(p, out="results/pmnist")
   p.add_argument("--benchmark", action="store_true",
                  help="measure steps/s of each method alone (one seed, one task) and exit")
   p.add_argument("--benchmark-steps", type=int, default=3000)
   p.add_argument("--benchmark-repeats", type=int, default=1)
-  return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-  over = runner.preset_overrides(args, DEFAULT_CONFIG, paper=PAPER_OVERRIDES,
-                                 reduced=REDUCED_OVERRIDES)
-  over.update(runner.overrides_from_args(
-      args, ("seeds", "seed", "tasks", "examples_per_task", "tasks_per_chunk", "batch_size",
-             "width", "depth", "probe_size", "seed_axis", "dataset")))
-  sizes = dict(over.get("step_sizes", DEFAULT_CONFIG["step_sizes"]))
-  if args.step_size:
-    sizes.update({m: list(args.step_size) for m in SGD_METHODS})
-  if args.adam_step_size:
-    sizes["adam"] = list(args.adam_step_size)
-  over["step_sizes"] = sizes
-  cbp = dict(over.get("cbp", {}))
-  if args.cbp_rate is not None:
-    cbp["replacement_rate"] = args.cbp_rate
-  if args.cbp_maturity is not None:
-    cbp["maturity_threshold"] = args.cbp_maturity
-  if cbp:
-    over["cbp"] = cbp
-  if args.l2 is not None:
-    over["l2"] = {"weight_decay": args.l2}
-  snp = {}
-  if args.snp_weight_decay is not None:
-    snp["weight_decay"] = args.snp_weight_decay
-  if args.snp_noise is not None:
-    snp["noise_scale"] = args.snp_noise
-  if snp:
-    over["snp"] = snp
-  if args.injection_task is not None:
-    over["injection"] = {"at_task": args.injection_task}
-  over.update(plasticity_probes.overrides_from_args(args))
-  return make_config(over)
+EXPERIMENT = protocol.Experiment(
+    name="permuted_mnist", short="pmnist",
+    title="Online permuted MNIST (loss of plasticity), compiled and vmapped.",
+    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
+    points_per_chunk="tasks_per_chunk", x_label="task",
+    work_per_run_chunk=lambda c: c["examples_per_task"] * c["tasks_per_chunk"] // c["batch_size"],
+    validate=validate_config, summary=format_summary, load_data=load_data,
+    plot=lambda results, out: plot_results(results, out / "pmnist.png"), plots=("pmnist.png",),
+    label=protocol.at_step_size_label, run_info=optimizers.snp_shrink,
+    presets={
+        "paper": ("the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, "
+                  "784-2000-2000-2000-10", PAPER_OVERRIDES),
+        "reduced": ("the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, width "
+                    "100, step size 0.03, CBP rate 1e-4", REDUCED_OVERRIDES)},
+    flags=(
+        protocol.flag("--tasks", "tasks", type=int, help="number of tasks (default 800)"),
+        protocol.flag("--examples-per-task", "examples_per_task", type=int, help="default 60,000"),
+        protocol.flag("--tasks-per-chunk", "tasks_per_chunk", type=int,
+                      help="tasks per compiled chunk (progress/checkpoint granularity)"),
+        protocol.flag("--batch-size", "batch_size", type=int,
+                      help="examples per SGD step (default 1)"),
+        protocol.flag("--width", "width", type=int, help="hidden units per layer (default 2000)"),
+        protocol.flag("--depth", "depth", type=int, help="hidden layers (default 3)"),
+        protocol.flag("--probe-size", "probe_size", type=int,
+                      help="probe examples for the correlates (default 2000)"),
+        protocol.flag("--seed-axis", "seed_axis", choices=SEED_AXES,
+                      help="batch seeds with vmap (default) or lax.map"),
+        protocol.flag("--dataset", "dataset", choices=("mnist", "fashion_mnist")),
+        protocol.flag("--step-size", "hparams.*.step_size", SGD_METHODS, type=runner.parse_floats,
+                      help="step size(s) of the SGD methods (all but adam), comma-separated "
+                           "(several: a sweep)"),
+        protocol.flag("--adam-step-size", "hparams.adam.step_size", type=runner.parse_floats,
+                      help="Adam step size(s), comma-separated"),
+        protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float,
+                      help="CBP replacement rate (default 1e-6)"),
+        protocol.flag("--cbp-maturity", "hparams.cbp.maturity_threshold", type=int,
+                      help="CBP maturity threshold (default 100)"),
+        protocol.flag("--l2", "hparams.l2.weight_decay", type=float,
+                      help="L2 weight decay (default 1e-4)"),
+        protocol.flag("--snp-weight-decay", "hparams.snp.weight_decay", type=float,
+                      help="S&P weight decay: shrink = 1 - lr * wd"),
+        protocol.flag("--snp-noise", "hparams.snp.noise_scale", type=float,
+                      help="S&P noise standard deviation (default 1e-5)"),
+        protocol.flag("--injection-task", "hparams.injection.at_task", type=int,
+                      help="task (0-based) at whose start `injection` injects (default: the "
+                           "middle)"),
+    ),
+    add_arguments=_add_arguments, overrides_from_args=plasticity_probes.overrides_from_args,
+    command=_benchmark_command,
+    describe=lambda c, _: (f"permuted MNIST: {c['seeds']} seeds x {c['tasks']} tasks x "
+                           f"{c['examples_per_task']:,} examples, width {c['width']}, runs "
+                           f"{', '.join(EXPERIMENT.run_labels(c))}"),
+)
 
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    config = config_from_args(args)
-    data = load_data(config, args.data_dir)
-  except (FileNotFoundError, ValueError) as e:
-    return runner.cli_error(e)
-  if args.benchmark:
-    net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
-    print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
-          f"one seed, backend {jax.default_backend()}", file=sys.stderr)
-    for method, r in benchmark(config, steps=args.benchmark_steps,
-                                   repeats=args.benchmark_repeats, data=data).items():
-      print(f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
-            f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
-    return 0
-  out = Path(args.out)
-  print(f"permuted MNIST: {config['seeds']} seeds x {config['tasks']} tasks x "
-        f"{config['examples_per_task']:,} examples, width {config['width']}, runs "
-        f"{', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  return runner.run_from_cli(args, functools.partial(run_experiment, config, data=data),
-                             summary=format_summary, plots=("pmnist.png",))
+# The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
+# and ``chunk(carry, index, ...)`` over all seeds, cached per config.
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
 
 
 if __name__ == "__main__":

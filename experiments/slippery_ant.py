@@ -33,7 +33,7 @@ The problem (SPEC "Experiments"; reference: ``lop/rl`` and its ``cfg/sant`` conf
   over the policy and value parameters. Truncated episodes bootstrap from the
   value of their last observation (``bootstrap_truncation``; False treats the
   time limit as terminal, as the reference's Gym loop did). The PPO pieces
-  live in `cbp_jax.ppo`.
+  live in `experiments.ppo`.
 * Methods (the reference's ``cfg/sant`` and ``cfg/ant/redo.yml``):
   ``ppo`` (Adam 1e-4, betas 0.9/0.999), ``ppo_ns`` (Adam betas 0.99/0.99,
   the paper's "non-stationary" Adam), ``l2`` (betas 0.99, weight decay
@@ -68,9 +68,12 @@ Implementation notes
   seed ``i`` uses ``fold_in(key(seed), i)``.
 * Program structure (purejaxrl style): `make_train` returns a pure per-seed
   ``train(key)``; `make_chunked` the per-seed ``init(key)`` and
-  ``chunk(carry, chunk_index)``; `run_experiment` vmaps them over seeds and
+  ``chunk(carry, chunk_index)``; `EXPERIMENT` declares them to
+  `experiments.protocol`, whose `run_experiment` vmaps them over seeds and
   drives them with `experiments.runner.run` (progress line, results JSON
-  after every chunk, orbax checkpoints, ``--resume``).
+  after every chunk, orbax checkpoints, ``--resume``). Every method's
+  hyperparameters are ``config["hparams"][method]``, the Adam step size under
+  ``step_size``; no sweeps (the methods are the vmapped axis).
 
 Recorded per point (``updates_per_point`` updates): ``episode_return`` (mean
 return of the episodes that ended in it; NaN if none), ``episodes``,
@@ -93,7 +96,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import math
 import sys
 from collections.abc import Mapping
@@ -108,9 +110,9 @@ import optax
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from experiments import ppo
+from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "slippery_ant"
 METHODS = ("ppo", "ppo_ns", "l2", "cbp", "redo")
 DESCRIPTIONS = {
     "ppo": "PPO (Adam betas 0.9, 0.999)",
@@ -121,11 +123,11 @@ DESCRIPTIONS = {
 }
 
 HPARAMS: dict[str, dict[str, Any]] = {
-    "ppo": {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
-    "ppo_ns": {"lr": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.0},
-    "l2": {"lr": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-3},
+    "ppo": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "ppo_ns": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.0},
+    "l2": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-3},
     "cbp": {
-        "lr": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
+        "step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
         "replacement_rate": 1e-4,
         "maturity_threshold": 10_000,
         "decay_rate": 0.99,
@@ -134,10 +136,10 @@ HPARAMS: dict[str, dict[str, Any]] = {
         "accumulate": True,
         "next_bias_correction": True,
     },
-    "redo": {"lr": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
+    "redo": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
              "tau": 0.1, "period": 100, "init": "lecun"},
 }
-_TRACED = ("lr", "b1", "b2", "eps", "weight_decay")  # Per-method arrays (vmapped).
+_TRACED = ("step_size", "b1", "b2", "eps", "weight_decay")  # Per-method arrays (vmapped).
 
 # The reduced configuration: under 20 minutes on 2 (shared) CPU cores for all
 # five methods, 1 seed: 100 updates (204,800 steps) per method, friction
@@ -169,6 +171,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "dormant_tau": 0.1,
     "methods": ["ppo", "ppo_ns", "l2", "cbp", "redo"],
     "hparams": HPARAMS,
+    "sweep": {},
 }
 
 # The paper's run: 50M steps, friction redrawn every 2M steps, one
@@ -189,24 +192,15 @@ PAPER_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
-def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
-
-  Nested dicts merge (``hparams={"cbp": {"replacement_rate": 1e-3}}`` changes
-  only that entry). Unknown keys raise.
-  """
-  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config)
-
-
 def validate_config(c: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first inconsistent entry."""
+  """Raises ValueError naming the first inconsistent entry (the common entries
+  are checked by the protocol)."""
   need = runner.require
   runner.require_positive_ints(c, (
-      "seeds", "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
+      "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
       "change_every", "updates_per_point", "points_per_chunk"))
   lo, hi = c["friction_range"]
   need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
-  runner.require_methods(c["methods"], METHODS)
   validate_learner(c, HPARAMS)
 
 
@@ -226,10 +220,12 @@ def validate_learner(c: Mapping[str, Any], defaults: Mapping[str, Mapping[str, A
   need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
        f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
   need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
+  need(not c["sweep"], "no sweeps: the methods are the vmapped axis (set hparams, one config "
+                       f"per value), got sweep {c['sweep']}")
   for m in defaults:
     hp = c["hparams"][m]
     need(set(hp) == set(defaults[m]), f"hparams.{m} must have exactly {sorted(defaults[m])}")
-    need(hp["lr"] > 0, f"{m}: lr must be > 0")
+    need(hp["step_size"] > 0, f"{m}: step_size must be > 0")
     need(0 <= hp["b1"] < 1 and 0 <= hp["b2"] < 1, f"{m}: b1, b2 must be in [0, 1)")
     need(hp["eps"] > 0, f"{m}: eps must be > 0")
     need(hp["weight_decay"] >= 0, f"{m}: weight_decay must be >= 0")
@@ -257,12 +253,6 @@ def steps_per_chunk(config: Mapping[str, Any]) -> int:
 def num_chunks(config: Mapping[str, Any]) -> int:
   """Chunks in the run: ``total_steps`` rounded up to whole chunks."""
   return -(-config["total_steps"] // steps_per_chunk(config))
-
-
-def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  """``{label: {"method", "description", **hyperparameters}}``, in config order."""
-  return {m: {"method": m, "description": DESCRIPTIONS[m], **config["hparams"][m]}
-          for m in config["methods"]}
 
 
 # ---------------------------------------------------------------------------
@@ -485,7 +475,7 @@ def make_optimizer(config: Mapping[str, Any], kind: str, hp: Mapping[str, jax.Ar
   if config["max_grad_norm"] > 0:
     parts.append(optax.clip_by_global_norm(config["max_grad_norm"]))
   parts += [optax.add_decayed_weights(hp["weight_decay"]),
-            optax.adam(hp["lr"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])]
+            optax.adam(hp["step_size"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])]
   adam = optax.chain(*parts)
   if kind == "adam":
     return optax.with_extra_args_support(adam)
@@ -681,7 +671,7 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
   `METRIC_NAMES`). Vmap both over seed keys.
   """
   config = runner.normalize_config(config)
-  validate_config(config)
+  EXPERIMENT.validate_config(config)
   env = env or SlipperyAnt(config["episode_length"])
   nets = make_nets(config, env.action_size)
   shapes = jax.eval_shape(lambda k: init_params(nets, k, env.observation_size, env.action_size),
@@ -739,50 +729,6 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
     return pack(carry), metrics
 
   return packed_init, packed_chunk
-
-
-def make_train(config: Mapping[str, Any]):
-  """A pure ``train(key) -> {label: {name: array(num_points,)}}`` for one seed.
-
-  purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
-  runs every seed of the whole experiment as one program.
-  """
-  return runner.whole_run(*make_chunked(config), num_chunks(config))
-
-
-# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (one seed
-# too), memoised per config; metrics leaves ``(seeds, points_per_chunk)``.
-make_batched = runner.batched_per_config(make_chunked, make_config=make_config,
-                                         squeeze_single=False)
-
-
-# ---------------------------------------------------------------------------
-# Running, summaries, plots.
-# ---------------------------------------------------------------------------
-
-
-def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
-                   plot: bool = True, progress: bool = True,
-                   **run_kwargs: Any) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`.
-
-  Writes ``out_dir/results.json`` (runner schema; ``x`` = environment steps
-  per run at each point's end), ``out_dir/timing.json``,
-  ``out_dir/slippery_ant.png`` (time series) and ``out_dir/phases.png``
-  (mean return per friction phase).
-  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-  ``on_chunk``) go to `experiments.runner.run`.
-  """
-  config = make_config(config)
-  result = runner.run_seeds(
-      make_batched, config, experiment=EXPERIMENT, name="slippery_ant",
-      num_chunks=num_chunks(config), points_per_chunk=config["points_per_chunk"],
-      x_step=steps_per_update(config) * config["updates_per_point"], x_label="environment steps",
-      runs=run_labels(config), work_per_run_chunk=steps_per_chunk(config),
-      work_label="env-steps", progress=progress, out_dir=out_dir, **run_kwargs)
-  if plot and out_dir is not None:
-    plot_results(result.results, out_dir)
-  return result
 
 
 def phase_returns(results: Mapping[str, Any], tail: float = 0.5) -> dict[str, np.ndarray]:
@@ -897,64 +843,68 @@ def env_steps_benchmark(make_batched, config: Mapping[str, Any], *,
 
 
 # ---------------------------------------------------------------------------
-# CLI.
+# The experiment: the protocol runs it (configs, CLI, chunked run, results).
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.slippery_ant",
-      description="Slippery Ant: PPO with and without CBP on Brax/MJX, compiled and vmapped.")
-  p.add_argument("--paper", action="store_true",
-                 help="the paper's run: 30 seeds x 50M steps, friction every 2M, one env with "
-                      "2048-step rollouts (other flags still override)")
-  p.add_argument("--seeds", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--steps", type=int, help="environment steps per run (rounded up to chunks)")
-  p.add_argument("--change-every", type=int, help="environment steps between friction redraws")
-  p.add_argument("--num-envs", type=int)
-  p.add_argument("--rollout-len", type=int)
-  p.add_argument("--updates-per-point", type=int)
-  p.add_argument("--points-per-chunk", type=int,
-                 help="metric points per compiled chunk: progress/partial-results/checkpoint "
-                      "granularity")
-  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
-                 help="set a hyperparameter, e.g. l2.weight_decay=1e-4 (repeatable)")
-  runner.add_run_arguments(p, out="results/slippery_ant")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--benchmark", action="store_true",
                  help="print environment steps/s (PPO alone and PPO+CBP alone) and exit")
-  return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = copy.deepcopy(PAPER_OVERRIDES) if args.paper else {}
-  over.update(runner.overrides_from_args(
-      args, ("seeds", "seed", "change_every", "num_envs", "rollout_len", "updates_per_point",
-             "points_per_chunk"), total_steps="steps"))
-  over["hparams"] = runner.parse_hparam_sets(args.set, HPARAMS)
-  return make_config(over)
+def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -> int | None:
+  """``--benchmark``: environment steps/s of PPO alone and PPO+CBP alone; None without it."""
+  if not args.benchmark:
+    return None
+  for methods in (["ppo"], ["cbp"]):
+    b = benchmark({**config, "methods": methods})
+    print(f"{'+'.join(methods)}: {b['env_steps_per_s']:,.0f} env steps/s "
+          f"({config['seeds']} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
+          f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)")
+  return 0
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    config = config_from_args(args)
-  except ValueError as e:
-    return runner.cli_error(e)
-  if args.benchmark:
-    for methods in (["ppo"], ["cbp"]):
-      b = benchmark({**config, "methods": methods})
-      print(f"{'+'.join(methods)}: {b['env_steps_per_s']:,.0f} env steps/s "
-            f"({config['seeds']} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
-            f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)")
-    return 0
-  out = Path(args.out)
-  print(f"slippery ant: {config['seeds']} seeds x {num_chunks(config) * steps_per_chunk(config):,} "
-        f"steps, friction every {config['change_every']:,}, runs "
-        f"{', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  return runner.run_from_cli(args, functools.partial(run_experiment, config),
-                             summary=format_summary, plots=("slippery_ant.png", "phases.png"))
+PPO_FLAGS = (
+    protocol.flag("--steps", "total_steps", type=int,
+                  help="environment steps per run (rounded up to chunks)"),
+    protocol.flag("--change-every", "change_every", type=int,
+                  help="environment steps between task changes"),
+    protocol.flag("--num-envs", "num_envs", type=int),
+    protocol.flag("--rollout-len", "rollout_len", type=int),
+    protocol.flag("--updates-per-point", "updates_per_point", type=int),
+    protocol.flag("--points-per-chunk", "points_per_chunk", type=int,
+                  help="metric points per compiled chunk: progress/partial-results/checkpoint "
+                       "granularity"),
+)
+
+
+def ppo_experiment(**kwargs: Any) -> protocol.Experiment:
+  """The protocol declaration of a PPO experiment on this learner (points of
+  ``updates_per_point`` updates; ``x`` counts environment steps)."""
+  return protocol.Experiment(
+      points_per_chunk="points_per_chunk", x_label="environment steps",
+      x_step=lambda c: steps_per_update(c) * c["updates_per_point"],
+      work_per_run_chunk=steps_per_chunk, work_label="env-steps", squeeze_single=False,
+      **kwargs)
+
+
+EXPERIMENT = ppo_experiment(
+    name="slippery_ant", short="slippery_ant",
+    title="Slippery Ant: PPO with and without CBP on Brax/MJX, compiled and vmapped.",
+    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
+    validate=validate_config, summary=format_summary, plot=plot_results,
+    plots=("slippery_ant.png", "phases.png"),
+    run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
+    presets={"paper": ("the paper's run: 30 seeds x 50M steps, friction every 2M, one env with "
+                       "2048-step rollouts", PAPER_OVERRIDES)},
+    flags=PPO_FLAGS, add_arguments=_add_arguments, command=_benchmark_command,
+    describe=lambda c, _: (f"slippery ant: {c['seeds']} seeds x "
+                           f"{num_chunks(c) * steps_per_chunk(c):,} steps, friction every "
+                           f"{c['change_every']:,}, runs {', '.join(EXPERIMENT.run_labels(c))}"),
+)
+
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
 
 
 if __name__ == "__main__":

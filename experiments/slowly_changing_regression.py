@@ -59,8 +59,10 @@ Program structure (purejaxrl style): `make_train` returns a pure per-seed
 ``train(key)``; `make_chunked` returns per-seed ``init(key)`` and
 ``chunk(carry, chunk_index)`` (a ``lax.scan`` over bins, each generating its
 20,000 inputs vectorised then ``lax.scan``-ning SGD steps, all methods in
-one scan body); `run_experiment` vmaps them over seeds and drives them with
-`experiments.runner.run` (progress, results file, plot, checkpoints).
+one scan body); `EXPERIMENT` declares them to the protocol
+(`experiments.protocol`), whose `run_experiment` vmaps them over seeds and
+drives them with `experiments.runner.run` (progress, results file, plot,
+checkpoints), and whose `main` is the command line.
 
 Usage::
 
@@ -71,12 +73,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import copy
-import functools
 import math
-import sys
 from collections.abc import Mapping
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +86,11 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from cbp_jax.methods import shrink_and_perturb
+from experiments import optimizers
 from experiments import plasticity_methods
+from experiments import protocol
 from experiments import runner
 
-EXPERIMENT = "slowly_changing_regression"
 METHODS = ("linear", "bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "swish", "elu", "selu")
 SLOW_BITS_MODES = ("redraw", "flip_one")
@@ -130,8 +129,7 @@ HPARAMS: dict[str, dict[str, Any]] = {
     **{m: {"step_size": 0.01, **v} for m, v in plasticity_methods.DEFAULTS.items()},
     "injection": {"step_size": 0.01, "at_bin": 25},
 }
-SHORT_NAMES = {"step_size": "lr", "weight_decay": "wd", "noise_scale": "noise",
-               "replacement_rate": "rate", "maturity_threshold": "mt", "decay_rate": "decay"}
+SHORT_NAMES = protocol.SHORT_NAMES
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
@@ -168,23 +166,10 @@ PAPER_OVERRIDES: dict[str, Any] = {
 }
 
 
-# ---------------------------------------------------------------------------
-# Config.
-# ---------------------------------------------------------------------------
-
-
-def make_config(overrides: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
-  """`DEFAULT_CONFIG` updated with ``overrides`` then ``kwargs``, validated.
-
-  Nested dicts merge (``hparams={"cbp": {"replacement_rate": 1e-3}}`` changes
-  only that entry); ``sweep`` is replaced as a whole. Unknown keys raise.
-  """
-  return runner.build_config(DEFAULT_CONFIG, overrides, kwargs, validate=validate_config,
-                             replace=("sweep",))
-
 
 def validate_config(c: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first inconsistent entry."""
+  """Raises ValueError naming the first inconsistent entry of the problem or a
+  method's hyperparameters (the common entries are checked by the protocol)."""
   need = runner.require
   runner.require_positive_ints(c, (
       "seeds", "steps", "bin_size", "bins_per_chunk", "num_inputs", "change_every", "target_hidden",
@@ -198,17 +183,8 @@ def validate_config(c: Mapping[str, Any]) -> None:
        f"slow_bits_mode must be one of {SLOW_BITS_MODES}, got {c['slow_bits_mode']!r}")
   need(c["activation"] in ACTIVATIONS,
        f"activation must be one of {ACTIVATIONS}, got {c['activation']!r}")
-  runner.require_methods(c["methods"], METHODS)
-  for m, swept in c["sweep"].items():
-    need(m in METHODS, f"sweep: unknown method {m!r}")
-    for k, values in swept.items():
-      need(k in c["hparams"][m] and _is_number(c["hparams"][m][k]),
-           f"sweep.{m}: {k!r} is not a numeric hyperparameter of {m} "
-           f"({[n for n, v in c['hparams'][m].items() if _is_number(v)]})")
-      need(isinstance(values, list) and len(values) > 0 and all(map(_is_number, values)),
-           f"sweep.{m}.{k} must be a non-empty list of numbers, got {values!r}")
   for m in c["methods"]:
-    for hp in variants(c, m):
+    for hp in protocol.variants(c, m):
       need(hp["step_size"] > 0, f"{m}: step_size must be > 0, got {hp['step_size']}")
       if m in ("l2", "snp"):
         need(hp["weight_decay"] >= 0, f"{m}: weight_decay must be >= 0")
@@ -222,43 +198,12 @@ def validate_config(c: Mapping[str, Any]) -> None:
         need(hp["maturity_threshold"] >= 0, "cbp: maturity_threshold must be >= 0")
 
 
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def variants(config: Mapping[str, Any], method: str) -> list[dict]:
-  """The hyperparameter settings of ``method``: its ``hparams`` with every
-  combination of its ``sweep`` values (first swept key varies slowest)."""
-  base = dict(config["hparams"][method])
-  swept = config["sweep"].get(method, {})
-  out = [base]
-  for k, values in swept.items():
-    out = [{**hp, k: v} for hp in out for v in values]
-  return out
-
-
-def run_labels(config: Mapping[str, Any]) -> dict[str, dict]:
-  """``{label: {"method": m, **hyperparameters}}`` for every run, in config order.
-
-  The label is the method's name, plus ``[lr=0.003,...]`` naming the swept
-  values when the method has a sweep.
-  """
-  out = {}
-  for m in config["methods"]:
-    swept = list(config["sweep"].get(m, {}))
-    for hp in variants(config, m):
-      label = m
-      if swept:
-        label += "[" + ",".join(f"{SHORT_NAMES.get(k, k)}={hp[k]:g}" for k in swept) + "]"
-      info = {"method": m, **hp}
-      if m == "snp":
-        info["shrink"] = 1.0 - hp["step_size"] * hp["weight_decay"]
-      out[label] = info
-  return out
-
-
 def num_chunks(config: Mapping[str, Any]) -> int:
   return config["steps"] // (config["bin_size"] * config["bins_per_chunk"])
+
+
+seed_key = runner.seed_key
+seed_keys = runner.seed_keys
 
 
 # ---------------------------------------------------------------------------
@@ -374,40 +319,28 @@ def _model(config, method):
 
 def _hparams(config, method) -> dict[str, jax.Array]:
   """Numeric hyperparameters of ``method``'s variants as float32 arrays ``(V,)``."""
-  vs = variants(config, method)
+  vs = protocol.variants(config, method)
   hp = {k: np.asarray([v[k] for v in vs], np.float64) for k, x in vs[0].items()
-        if _is_number(x)}
+        if protocol.is_number(x)}
   if method == "snp":
     hp["shrink"] = 1.0 - hp["step_size"] * hp["weight_decay"]
   return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
 
 
 def _optimizer(config, method, hp, graph, key):
-  if method in plasticity_methods.NAMES:
-    return plasticity_methods.optimizer(method, hp, graph, key,
-                                        init=config["hparams"]["cbp"]["init"])
-  sgd = optax.sgd(hp["step_size"])
-  if method in ("linear", "bp"):
-    return optax.with_extra_args_support(sgd)
-  if method == "l2":
-    return optax.with_extra_args_support(
-        optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd))
-  if method == "snp":
-    return optax.with_extra_args_support(
-        optax.chain(sgd, shrink_and_perturb(hp["shrink"], hp["noise_scale"], key=key)))
-  c = config["hparams"]["cbp"]
-  # Numeric settings arrive traced (vmapped variants): bound the replacements
-  # per step statically from the largest rate, as the concrete-rate default would.
-  max_rate = max(v["replacement_rate"] for v in variants(config, "cbp"))
-  bound = min(config["hidden"], math.ceil(max_rate * config["hidden"]) + 1)
-  return optax.chain(sgd, cbp_jax.cbp(
-      graph, key=key, replacement_rate=hp["replacement_rate"],
-      maturity_threshold=hp["maturity_threshold"], decay_rate=hp["decay_rate"],
-      utility=c["utility"], init=c["init"], accumulate=c["accumulate"],
-      next_bias_correction=c["next_bias_correction"], max_replacements_per_step=bound))
+  """`experiments.optimizers.optimizer` with the method's traced settings ``hp``."""
+  settings = {**config["hparams"][method], **hp}
+  bound = None
+  if method == "cbp":
+    # Numeric settings arrive traced (vmapped variants): bound the replacements
+    # per step statically from the largest rate, as the concrete-rate default would.
+    max_rate = max(v["replacement_rate"] for v in protocol.variants(config, "cbp"))
+    bound = min(config["hidden"], math.ceil(max_rate * config["hidden"]) + 1)
+  return optimizers.optimizer(method, settings, graph, key, max_replacements_per_step=bound,
+                              init=config["hparams"]["cbp"]["init"])
 
 
-class _Method:
+class Learner:
   """One method's per-variant init, SGD step and probe metrics (unbatched)."""
 
   def __init__(self, config, method, index):
@@ -487,8 +420,8 @@ def make_chunked(config: Mapping[str, Any]):
   for CBP, ``replaced_units`` (cumulative). Vmap both over seed keys.
   """
   config = runner.normalize_config(config)
-  validate_config(config)
-  methods = [_Method(config, m, i) for i, m in enumerate(config["methods"])]
+  EXPERIMENT.validate_config(config)
+  methods = [Learner(config, m, i) for i, m in enumerate(config["methods"])]
   labels = list(run_labels(config))
   bins_per_chunk = config["bins_per_chunk"]
 
@@ -528,44 +461,13 @@ def make_chunked(config: Mapping[str, Any]):
   return init, runner.scan_points(one_bin, bins_per_chunk)  # Metrics (bins_per_chunk,).
 
 
-def make_train(config: Mapping[str, Any]):
-  """A pure ``train(key) -> {label: {name: array(num_bins,)}}`` for one seed.
-
-  purejaxrl style: ``jax.jit(jax.vmap(make_train(config)))(seed_keys(config))``
-  runs every seed of the whole experiment as one program.
-  """
-  return runner.whole_run(*make_chunked(config), num_chunks(config))
-
-
-# Jitted ``init(keys)`` and ``chunk(carry, index)`` vmapped over seeds (one seed
-# too); metrics leaves ``(seeds, bins_per_chunk)``. Memoised per config, the base
-# seed aside: it only enters through the keys in the carry, not the program.
-make_batched = runner.batched_per_config(make_chunked, make_config=make_config,
-                                         squeeze_single=False, ignore=("seed",))
-
-
-def run_experiment(config: Mapping[str, Any], *, out_dir: str | Path | None = None,
-                   plot: bool = True, progress: bool = True,
-                   **run_kwargs: Any) -> runner.RunResult:
-  """Runs the experiment with `experiments.runner.run`.
-
-  Writes ``out_dir/results.json`` (runner schema; ``x`` = examples seen at
-  each bin's end), ``out_dir/timing.json`` and ``out_dir/scr.png``.
-  ``run_kwargs`` (``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-  ``on_chunk``) go to `experiments.runner.run`.
-  """
-  config = make_config(config)
-  result = runner.run_seeds(
-      make_batched, config, experiment=EXPERIMENT, name="scr", num_chunks=num_chunks(config),
-      points_per_chunk=config["bins_per_chunk"], x_step=config["bin_size"], x_label="examples",
-      runs=run_labels(config), work_per_run_chunk=config["bin_size"] * config["bins_per_chunk"],
-      progress=progress, out_dir=out_dir, **run_kwargs)
-  if plot and out_dir is not None:
-    runner.plot_results(result.results, Path(out_dir) / "scr.png",
-                        metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
-                        title=f"slowly-changing regression ({config['activation']}, "
-                              f"{config['seeds']} seeds, {runner.BAND_LABEL})")
-  return result
+def plot_results(results: Mapping[str, Any], out_dir: Path) -> None:
+  """``out_dir/scr.png``: error, dead units, effective rank and weight magnitude per bin."""
+  c = results["config"]
+  runner.plot_results(results, out_dir / "scr.png",
+                      metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
+                      title=f"slowly-changing regression ({c['activation']}, "
+                            f"{c['seeds']} seeds, {runner.BAND_LABEL})")
 
 
 def summary(results: Mapping[str, Any], early_bins: int = 1, late_bins: int | None = None) -> dict:
@@ -594,85 +496,56 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
 
 
 # ---------------------------------------------------------------------------
-# CLI.
+# The experiment: the protocol runs it (configs, CLI, chunked run, results).
 # ---------------------------------------------------------------------------
 
+EXPERIMENT = protocol.Experiment(
+    name="slowly_changing_regression", short="scr",
+    title="Slowly-changing regression (loss of plasticity), compiled and vmapped.",
+    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
+    points_per_chunk="bins_per_chunk", x_label="examples", x_step=lambda c: c["bin_size"],
+    work_per_run_chunk=lambda c: c["bin_size"] * c["bins_per_chunk"],
+    validate=validate_config, summary=format_summary, plot=plot_results, plots=("scr.png",),
+    run_info=optimizers.snp_shrink, squeeze_single=False,
+    # The base seed only enters through the keys in the carry, not the program.
+    cache_ignore=("seed",),
+    presets={"paper": ("the paper's configuration: 100 seeds x 1M examples, BP and linear at "
+                       "step sizes 0.01, 0.003, 0.001", PAPER_OVERRIDES)},
+    flags=(
+        protocol.flag("--steps", "steps", type=int, help="examples per run (default 1,000,000)"),
+        protocol.flag("--bin-size", "bin_size", type=int,
+                      help="examples per error bin (default 20,000)"),
+        protocol.flag("--bins-per-chunk", "bins_per_chunk", type=int,
+                      help="bins per compiled chunk: progress, partial-results and checkpoint "
+                           "granularity (default 5)"),
+        protocol.flag("--activation", "activation", choices=ACTIVATIONS),
+        protocol.flag("--hidden", "hidden", type=int, help="learner hidden units (default 5)"),
+        protocol.flag("--slow-bits-mode", "slow_bits_mode", choices=SLOW_BITS_MODES),
+        protocol.flag("--change-every", "change_every", type=int,
+                      help="examples between slow-bit changes (10,000)"),
+        protocol.flag("--step-size", "hparams.*.step_size", type=float,
+                      help="step size of every method (default 0.01)"),
+        protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float,
+                      help="CBP replacement rate (default 1e-4)"),
+        protocol.flag("--cbp-accumulate", "hparams.cbp.accumulate", action="store_const", const=True,
+                      help="accumulate fractional replacements (default: probabilistic, as the "
+                           "reference)"),
+        protocol.flag("--l2", "hparams.l2.weight_decay", type=float,
+                      help="L2 weight decay (default 1e-2)"),
+        protocol.flag("--snp-weight-decay", "hparams.snp.weight_decay", type=float,
+                      help="S&P weight decay, shrink = 1 - lr * wd (default 1e-2)"),
+        protocol.flag("--snp-noise", "hparams.snp.noise_scale", type=float,
+                      help="S&P noise standard deviation (default 1e-4)"),
+    ),
+    describe=lambda c, _: (f"slowly-changing regression: {c['seeds']} seeds x {c['steps']:,} "
+                           f"examples, runs {', '.join(EXPERIMENT.run_labels(c))}"),
+)
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.slowly_changing_regression",
-      description="Slowly-changing regression (loss of plasticity), compiled and vmapped.")
-  p.add_argument("--paper", action="store_true",
-                 help="the paper's configuration: 100 seeds x 1M examples, BP and linear at "
-                      "step sizes 0.01, 0.003, 0.001 (other flags still override)")
-  p.add_argument("--seeds", type=int, help="runs per method (default 30)")
-  p.add_argument("--seed", type=int, help="base seed (default 0)")
-  p.add_argument("--steps", type=int, help="examples per run (default 1,000,000)")
-  p.add_argument("--bin-size", type=int, help="examples per error bin (default 20,000)")
-  p.add_argument("--bins-per-chunk", type=int,
-                 help="bins per compiled chunk: progress, partial-results and checkpoint "
-                      "granularity (default 5)")
-  p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
-  p.add_argument("--activation", choices=ACTIVATIONS)
-  p.add_argument("--hidden", type=int, help="learner hidden units (default 5)")
-  p.add_argument("--slow-bits-mode", choices=SLOW_BITS_MODES)
-  p.add_argument("--change-every", type=int, help="examples between slow-bit changes (10,000)")
-  p.add_argument("--step-size", type=float, help="step size of every method (default 0.01)")
-  p.add_argument("--cbp-rate", type=float, help="CBP replacement rate (default 1e-4)")
-  p.add_argument("--cbp-accumulate", action="store_true",
-                 help="accumulate fractional replacements (default: probabilistic, as the reference)")
-  p.add_argument("--l2", type=float, help="L2 weight decay (default 1e-2)")
-  p.add_argument("--snp-weight-decay", type=float, help="S&P weight decay, shrink = 1 - lr * wd (default 1e-2)")
-  p.add_argument("--snp-noise", type=float, help="S&P noise standard deviation (default 1e-4)")
-  p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
-                 help="set any hyperparameter, e.g. cbp.maturity_threshold=100 (repeatable)")
-  p.add_argument("--sweep", action="append", default=[], metavar="METHOD.HPARAM=V1,V2,...",
-                 help="run one vmapped variant per value, e.g. bp.step_size=0.01,0.003 (repeatable)")
-  runner.add_run_arguments(p, out="results/scr")
-  return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> dict:
-  over: dict[str, Any] = copy.deepcopy(PAPER_OVERRIDES) if args.paper else {}
-  over.update(runner.overrides_from_args(
-      args, ("seeds", "seed", "steps", "bin_size", "bins_per_chunk", "activation", "hidden",
-             "slow_bits_mode", "change_every")))
-  hparams: dict[str, dict] = {m: {} for m in METHODS}
-  if args.step_size is not None:
-    for m in METHODS:
-      hparams[m]["step_size"] = args.step_size
-  if args.cbp_rate is not None:
-    hparams["cbp"]["replacement_rate"] = args.cbp_rate
-  if args.cbp_accumulate:
-    hparams["cbp"]["accumulate"] = True
-  if args.l2 is not None:
-    hparams["l2"]["weight_decay"] = args.l2
-  if args.snp_weight_decay is not None:
-    hparams["snp"]["weight_decay"] = args.snp_weight_decay
-  if args.snp_noise is not None:
-    hparams["snp"]["noise_scale"] = args.snp_noise
-  for m, values in runner.parse_hparam_sets(args.set, HPARAMS).items():  # --set comes last.
-    hparams[m].update(values)
-  over["hparams"] = hparams
-  sweep = copy.deepcopy(over.get("sweep", {}))
-  for text in args.sweep:
-    method, name, values = runner.split_assignment(text, "--sweep", METHODS)
-    sweep.setdefault(method, {})[name] = [runner.parse_number(v) for v in values.split(",") if v]
-  over["sweep"] = sweep
-  return make_config(over)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    config = config_from_args(args)
-  except ValueError as e:
-    return runner.cli_error(e)
-  out = Path(args.out)
-  print(f"slowly-changing regression: {config['seeds']} seeds x {config['steps']:,} examples, "
-        f"runs {', '.join(run_labels(config))}; results -> {out}/results.json", file=sys.stderr)
-  return runner.run_from_cli(args, functools.partial(run_experiment, config),
-                             summary=format_summary, plots=("scr.png",))
+# The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
+# and ``chunk(carry, index, ...)`` over all seeds, cached per config.
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
+ config_from_args, main) = EXPERIMENT.entry_points()
+variants = protocol.variants
 
 
 if __name__ == "__main__":

@@ -143,11 +143,34 @@ def traces(opt_state):
   return out
 
 
+def test_config_schema_old_shapes_and_flags():
+  c = ci.make_config()
+  assert all(c["hparams"][m]["momentum"] == 0.9 for m in ci.METHODS)
+  with pytest.warns(DeprecationWarning) as record:
+    old = ci.make_config(step_size={"bp": 0.02, "cbp": 0.03}, momentum=0.5,
+                         cbp={"replacement_rate": 1e-3})
+  assert {"'hparams.METHOD.momentum'", "'hparams.cbp'"} <= {
+      str(w.message).split("use ")[-1] for w in record}
+  assert old == ci.make_config(hparams={
+      **{m: {"momentum": 0.5} for m in ci.METHODS}, "bp": {"step_size": 0.02, "momentum": 0.5},
+      "cbp": {"step_size": 0.03, "momentum": 0.5, "replacement_rate": 1e-3}})
+  with pytest.raises(ValueError, match="no sweeps"):
+    ci.make_config(sweep={"bp": {"step_size": [0.1, 0.2]}})
+  with pytest.raises(ValueError, match="hparams.l2.momentum must be in"):
+    ci.make_config(hparams={"l2": {"momentum": 1.0}})
+  args = ci.parse_args(["--reduced", "--step-size", "0.05", "--cbp-rate", "1e-2",
+                        "--set", "cbp.reset_optimizer=false"])
+  c = ci.config_from_args(args)
+  assert {c["hparams"][m]["step_size"] for m in ci.METHODS} == {0.05}
+  assert c["hparams"]["cbp"]["replacement_rate"] == 1e-2 and c["hparams"]["cbp"]["reset_optimizer"] is False
+  assert c["hparams"]["cbp"]["maturity_threshold"] == 20 and c["dataset"] == "mnist"
+
+
 @pytest.mark.parametrize("method", ci.METHODS)
 @pytest.mark.parametrize("head_reset", ci.HEAD_RESETS)
 def test_head_reset_resets_the_head_and_only_its_momentum(method, head_reset):
   config = ci.make_config(head_reset=head_reset)
-  m = ci._Method(config, method, ci.METHODS.index(method))
+  m = ci.Learner(config, method, ci.METHODS.index(method))
   key = ci.seed_key(config, 0)
   params, opt_state = m.init(key)
   ones = jax.tree.map(jnp.ones_like, params)
@@ -185,7 +208,7 @@ def test_head_reset_resets_the_head_and_only_its_momentum(method, head_reset):
 
 def test_evaluation_counts_and_dead_units():
   config = ci.make_config()
-  m = ci._Method(config, "cbp", 3)
+  m = ci.Learner(config, "cbp", 3)
   key = ci.seed_key(config, 0)
   params, opt_state = m.init(key)
   # A head that always says 1.
@@ -208,7 +231,8 @@ def test_evaluation_counts_and_dead_units():
 # The tiny run the run tests share (compiled once: `make_batched` caches it).
 TINY_RUN = dict(
     dataset="fashion_mnist", tasks=2, epochs_per_task=2, train_per_class=50, test_per_class=10,
-    tasks_per_chunk=1, methods=["bp", "cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+    tasks_per_chunk=1, methods=["bp", "cbp"],
+    hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}})
 
 
 def test_tiny_run_through_the_runner(tmp_path):

@@ -139,6 +139,14 @@ def test_config_validation():
     cm.make_config(methods=["ppo", "dqn"])
   with pytest.raises(ValueError, match="permutations"):
     cm.make_config(permutations=0)
+  with pytest.raises(ValueError, match="no sweeps"):
+    cm.make_config(sweep={"ppo": {"step_size": [1e-4, 3e-4]}})
+  with pytest.warns(DeprecationWarning, match="use 'hparams.l2.step_size'"):
+    assert cm.make_config(hparams={"l2": {"lr": 1e-3}})["hparams"]["l2"]["step_size"] == 1e-3
+  c = cm.config_from_args(cm.parse_args(["--tiny", "--games", "Breakout,Freeway",
+                                         "--set", "cbp.step_size=1e-3"]))
+  assert c["games"] == ["Breakout", "Freeway"] and c["hparams"]["cbp"]["step_size"] == 1e-3
+  assert c["hparams"]["cbp"]["maturity_threshold"] == 1  # --tiny's, merged with the defaults
   c = cm.make_config()
   assert cm.steps_per_update(c) == 512 and cm.num_chunks(c) == 8
   assert c["change_every"] % cm.steps_per_update(c) == 0

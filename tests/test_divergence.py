@@ -26,9 +26,11 @@ def test_rates_count_seeds_per_run_label():
 
 def test_variant_configs():
   c = divergence.variant_config("continual_imagenet", "cbp_noopt", [0.05], 16, 20)
-  assert c["methods"] == ["cbp"] and c["cbp"]["reset_optimizer"] is False
-  assert c["step_size"]["cbp"] == 0.05 and c["dataset"] == "fashion_mnist" and c["seeds"] == 16
+  assert c["methods"] == ["cbp"] and c["hparams"]["cbp"]["reset_optimizer"] is False
+  assert c["hparams"]["cbp"]["step_size"] == 0.05 and c["dataset"] == "fashion_mnist"
+  assert c["seeds"] == 16
   c = divergence.variant_config("permuted_mnist", "cbp_nobias", [0.1, 0.3], 16, 10)
-  assert c["step_sizes"]["cbp"] == [0.1, 0.3] and c["cbp"]["next_bias_correction"] is False
+  assert c["sweep"]["cbp"]["step_size"] == [0.1, 0.3]
+  assert c["hparams"]["cbp"]["next_bias_correction"] is False
   with pytest.raises(ValueError, match="already follows plain SGD"):
     divergence.variant_config("permuted_mnist", "cbp_noopt", [0.1], 16, 10)

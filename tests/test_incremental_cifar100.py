@@ -83,7 +83,9 @@ def test_validation_comes_first_then_training_then_test_in_class_rank_order():
 
 def test_step_size_schedule_of_the_paper():
   config = ic.make_config()  # 200 epochs per task: 0.1, x0.2 at epochs 60, 120, 160.
-  lrs = [float(ic.learning_rate(config, jnp.int32(e))) for e in (0, 59, 60, 119, 120, 159, 160, 199)]
+  step_size = config["hparams"]["plain"]["step_size"]
+  lrs = [float(ic.learning_rate(config, jnp.int32(e), step_size))
+         for e in (0, 59, 60, 119, 120, 159, 160, 199)]
   np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6)
 
 
@@ -109,8 +111,8 @@ def test_rotation_and_augmentation():
 
 
 def test_cbp_step_masks_unseen_classes_and_resets_batch_norm_of_replaced_units():
-  config = ic.make_config(TINY, weight_decay=0.0, momentum=0.0,
-                          cbp={"replacement_rate": 0.5, "maturity_threshold": 0})
+  config = ic.make_config(TINY, hparams={"cbp": {"weight_decay": 0.0, "momentum": 0.0,
+                                                 "replacement_rate": 0.5, "maturity_threshold": 0}})
   learner = ic.Learner(config, "cbp", 4)
   state = learner.init(ic.seed_key(config, 0))
   x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
@@ -204,7 +206,8 @@ def test_probe_metrics_against_numpy():
 
 
 # The tiny run the run tests share (compiled once: `make_batched` caches it).
-TINY_RUN = dict(TINY, methods=["cbp"], cbp={"replacement_rate": 0.05, "maturity_threshold": 0})
+TINY_RUN = dict(TINY, methods=["cbp"],
+                hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}})
 
 
 def test_tiny_run_with_early_stopping(tmp_path):
@@ -266,7 +269,13 @@ def test_reduced_preset_is_a_valid_fashion_mnist_config():
   assert config["dataset"] == "fashion_mnist"
   assert config["classes_per_task"] * config["tasks"] == ic.num_classes_of(config["dataset"])
   assert config["methods"] == list(ic.METHODS)
-  assert config["cbp"]["utility"] == "contribution"  # Nested entries merge with the defaults.
+  # Nested entries merge with the defaults.
+  assert config["hparams"]["cbp"]["utility"] == "contribution"
+  assert config["hparams"]["cbp"]["replacement_rate"] == 1e-3
+  with pytest.warns(DeprecationWarning) as record:  # The old shape: shared SGD settings.
+    old = ic.make_config(ic.REDUCED_OVERRIDES, step_size=0.05, weight_decay=0.0)
+  assert any("hparams.METHOD.step_size" in str(w.message) for w in record)
+  assert {(hp["step_size"], hp["weight_decay"]) for hp in old["hparams"].values()} == {(0.05, 0.0)}
   args = ic.parse_args(["--reduced", "--epochs-per-task", "3"])
   assert ic.config_from_args(args) == ic.make_config(ic.REDUCED_OVERRIDES, epochs_per_task=3)
   assert ic.config_from_args(ic.parse_args(["--reduced"])) == config

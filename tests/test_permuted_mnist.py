@@ -29,8 +29,8 @@ TINY = dict(width=16, tasks=3, examples_per_task=100, tasks_per_chunk=1, probe_s
 # The one configuration the run tests share (compiled once, `make_batched` caches
 # it): BP frozen (step size 0) and learning (0.5), and CBP at a high rate and low
 # maturity, so that units are replaced within 3 tasks of 100 examples.
-CONFIG = dict(TINY, methods=["bp", "cbp"], seeds=2, step_sizes={"bp": [0.0, 0.5], "cbp": [0.01]},
-              cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
+CONFIG = dict(TINY, methods=["bp", "cbp"], seeds=2, sweep={"bp": {"step_size": [0.0, 0.5]}},
+              hparams={"cbp": {"step_size": 0.01, "replacement_rate": 1e-2, "maturity_threshold": 20}})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
   imgs, labels = images
   config = pm.make_config(CONFIG)
   n = config["examples_per_task"]
-  lrs = config["step_sizes"]["bp"]
+  lrs = config["sweep"]["bp"]["step_size"]
   init, chunk = pm.make_batched(config)
   keys = pm.seed_keys(config)
   carry = init(keys)
@@ -182,12 +182,27 @@ def test_config_validation():
   with pytest.raises(ValueError, match="unknown config entry"):
     pm.make_config(hidden=3)
   reduced = pm.config_from_args(pm.parse_args(["--reduced"]))
-  assert reduced["width"] == 100 and reduced["cbp"]["replacement_rate"] == 1e-4
-  assert reduced["cbp"]["maturity_threshold"] == 100
+  assert reduced["width"] == 100 and reduced["hparams"]["cbp"]["replacement_rate"] == 1e-4
+  assert reduced["hparams"]["cbp"]["maturity_threshold"] == 100
   paper = pm.config_from_args(pm.parse_args(["--paper"]))
   assert (paper["width"], paper["depth"], paper["batch_size"]) == (2000, 3, 1)
   assert (paper["tasks"], paper["examples_per_task"]) == (800, 60_000)
-  assert paper["step_sizes"]["bp"] == [0.003] and paper["cbp"]["maturity_threshold"] == 100
+  assert paper["hparams"]["bp"]["step_size"] == 0.003
+  assert paper["hparams"]["cbp"]["maturity_threshold"] == 100
+  swept = pm.config_from_args(pm.parse_args(["--step-size", "0.1,0.2", "--methods", "bp,adam"]))
+  assert swept["sweep"]["bp"] == {"step_size": [0.1, 0.2]} and "adam" not in swept["sweep"]
+  assert list(pm.run_labels(swept)) == ["bp@0.1", "bp@0.2", "adam"]
+  with pytest.raises(ValueError, match="cbp sweeps only step_size"):
+    pm.make_config(sweep={"cbp": {"replacement_rate": [1e-3, 1e-4]}})
+
+
+def test_old_config_shapes_convert_with_a_deprecation_warning():
+  with pytest.warns(DeprecationWarning) as record:
+    old = pm.make_config(TINY, methods=["bp", "cbp"], seeds=2,
+                         step_sizes={"bp": [0.0, 0.5], "cbp": [0.01]},
+                         cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
+  assert any("use 'hparams.cbp'" in str(w.message) for w in record)
+  assert old == pm.make_config(CONFIG)
 
 
 @pytest.mark.slow

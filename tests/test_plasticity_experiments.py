@@ -24,8 +24,9 @@ def test_permuted_mnist_runs_newer_methods_on_the_same_stream():
   methods = ["bp", "injection", "snr", "ln_wd", "regrama"]
   config = pm.make_config(dict(
       width=8, tasks=3, examples_per_task=60, tasks_per_chunk=3, probe_size=50, seeds=1,
-      methods=methods, step_sizes={m: [0.05] for m in methods}, injection={"at_task": 1},
-      regrama={"period": 20}))
+      methods=methods,
+      hparams={**{m: {"step_size": 0.05} for m in methods}, "injection": {"step_size": 0.05, "at_task": 1},
+               "regrama": {"step_size": 0.05, "period": 20}}))
   metrics = pm.run_experiment(config, plot=False, progress=False).results["metrics"]
   assert list(metrics) == methods
   acc = {m: np.asarray(metrics[m]["accuracy"])[0] for m in methods}
@@ -59,6 +60,6 @@ def test_unknown_method_and_bad_injection_point_are_refused():
   with pytest.raises(ValueError, match="unknown method 'dropout'"):
     pm.make_config(methods=["bp", "dropout"])
   with pytest.raises(ValueError, match="injection.at_task must be an int >= 0"):
-    pm.make_config(injection={"at_task": -1})
+    pm.make_config(hparams={"injection": {"at_task": -1}})
   with pytest.raises(ValueError, match="unknown method"):
     plasticity_methods.optimizer("dropout", {"step_size": 0.1}, None, None)

@@ -121,6 +121,10 @@ def test_config_validation():
     sa.make_config(methods=["ppo", "sgd"])
   with pytest.raises(ValueError, match="unknown config entry"):
     sa.make_config(learning_rate=1.0)
+  with pytest.raises(ValueError, match="ppo: step_size must be > 0"):
+    sa.make_config(hparams={"ppo": {"step_size": 0.0}})
+  c = sa.config_from_args(sa.parse_args(["--paper", "--steps", "4096", "--set", "l2.weight_decay=0"]))
+  assert (c["seeds"], c["total_steps"], c["hparams"]["l2"]["weight_decay"]) == (30, 4096, 0)
   c = sa.make_config(total_steps=1000, num_envs=2, rollout_len=8, minibatches=2,
                      updates_per_point=2, points_per_chunk=3)
   assert sa.steps_per_chunk(c) == 96 and sa.num_chunks(c) == 11   # rounded up
@@ -170,7 +174,7 @@ def test_tiny_run_end_to_end(tmp_path):
   assert (tmp_path / "slippery_ant.png").exists() and (tmp_path / "phases.png").exists()
   assert "ph1" in sa.format_summary(res)
   json.loads((tmp_path / "timing.json").read_text())
-  assert runner.Checkpoints(tmp_path / "ckpt", experiment=sa.EXPERIMENT,
+  assert runner.Checkpoints(tmp_path / "ckpt", experiment=sa.EXPERIMENT.name,
                             config=config).latest() == 2
 
 
