@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 # `make test-floor`: the library's tests (every test module but the experiments' below) in .venv-floor, where each
 # direct dependency is installed at its lower bound in pyproject.toml. A test module of a new experiment goes here.
 EXPERIMENT_TESTS := tests/test_benchmark.py tests/test_checkpoint_compatibility.py tests/test_continual_imagenet.py \
-  tests/test_continual_minatar.py tests/test_data.py tests/test_divergence.py tests/test_incremental_cifar100.py \
-  tests/test_permuted_mnist.py tests/test_plasticity_experiments.py tests/test_plasticity_probes.py \
+  tests/test_continual_minatar.py tests/test_data.py tests/test_divergence.py tests/test_divergence_mechanism.py tests/test_incremental_cifar100.py \
+  tests/test_optimizers.py tests/test_permuted_mnist.py tests/test_plasticity_experiments.py tests/test_plasticity_probes.py \
   tests/test_ppo.py tests/test_run_statistics.py tests/test_runner.py tests/test_runner_faults.py \
-  tests/test_runner_package.py tests/test_slippery_ant.py tests/test_slowly_changing_regression.py
+  tests/test_protocol.py tests/test_runner_package.py tests/test_slippery_ant.py tests/test_slowly_changing_regression.py
 LIBRARY_TESTS = $(filter-out $(EXPERIMENT_TESTS),$(wildcard tests/test_*.py))
 FLOOR_VENV := .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
