@@ -17,7 +17,7 @@ FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: setup demo test test-slow test-minatar test-floor dist wheel-check docs benchmark clean
+.PHONY: setup demo test lint test-slow test-minatar test-floor dist wheel-check docs benchmark clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Formatting and lint rules are in pyproject.toml ([tool.ruff]); `ruff format .` applies the formatting.
+lint: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

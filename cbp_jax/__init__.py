@@ -7,56 +7,43 @@ The data path of one training step:
 
 import importlib
 
-from cbp_jax import initializers
-from cbp_jax import methods
-from cbp_jax import metrics
-from cbp_jax import models
-from cbp_jax import prng
-from cbp_jax import reset
-from cbp_jax import resnet
-from cbp_jax import sharding
-from cbp_jax import utility
-from cbp_jax.activations import apply_with_activations
-from cbp_jax.activations import capture_activations
-from cbp_jax.activations import collect_activations
-from cbp_jax.activations import sow_activation
-from cbp_jax.graph import Consumer
-from cbp_jax.graph import graph_from_params
-from cbp_jax.graph import Layer
-from cbp_jax.graph import LayerGraph
+from cbp_jax import initializers, methods, metrics, models, prng, reset, resnet, sharding, utility
+from cbp_jax.activations import (
+  apply_with_activations,
+  capture_activations,
+  collect_activations,
+  sow_activation,
+)
+from cbp_jax.graph import Consumer, Layer, LayerGraph, graph_from_params
 from cbp_jax.trace import trace_graph
-from cbp_jax.transform import cbp
-from cbp_jax.transform import CbpState
-from cbp_jax.transform import LayerState
-from cbp_jax.transform import reset_batch_stats
-from cbp_jax.transform import unit_stats
+from cbp_jax.transform import CbpState, LayerState, cbp, reset_batch_stats, unit_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply_with_activations",
-    "capture_activations",
-    "cbp",
-    "CbpState",
-    "collect_activations",
-    "Consumer",
-    "graph_from_params",
-    "initializers",
-    "methods",
-    "metrics",
-    "Layer",
-    "LayerGraph",
-    "LayerState",
-    "models",
-    "prng",
-    "reset",
-    "resnet",
-    "sharding",
-    "utility",
-    "reset_batch_stats",
-    "sow_activation",
-    "trace_graph",
-    "unit_stats",
+  "apply_with_activations",
+  "capture_activations",
+  "cbp",
+  "CbpState",
+  "collect_activations",
+  "Consumer",
+  "graph_from_params",
+  "initializers",
+  "methods",
+  "metrics",
+  "Layer",
+  "LayerGraph",
+  "LayerState",
+  "models",
+  "prng",
+  "reset",
+  "resnet",
+  "sharding",
+  "utility",
+  "reset_batch_stats",
+  "sow_activation",
+  "trace_graph",
+  "unit_stats",
 ]
 
 # Moved to the repository's experiments/ folder; the old names warn and forward (cbp_jax/_moved.py).

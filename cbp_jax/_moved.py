@@ -45,9 +45,13 @@ def forward(old: str, new: str) -> None:
       repository, not in the installed package); the message says where the
       code went.
   """
-  warnings.warn(f"{old} moved to {new} (experiment infrastructure, in the repository's experiments/ "
-                f"folder, not in the cbp_jax package); import {new} instead. The old name will be "
-                "removed.", DeprecationWarning, stacklevel=_importer_stacklevel())
+  warnings.warn(
+    f"{old} moved to {new} (experiment infrastructure, in the repository's experiments/ "
+    f"folder, not in the cbp_jax package); import {new} instead. The old name will be "
+    "removed.",
+    DeprecationWarning,
+    stacklevel=_importer_stacklevel(),
+  )
   top = new.split(".")[0]
   try:
     module = importlib.import_module(new)
@@ -55,9 +59,11 @@ def forward(old: str, new: str) -> None:
     if e.name not in (top, new):
       raise  # The new module is there; one of its own dependencies is missing.
     raise ImportError(
-        f"{old} moved to {new}, which is not part of the installed cbp_jax package: it lives in the "
-        f"{top}/ folder of the cbp_jax repository. Run from a clone's root (where `import {new}` "
-        "works) and import it from there.", name=old) from e
+      f"{old} moved to {new}, which is not part of the installed cbp_jax package: it lives in the "
+      f"{top}/ folder of the cbp_jax repository. Run from a clone's root (where `import {new}` "
+      "works) and import it from there.",
+      name=old,
+    ) from e
   public = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
   namespace = vars(sys.modules[old])
   namespace.update({name: getattr(module, name) for name in public})

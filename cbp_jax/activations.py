@@ -23,10 +23,10 @@ from flax import nnx
 from cbp_jax import tree_paths
 
 __all__ = [
-    "apply_with_activations",
-    "capture_activations",
-    "collect_activations",
-    "sow_activation",
+  "apply_with_activations",
+  "capture_activations",
+  "collect_activations",
+  "sow_activation",
 ]
 
 
@@ -49,8 +49,7 @@ def sow_activation(module: nn.Module | nnx.Module, h: jax.Array) -> jax.Array:
   elif isinstance(module, nnx.Module):
     module.sow(nnx.Intermediate, _RECORD, h)
   else:
-    raise ValueError(
-        f"sow_activation needs a flax linen or nnx module, got {type(module).__name__}")
+    raise ValueError(f"sow_activation needs a flax linen or nnx module, got {type(module).__name__}")
   return h
 
 
@@ -70,12 +69,12 @@ def collect_activations(records: Any) -> dict[str, jax.Array]:
     keys = [tree_paths.key_to_str(k) for k in path]
     if _RECORD in keys:
       # Later sows append to a tuple; flatten order keeps the newest last.
-      found["/".join(keys[:keys.index(_RECORD)])] = leaf
+      found["/".join(keys[: keys.index(_RECORD)])] = leaf
   return found
 
 
 def apply_with_activations(
-    model: nn.Module, params: Any, *args: Any, **kwargs: Any
+  model: nn.Module, params: Any, *args: Any, **kwargs: Any
 ) -> tuple[Any, dict[str, jax.Array]]:
   """Runs a linen model and returns ``(output, activations)``.
 
@@ -92,8 +91,7 @@ def apply_with_activations(
   return out, collect_activations(state.get(_COLLECTION, {}))
 
 
-def capture_activations(module: nnx.Module, *args: Any, **kwargs: Any
-                        ) -> tuple[Any, dict[str, jax.Array]]:
+def capture_activations(module: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
   """Runs an nnx module and returns ``(output, activations)``.
 
   The nnx counterpart of `apply_with_activations`: the records that
@@ -120,7 +118,8 @@ def capture_activations(module: nnx.Module, *args: Any, **kwargs: Any
   """
   if not isinstance(module, nnx.Module):
     raise ValueError(
-        f"capture_activations needs an nnx.Module, got {type(module).__name__} "
-        "(for linen use cbp_jax.apply_with_activations)")
+      f"capture_activations needs an nnx.Module, got {type(module).__name__} "
+      "(for linen use cbp_jax.apply_with_activations)"
+    )
   out, records = nnx.capture(module, nnx.Intermediate)(*args, **kwargs)
   return out, collect_activations(records)

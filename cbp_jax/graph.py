@@ -18,23 +18,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
 
-from cbp_jax import initializers
-from cbp_jax import tree_paths
+from cbp_jax import initializers, tree_paths
 
 # `resolve` and the Resolved* records are the library's own plumbing (the transforms'
 # view of a graph in one parameter tree), not part of the API.
 __all__ = [
-    "Consumer",
-    "graph_from_params",
-    "LAYOUTS",
-    "Layer",
-    "LayerGraph",
+  "Consumer",
+  "graph_from_params",
+  "LAYOUTS",
+  "Layer",
+  "LayerGraph",
 ]
 
 
@@ -54,15 +53,14 @@ class Consumer:
       ``"channels_last"`` (NHWC flattened, input ``p * n + i``, flax's default)
       or ``"channels_first"`` (input ``i * P + p``).
   """
+
   kernel: str
   bias: str | None = None
   layout: str = "channels_last"
 
   def __post_init__(self):
     if self.layout not in LAYOUTS:
-      raise ValueError(
-          f"Consumer '{self.kernel}': layout must be one of {LAYOUTS}, "
-          f"got {self.layout!r}")
+      raise ValueError(f"Consumer '{self.kernel}': layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +78,7 @@ class Layer:
       ``var`` batch statistics are per unit, or None.
     activation: the hidden activation, used for the initialisation gain.
   """
+
   name: str
   kernel: str
   bias: str | None
@@ -92,9 +91,7 @@ class Layer:
     if not self.consumers:
       raise ValueError(f"Layer '{self.name}': needs at least one consumer")
     if not all(isinstance(c, Consumer) for c in self.consumers):
-      raise ValueError(
-          f"Layer '{self.name}': consumers must be Consumer objects, got "
-          f"{self.consumers!r}")
+      raise ValueError(f"Layer '{self.name}': consumers must be Consumer objects, got {self.consumers!r}")
     initializers.gain(self.activation)  # Fails early on an unknown name.
 
   @property
@@ -109,6 +106,7 @@ class Layer:
 @dataclasses.dataclass(frozen=True)
 class LayerGraph:
   """The hidden layers that CBP (or ReDo) maintains, in forward order."""
+
   layers: tuple[Layer, ...]
 
   def __post_init__(self):
@@ -134,6 +132,7 @@ class LayerGraph:
 @dataclasses.dataclass(frozen=True)
 class ResolvedConsumer:
   """A consumer with its leaf indices and geometry in one parameter tree."""
+
   kernel: int
   bias: int | None
   positions: int  # P: how many inputs of the kernel read each unit.
@@ -143,6 +142,7 @@ class ResolvedConsumer:
 @dataclasses.dataclass(frozen=True)
 class ResolvedLayer:
   """A layer with leaf indices into a flattened parameter tree."""
+
   layer: Layer
   width: int
   kernel: int
@@ -189,8 +189,9 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
     kshape = _shape(leaves[k])
     if len(kshape) < 2 or kshape[-1] == 0:
       raise ValueError(
-          f"{what}: kernel '{layer.kernel}' must have at least 2 axes and "
-          f"units on its last axis, got shape {kshape}")
+        f"{what}: kernel '{layer.kernel}' must have at least 2 axes and "
+        f"units on its last axis, got shape {kshape}"
+      )
     width = kshape[-1]
     if math.prod(kshape[:-1]) == 0:
       raise ValueError(f"{what}: kernel '{layer.kernel}' has no inputs, got shape {kshape}")
@@ -201,8 +202,9 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
       i = tree_paths.lookup(index, path, what)
       if _shape(leaves[i]) != (width,):
         raise ValueError(
-            f"{what}: {role} '{path}' must have shape ({width},) to match the "
-            f"kernel's {width} units, got {_shape(leaves[i])}")
+          f"{what}: {role} '{path}' must have shape ({width},) to match the "
+          f"kernel's {width} units, got {_shape(leaves[i])}"
+        )
       return i
 
     bias = vector(layer.bias, "bias")
@@ -211,9 +213,7 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
       has_scale = layer.norm_scale in index
       has_offset = layer.norm_offset in index
       if not (has_scale or has_offset):
-        raise ValueError(
-            f"{what}: norm '{layer.norm}' has neither 'scale' nor 'bias' "
-            "parameters in the tree")
+        raise ValueError(f"{what}: norm '{layer.norm}' has neither 'scale' nor 'bias' parameters in the tree")
       scale = vector(layer.norm_scale, "norm scale") if has_scale else None
       offset = vector(layer.norm_offset, "norm offset") if has_offset else None
 
@@ -223,22 +223,33 @@ def resolve(graph: LayerGraph, params: Any) -> tuple[tuple[ResolvedLayer, ...], 
       cshape = _shape(leaves[ck])
       if len(cshape) < 2 or cshape[-2] % width or 0 in cshape:
         raise ValueError(
-            f"{what}: consumer kernel '{c.kernel}' must read the {width} units "
-            f"on axis -2 (a multiple of {width} inputs), got shape {cshape}")
+          f"{what}: consumer kernel '{c.kernel}' must read the {width} units "
+          f"on axis -2 (a multiple of {width} inputs), got shape {cshape}"
+        )
       cb = None
       if c.bias is not None:
         cb = tree_paths.lookup(index, c.bias, what)
         if _shape(leaves[cb]) != (cshape[-1],):
           raise ValueError(
-              f"{what}: consumer bias '{c.bias}' must have shape "
-              f"({cshape[-1]},) to match '{c.kernel}', got {_shape(leaves[cb])}")
+            f"{what}: consumer bias '{c.bias}' must have shape "
+            f"({cshape[-1]},) to match '{c.kernel}', got {_shape(leaves[cb])}"
+          )
       consumers.append(ResolvedConsumer(ck, cb, cshape[-2] // width, c.layout))
 
     receptive = math.prod(kshape[:-2])
-    resolved.append(ResolvedLayer(
-        layer=layer, width=width, kernel=k, bias=bias, norm_scale=scale,
-        norm_offset=offset, consumers=tuple(consumers),
-        fan_in=math.prod(kshape[:-1]), fan_out=width * receptive))
+    resolved.append(
+      ResolvedLayer(
+        layer=layer,
+        width=width,
+        kernel=k,
+        bias=bias,
+        norm_scale=scale,
+        norm_offset=offset,
+        consumers=tuple(consumers),
+        fan_in=math.prod(kshape[:-1]),
+        fan_out=width * receptive,
+      )
+    )
   return tuple(resolved), leaves, treedef
 
 
@@ -265,19 +276,23 @@ def _modules(tree: Any, prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[st
 
 
 _AUTONAME = re.compile(r"^([A-Za-z][A-Za-z0-9]*)_(\d+)$")
-_TRACE_HINT = ("Trace the graph from the computation instead: "
-               "cbp_jax.trace_graph(fn, params, x) with fn(params, x) -> (output, activations)")
+_TRACE_HINT = (
+  "Trace the graph from the computation instead: "
+  "cbp_jax.trace_graph(fn, params, x) with fn(params, x) -> (output, activations)"
+)
 
 
 def _check_only_params(params: Any) -> None:
   """Refuses an nnx state that holds more than parameters (e.g. BatchStat)."""
   variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  others = sorted({type(v).__name__ for v in variables
-                   if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)})
+  others = sorted(
+    {type(v).__name__ for v in variables if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)}
+  )
   if others:
     raise ValueError(
-        f"graph_from_params got an nnx state holding {others} besides parameters; pass "
-        "nnx.state(model, nnx.Param)")
+      f"graph_from_params got an nnx state holding {others} besides parameters; pass "
+      "nnx.state(model, nnx.Param)"
+    )
 
 
 def _in_call_order(params: Any, modules: list) -> list:
@@ -294,22 +309,25 @@ def _in_call_order(params: Any, modules: list) -> list:
     return sorted(modules, key=lambda m: int(m[0][-1]))
   if isinstance(params, nnx.State):
     raise ValueError(
-        "graph_from_params: nnx.state sorts attribute names, so the call order of "
-        f"{names} cannot be read from it. {_TRACE_HINT}")
+      "graph_from_params: nnx.state sorts attribute names, so the call order of "
+      f"{names} cannot be read from it. {_TRACE_HINT}"
+    )
   parsed = [_AUTONAME.match(n) for n in names]
   custom = [n for n, m in zip(names, parsed) if m is None]
   if custom:
     raise ValueError(
-        f"graph_from_params: module names {custom} do not show the call order (dicts may come "
-        f"back with sorted keys). {_TRACE_HINT}")
+      f"graph_from_params: module names {custom} do not show the call order (dicts may come "
+      f"back with sorted keys). {_TRACE_HINT}"
+    )
   last: dict[str, tuple[int, str]] = {}
   for name, m in zip(names, parsed):
     kind, i = m.group(1), int(m.group(2))
     if kind in last and last[kind][0] >= i:
       raise ValueError(
-          f"graph_from_params: '{name}' comes after '{last[kind][1]}' in the parameter dict, so "
-          f"its keys were reordered (sorted as strings?) and the call order cannot be read. "
-          f"{_TRACE_HINT}")
+        f"graph_from_params: '{name}' comes after '{last[kind][1]}' in the parameter dict, so "
+        f"its keys were reordered (sorted as strings?) and the call order cannot be read. "
+        f"{_TRACE_HINT}"
+      )
     last[kind] = (i, name)
   return modules
 
@@ -356,8 +374,8 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
   """
   if isinstance(params, Mapping) and "params" in params and len(params) <= 3:
     raise ValueError(
-        "graph_from_params got a variables dict with a 'params' collection; "
-        "pass variables['params']")
+      "graph_from_params got a variables dict with a 'params' collection; pass variables['params']"
+    )
   _check_only_params(params)
   modules = list(_modules(params))
   if not modules:
@@ -366,9 +384,10 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
   if len(parents) > 1:
     names = ", ".join("/".join(p) for p, _ in modules)
     raise ValueError(
-        "graph_from_params infers only sequential stacks of sibling layers; "
-        f"these modules sit at different places: {names}. Declare a "
-        "cbp_jax.LayerGraph explicitly (e.g. for residual blocks)")
+      "graph_from_params infers only sequential stacks of sibling layers; "
+      f"these modules sit at different places: {names}. Declare a "
+      "cbp_jax.LayerGraph explicitly (e.g. for residual blocks)"
+    )
 
   modules = _in_call_order(params, modules)
   entries = []  # (kind, name, module)
@@ -382,58 +401,66 @@ def graph_from_params(params: Any, *, activation: str = "relu") -> LayerGraph:
     else:
       shapes = {k: _shape(v) for k, v in module.items()}
       raise ValueError(
-          f"graph_from_params cannot classify module '{name}' with parameters "
-          f"{shapes}: expected a Dense/Conv kernel (+bias) or a norm's "
-          "scale/bias. Declare a cbp_jax.LayerGraph explicitly")
+        f"graph_from_params cannot classify module '{name}' with parameters "
+        f"{shapes}: expected a Dense/Conv kernel (+bias) or a norm's "
+        "scale/bias. Declare a cbp_jax.LayerGraph explicitly"
+      )
 
   weights = [i for i, e in enumerate(entries) if e[0] == "weight"]
   if len(weights) < 2:
     raise ValueError(
-        "graph_from_params needs at least two weight layers (a hidden layer "
-        f"and its consumer), found {len(weights)}")
+      "graph_from_params needs at least two weight layers (a hidden layer "
+      f"and its consumer), found {len(weights)}"
+    )
   if weights[0] != 0:
-    raise ValueError(
-        f"graph_from_params: module '{entries[0][1]}' comes before the first "
-        "weight layer")
+    raise ValueError(f"graph_from_params: module '{entries[0][1]}' comes before the first weight layer")
 
   if weights[-1] != len(entries) - 1:
     raise ValueError(
-        f"graph_from_params: norm '{entries[-1][1]}' comes after the last weight layer "
-        f"'{entries[weights[-1]][1]}', so the call order cannot be read from the parameter "
-        "dict (were its keys sorted?). Use cbp_jax.trace_graph(fn, params, x)")
+      f"graph_from_params: norm '{entries[-1][1]}' comes after the last weight layer "
+      f"'{entries[weights[-1]][1]}', so the call order cannot be read from the parameter "
+      "dict (were its keys sorted?). Use cbp_jax.trace_graph(fn, params, x)"
+    )
   layers = []
   for producer_pos, consumer_pos in zip(weights, weights[1:]):
     _, name, module = entries[producer_pos]
     width = _shape(module["kernel"])[-1]
     if width == 0:
       raise ValueError(
-          f"graph_from_params: layer '{name}' has width 0 (kernel shape "
-          f"{_shape(module['kernel'])})")
-    between = entries[producer_pos + 1:consumer_pos]
+        f"graph_from_params: layer '{name}' has width 0 (kernel shape {_shape(module['kernel'])})"
+      )
+    between = entries[producer_pos + 1 : consumer_pos]
     if len(between) > 1:
       raise ValueError(
-          f"graph_from_params: more than one norm between '{name}' and "
-          f"'{entries[consumer_pos][1]}'")
+        f"graph_from_params: more than one norm between '{name}' and '{entries[consumer_pos][1]}'"
+      )
     norm = between[0][1] if between else None
     if norm is not None:
       for k, v in between[0][2].items():
         if _shape(v) != (width,):
           raise ValueError(
-              f"graph_from_params: norm '{norm}' parameter '{k}' has shape "
-              f"{_shape(v)}, expected ({width},) for layer '{name}'")
+            f"graph_from_params: norm '{norm}' parameter '{k}' has shape "
+            f"{_shape(v)}, expected ({width},) for layer '{name}'"
+          )
     _, consumer_name, consumer = entries[consumer_pos]
     inputs = _shape(consumer["kernel"])[-2]
     if inputs % width:
       raise ValueError(
-          f"graph_from_params: '{consumer_name}/kernel' reads {inputs} inputs, "
-          f"not a multiple of the {width} units of '{name}'")
-    layers.append(Layer(
+        f"graph_from_params: '{consumer_name}/kernel' reads {inputs} inputs, "
+        f"not a multiple of the {width} units of '{name}'"
+      )
+    layers.append(
+      Layer(
         name=name,
         kernel=f"{name}/kernel",
         bias=f"{name}/bias" if "bias" in module else None,
-        consumers=(Consumer(
-            kernel=f"{consumer_name}/kernel",
-            bias=f"{consumer_name}/bias" if "bias" in consumer else None),),
+        consumers=(
+          Consumer(
+            kernel=f"{consumer_name}/kernel", bias=f"{consumer_name}/bias" if "bias" in consumer else None
+          ),
+        ),
         norm=norm,
-        activation=activation))
+        activation=activation,
+      )
+    )
   return LayerGraph(tuple(layers))

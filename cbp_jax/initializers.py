@@ -23,14 +23,14 @@ from cbp_jax import prng
 
 # `standard_draw` and `check_initializer` serve the reset kernel and the transforms.
 __all__ = [
-    "ACTIVATIONS",
-    "gain",
-    "initializer",
-    "INITS",
-    "is_initializer",
-    "NORMAL_INITS",
-    "scale",
-    "TRUNCATED_INITS",
+  "ACTIVATIONS",
+  "gain",
+  "initializer",
+  "INITS",
+  "is_initializer",
+  "NORMAL_INITS",
+  "scale",
+  "TRUNCATED_INITS",
 ]
 
 
@@ -42,19 +42,19 @@ _TRUNCATED_STD = 0.87962566103423978
 
 # torch.nn.init.calculate_gain; swish and elu use ReLU's gain as the reference does.
 _GAINS = {
-    "linear": 1.0,
-    "identity": 1.0,
-    "sigmoid": 1.0,
-    "tanh": 5.0 / 3.0,
-    "relu": math.sqrt(2.0),
-    "swish": math.sqrt(2.0),
-    "elu": math.sqrt(2.0),
-    "leaky_relu": math.sqrt(2.0 / (1.0 + 0.01 ** 2)),
-    "selu": 0.75,
-    "silu": math.sqrt(2.0),  # The same function as swish.
-    # PyTorch has no GELU gain; this is Kaiming's rule 1 / sqrt(E[gelu(z)^2]), z ~ N(0, 1)
-    # (the same rule gives ReLU's sqrt(2)).
-    "gelu": 1.5335304411955326,
+  "linear": 1.0,
+  "identity": 1.0,
+  "sigmoid": 1.0,
+  "tanh": 5.0 / 3.0,
+  "relu": math.sqrt(2.0),
+  "swish": math.sqrt(2.0),
+  "elu": math.sqrt(2.0),
+  "leaky_relu": math.sqrt(2.0 / (1.0 + 0.01**2)),
+  "selu": 0.75,
+  "silu": math.sqrt(2.0),  # The same function as swish.
+  # PyTorch has no GELU gain; this is Kaiming's rule 1 / sqrt(E[gelu(z)^2]), z ~ N(0, 1)
+  # (the same rule gives ReLU's sqrt(2)).
+  "gelu": 1.5335304411955326,
 }
 ACTIVATIONS = tuple(_GAINS)
 
@@ -63,8 +63,8 @@ def gain(activation: str) -> float:
   """Returns the initialisation gain of ``activation`` (PyTorch's table)."""
   if activation not in _GAINS:
     raise ValueError(
-        f"unknown activation {activation!r} for the initialisation gain; "
-        f"expected one of {ACTIVATIONS}")
+      f"unknown activation {activation!r} for the initialisation gain; expected one of {ACTIVATIONS}"
+    )
   return _GAINS[activation]
 
 
@@ -131,19 +131,20 @@ def check_initializer(init) -> None:
   """
   if isinstance(init, str) or not callable(init):
     if init not in INITS:
-      raise ValueError(
-          f"init must be one of {INITS} or a callable init(key, shape, dtype), got {init!r}")
+      raise ValueError(f"init must be one of {INITS} or a callable init(key, shape, dtype), got {init!r}")
     return
   try:
     out = jax.eval_shape(lambda key: init(key, (3, 2), jnp.float32), jax.random.key(0))
   except Exception as e:  # Whatever the callable raises, say which argument it was.
     raise ValueError(
-        f"init={init!r} is not a jax.nn.initializers-style callable init(key, shape, dtype): "
-        f"calling it on a (3, 2) kernel failed with {type(e).__name__}: {e}") from e
+      f"init={init!r} is not a jax.nn.initializers-style callable init(key, shape, dtype): "
+      f"calling it on a (3, 2) kernel failed with {type(e).__name__}: {e}"
+    ) from e
   if getattr(out, "shape", None) != (3, 2):
     raise ValueError(
-        f"init={init!r} must return an array of the requested shape; for (3, 2) it returned "
-        f"{getattr(out, 'shape', out)}")
+      f"init={init!r} must return an array of the requested shape; for (3, 2) it returned "
+      f"{getattr(out, 'shape', out)}"
+    )
 
 
 def initializer(init: str = "kaiming", activation: str = "relu") -> jax.nn.initializers.Initializer:

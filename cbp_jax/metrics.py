@@ -41,30 +41,29 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from cbp_jax import tree_paths
-from cbp_jax import validation
+from cbp_jax import tree_paths, validation
 
 __all__ = [
-    "dead_unit_fraction",
-    "active_fractions",
-    "rarely_active_fraction",
-    "dormant_scores",
-    "dormant_fraction",
-    "effective_rank",
-    "approximate_rank",
-    "stable_rank",
-    "singular_values",
-    "weight_magnitude",
-    "feature_norm",
-    "gradient_norm",
-    "saturated_fraction",
-    "linearised_fraction",
-    "parameter_drift",
-    "output_churn",
-    "prediction_churn",
-    "trainability_probe",
-    "top_hessian_eigenvalue",
-    "layer_metrics",
+  "dead_unit_fraction",
+  "active_fractions",
+  "rarely_active_fraction",
+  "dormant_scores",
+  "dormant_fraction",
+  "effective_rank",
+  "approximate_rank",
+  "stable_rank",
+  "singular_values",
+  "weight_magnitude",
+  "feature_norm",
+  "gradient_norm",
+  "saturated_fraction",
+  "linearised_fraction",
+  "parameter_drift",
+  "output_churn",
+  "prediction_churn",
+  "trainability_probe",
+  "top_hessian_eigenvalue",
+  "layer_metrics",
 ]
 
 
@@ -85,8 +84,8 @@ def _check_activations(h: Any, fn: str, name: str = "h") -> jax.Array:
   h = _as_array(h, name, fn)
   if h.ndim < 2:
     raise ValueError(
-        f"{fn}: `{name}` must have shape (batch, ..., n_units) with ndim >= 2 (unit axis last), got shape "
-        f"{tuple(h.shape)} (ndim {h.ndim}). For a single sample, add a leading batch axis: {name}[None]."
+      f"{fn}: `{name}` must have shape (batch, ..., n_units) with ndim >= 2 (unit axis last), got shape "
+      f"{tuple(h.shape)} (ndim {h.ndim}). For a single sample, add a leading batch axis: {name}[None]."
     )
   if h.shape[-1] == 0:
     raise ValueError(f"{fn}: `{name}` has no units (last axis has size 0), shape {tuple(h.shape)}.")
@@ -284,12 +283,18 @@ def _check_activation_name(activation: Any, fn: str, allowed: tuple[str, ...]) -
 
 def _check_margin(margin: Any, fn: str) -> None:
   v = validation.scalar("margin", margin)
-  if v is not None and not (0.0 <= v < 0.5):  # also rejects NaN; 0.5 would call every sigmoid output saturated
+  if v is not None and not (
+    0.0 <= v < 0.5
+  ):  # also rejects NaN; 0.5 would call every sigmoid output saturated
     raise ValueError(f"{fn}: `margin` must be in [0, 0.5), got {margin!r}.")
 
 
-def saturated_fraction(h: jax.Array, activation: str = "tanh", margin: float | jax.Array = 0.05,
-                       threshold: float | jax.Array = 0.99) -> jax.Array:
+def saturated_fraction(
+  h: jax.Array,
+  activation: str = "tanh",
+  margin: float | jax.Array = 0.05,
+  threshold: float | jax.Array = 0.99,
+) -> jax.Array:
   """Fraction of saturated units: within ``margin`` of an end of the activation's range on almost every sample.
 
   For tanh/sigmoid-family nets the dead-unit fraction says nothing (a tanh unit is never exactly 0); the units
@@ -493,6 +498,7 @@ def stable_rank(features: jax.Array, threshold: float = 0.99) -> jax.Array:
 # Magnitudes.
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _kernels(params: Any, fn: str) -> list[tuple[str, Any]]:
   """``[(path, leaf)]`` of the non-empty leaves whose last path key is ``"kernel"``, in tree order.
 
@@ -510,8 +516,8 @@ def _kernels(params: Any, fn: str) -> list[tuple[str, Any]]:
     found.append((name, leaf))
   if not found:
     raise ValueError(
-        f"{fn}: `params` has no non-empty leaf whose last path key is 'kernel'; got paths "
-        f"{[tree_paths.path_to_str(p) for p, _ in leaves][:10]}."
+      f"{fn}: `params` has no non-empty leaf whose last path key is 'kernel'; got paths "
+      f"{[tree_paths.path_to_str(p) for p, _ in leaves][:10]}."
     )
   return found
 
@@ -636,8 +642,9 @@ def parameter_drift(params: Any, init_params: Any) -> dict[str, jax.Array]:
     w0 = initial.get(name)
     if w0 is None or jnp.shape(w0) != jnp.shape(leaf):
       raise ValueError(
-          f"parameter_drift: kernel {name!r} has shape {jnp.shape(leaf)} in `params` but "
-          f"{'is missing' if w0 is None else f'shape {jnp.shape(w0)}'} in `init_params`.")
+        f"parameter_drift: kernel {name!r} has shape {jnp.shape(leaf)} in `params` but "
+        f"{'is missing' if w0 is None else f'shape {jnp.shape(w0)}'} in `init_params`."
+      )
     sq = jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32) - jnp.asarray(w0, jnp.float32)))
     out[name] = jnp.sqrt(sq)
     total = total + sq
@@ -708,8 +715,14 @@ def _check_steps(steps: Any, name: str, fn: str) -> None:
     raise ValueError(f"{fn}: `{name}` must be a Python int >= 1 (a static loop length), got {steps!r}.")
 
 
-def trainability_probe(loss_fn: Callable[[Any, Any, Any], jax.Array], params: Any, inputs: Any, targets: Any,
-                       optimizer: optax.GradientTransformation, steps: int) -> dict[str, jax.Array]:
+def trainability_probe(
+  loss_fn: Callable[[Any, Any, Any], jax.Array],
+  params: Any,
+  inputs: Any,
+  targets: Any,
+  optimizer: optax.GradientTransformation,
+  steps: int,
+) -> dict[str, jax.Array]:
   """How much of a fresh task's loss a copy of the network can remove in ``steps`` steps: plasticity, directly.
 
   Trains a copy of ``params`` (the caller's are untouched: JAX arrays are immutable) with ``optimizer``, from a
@@ -744,7 +757,9 @@ def trainability_probe(loss_fn: Callable[[Any, Any, Any], jax.Array], params: An
   fn = "trainability_probe"
   _check_steps(steps, "steps", fn)
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-    raise ValueError(f"{fn}: `optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
+    raise ValueError(
+      f"{fn}: `optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+    )
   value_and_grad = jax.value_and_grad(lambda p: loss_fn(p, inputs, targets))
 
   def step(carry, _):
@@ -760,8 +775,9 @@ def trainability_probe(loss_fn: Callable[[Any, Any, Any], jax.Array], params: An
   return {"loss_before": before, "loss_after": after, "loss_reduction": reduction}
 
 
-def top_hessian_eigenvalue(loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array,
-                           num_iterations: int = 20) -> jax.Array:
+def top_hessian_eigenvalue(
+  loss_fn: Callable[[Any], jax.Array], params: Any, key: jax.Array, num_iterations: int = 20
+) -> jax.Array:
   """The largest eigenvalue of the loss's Hessian in ``params``, by Lanczos on Hessian-vector products.
 
   The Hessian is never formed: each iteration is one Hessian-vector product (forward-over-reverse
@@ -840,21 +856,28 @@ def _layer_activation(activation: Any, name: str) -> str | None:
     act = activation
   elif isinstance(activation, Mapping):
     if name not in activation:
-      raise ValueError(f"layer_metrics: `activation` has no entry for layer {name!r} (has {sorted(activation)}).")
+      raise ValueError(
+        f"layer_metrics: `activation` has no entry for layer {name!r} (has {sorted(activation)})."
+      )
     act = activation[name]
   else:
     raise ValueError(
-        f"layer_metrics: `activation` must be None, a name or a mapping from layer to name, got "
-        f"{type(activation).__name__}.")
+      f"layer_metrics: `activation` must be None, a name or a mapping from layer to name, got "
+      f"{type(activation).__name__}."
+    )
   if act is not None and not isinstance(act, str):
     raise ValueError(f"layer_metrics: the activation of layer {name!r} must be a name, got {act!r}.")
   return act
 
 
 def layer_metrics(
-    activations: Mapping[str, jax.Array], tau: float = 0.0, threshold: float = 0.99,
-    activity_threshold: float = 0.01, activation: str | Mapping[str, str] | None = None,
-    margin: float = 0.05, saturation_threshold: float = 0.99,
+  activations: Mapping[str, jax.Array],
+  tau: float = 0.0,
+  threshold: float = 0.99,
+  activity_threshold: float = 0.01,
+  activation: str | Mapping[str, str] | None = None,
+  margin: float = 0.05,
+  saturation_threshold: float = 0.99,
 ) -> dict[str, dict[str, jax.Array]]:
   """The unit and rank metrics that fit each layer's activation, for a dict of layer activations.
 
@@ -900,8 +923,8 @@ def layer_metrics(
   """
   if not isinstance(activations, Mapping):
     raise ValueError(
-        f"layer_metrics: `activations` must be a mapping from layer name to array, got "
-        f"{type(activations).__name__}."
+      f"layer_metrics: `activations` must be a mapping from layer name to array, got "
+      f"{type(activations).__name__}."
     )
   _check_tau(tau, "layer_metrics")
   _check_threshold(threshold, "layer_metrics")
@@ -922,11 +945,11 @@ def layer_metrics(
     if act in SATURATING_RANGES:
       units["saturated_fraction"] = saturated_fraction(h, act, margin, saturation_threshold)
     out[name] = {
-        **units,
-        "dormant_fraction": dormant_fraction(h, tau),
-        "effective_rank": _effective_rank_from_sv(sv),
-        "stable_rank": _cumulative_rank(sv, threshold),
-        "approximate_rank": _cumulative_rank(jnp.square(sv), threshold),
-        "feature_norm": feature_norm(h),
+      **units,
+      "dormant_fraction": dormant_fraction(h, tau),
+      "effective_rank": _effective_rank_from_sv(sv),
+      "stable_rank": _cumulative_rank(sv, threshold),
+      "approximate_rank": _cumulative_rank(jnp.square(sv), threshold),
+      "feature_norm": feature_norm(h),
     }
   return out

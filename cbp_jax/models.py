@@ -18,7 +18,7 @@ convolution as patches times a matrix. The two agree to float rounding
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,26 +28,26 @@ from cbp_jax import initializers
 from cbp_jax.activations import sow_activation
 
 __all__ = [
-    "ACTIVATION_FNS",
-    "conv_function",
-    "conv_im2col",
-    "CONV_IMPLS",
-    "ConvNet",
-    "max_pool_2x2",
-    "MLP",
-    "resolve_conv",
+  "ACTIVATION_FNS",
+  "conv_function",
+  "conv_im2col",
+  "CONV_IMPLS",
+  "ConvNet",
+  "max_pool_2x2",
+  "MLP",
+  "resolve_conv",
 ]
 
 
 ACTIVATION_FNS = {
-    "relu": nn.relu,
-    "tanh": jnp.tanh,
-    "sigmoid": nn.sigmoid,
-    "leaky_relu": nn.leaky_relu,
-    "swish": nn.swish,
-    "elu": nn.elu,
-    "selu": nn.selu,
-    "linear": lambda x: x,
+  "relu": nn.relu,
+  "tanh": jnp.tanh,
+  "sigmoid": nn.sigmoid,
+  "leaky_relu": nn.leaky_relu,
+  "swish": nn.swish,
+  "elu": nn.elu,
+  "selu": nn.selu,
+  "linear": lambda x: x,
 }
 
 
@@ -65,10 +65,18 @@ def _activation_fn(name: str):
 # ---------------------------------------------------------------------------
 
 
-def conv_im2col(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int] = (1, 1),
-                padding: str | Sequence[tuple[int, int]] = "VALID", lhs_dilation=None,
-                rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                precision=None, preferred_element_type=None) -> jax.Array:
+def conv_im2col(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int] = (1, 1),
+  padding: str | Sequence[tuple[int, int]] = "VALID",
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jax.Array:
   """A 2-D NHWC x HWIO convolution as patches @ kernel (``lax.conv_general_dilated``'s signature).
 
   Supports what the models here use: any kernel size, strides and padding
@@ -100,7 +108,8 @@ def conv_im2col(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int] = 
     raise ValueError(f"conv_im2col: feature_group_count must be 1, got {feature_group_count}")
   if lhs.ndim != 4 or rhs.ndim != 4:
     raise ValueError(
-        f"conv_im2col: expected NHWC inputs and an HWIO kernel, got shapes {lhs.shape}, {rhs.shape}")
+      f"conv_im2col: expected NHWC inputs and an HWIO kernel, got shapes {lhs.shape}, {rhs.shape}"
+    )
   del dimension_numbers, preferred_element_type  # NHWC/HWIO (flax's default) is assumed.
   kh, kw, c, out = rhs.shape
   if lhs.shape[-1] != c:
@@ -113,12 +122,14 @@ def conv_im2col(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int] = 
   x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   h = (x.shape[1] - kh) // sh + 1
   w = (x.shape[2] - kw) // sw + 1
-  cols = [x[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
+  cols = [
+    x[:, i : i + sh * (h - 1) + 1 : sh, j : j + sw * (w - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
   # Patch entry (i * kw + j) * C + c meets kernel[i, j, c]: the HWIO reshape order.
-  y = jnp.dot(patches.reshape(-1, kh * kw * c), rhs.reshape(kh * kw * c, out),
-              precision=precision)
+  y = jnp.dot(patches.reshape(-1, kh * kw * c), rhs.reshape(kh * kw * c, out), precision=precision)
   return y.reshape(lhs.shape[0], h, w, out)
 
 
@@ -133,7 +144,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   usual tie is at 0, where the ReLU's own gradient is 0 anyway.
   """
   n, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2]
+  x = x[:, : h - h % 2, : w - w % 2]
   return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
@@ -183,6 +194,7 @@ class MLP(nn.Module):
       layer and its activation, as in the LayerNorm + weight decay baseline
       (Lyle et al. 2024); `cbp_jax.graph_from_params` pairs each with its layer.
   """
+
   hidden: Sequence[int]
   outputs: int
   activation: str = "relu"
@@ -195,15 +207,23 @@ class MLP(nn.Module):
     act = _activation_fn(self.activation)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      dense = nn.Dense(width, kernel_init=initializers.initializer(self.init_scheme, self.activation),
-                       param_dtype=self.param_dtype, dtype=self.param_dtype)
+      dense = nn.Dense(
+        width,
+        kernel_init=initializers.initializer(self.init_scheme, self.activation),
+        param_dtype=self.param_dtype,
+        dtype=self.param_dtype,
+      )
       x = dense(x)
       if self.layer_norm:
         x = nn.LayerNorm(param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
       x = sow_activation(dense, act(x))
     # The head is drawn like the reference's output layer: U(+-sqrt(3/fan_in)).
-    return nn.Dense(self.outputs, kernel_init=initializers.initializer("lecun"),
-                    param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
+    return nn.Dense(
+      self.outputs,
+      kernel_init=initializers.initializer("lecun"),
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )(x)
 
 
 class ConvNet(nn.Module):
@@ -222,6 +242,7 @@ class ConvNet(nn.Module):
       ``"im2col"``, ``"auto"`` or a ``lax.conv_general_dilated``-like
       function. Parameters do not depend on it.
   """
+
   outputs: int = 2
   init_scheme: str = "default"
   param_dtype: jnp.dtype = jnp.float32
@@ -232,15 +253,24 @@ class ConvNet(nn.Module):
     kernel_init = initializers.initializer(self.init_scheme, "relu")
     conv_fn = conv_function(self.conv)
     for features, size in ((32, 5), (64, 3), (128, 3)):
-      conv = nn.Conv(features, (size, size), padding="VALID", kernel_init=kernel_init,
-                     conv_general_dilated=conv_fn,
-                     param_dtype=self.param_dtype, dtype=self.param_dtype)
+      conv = nn.Conv(
+        features,
+        (size, size),
+        padding="VALID",
+        kernel_init=kernel_init,
+        conv_general_dilated=conv_fn,
+        param_dtype=self.param_dtype,
+        dtype=self.param_dtype,
+      )
       x = max_pool_2x2(nn.relu(conv(x)))
       sow_activation(conv, x)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
-      dense = nn.Dense(128, kernel_init=kernel_init,
-                       param_dtype=self.param_dtype, dtype=self.param_dtype)
+      dense = nn.Dense(128, kernel_init=kernel_init, param_dtype=self.param_dtype, dtype=self.param_dtype)
       x = sow_activation(dense, nn.relu(dense(x)))
-    return nn.Dense(self.outputs, kernel_init=initializers.initializer("default"),
-                    param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
+    return nn.Dense(
+      self.outputs,
+      kernel_init=initializers.initializer("default"),
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )(x)

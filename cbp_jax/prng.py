@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "normal",
-    "split",
-    "uniform",
+  "normal",
+  "split",
+  "uniform",
 ]
 
 
@@ -32,8 +32,7 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
 
 
-def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array,
-                  x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as jax computes it."""
   ks = (k1, k2, k1 ^ k2 ^ _PARITY)
   x1, x2 = x1 + ks[0], x2 + ks[1]
@@ -47,14 +46,15 @@ def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array,
 
 
 def _is_threefry(key: jax.Array) -> bool:
-  return (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-          and str(jax.random.key_impl(key)) == "threefry2x32")
+  return (
+    jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and str(jax.random.key_impl(key)) == "threefry2x32"
+  )
 
 
 def _hash_counts(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """The two hash words of every position of ``shape`` (row-major counter)."""
   size = math.prod(shape)
-  if size >= 2 ** 32:
+  if size >= 2**32:
     raise ValueError(f"cbp_jax.prng: at most 2**32 - 1 numbers per call, asked for shape {shape}")
   data = jax.random.key_data(key)
   counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
@@ -69,8 +69,7 @@ def split(key: jax.Array, num: int = 2) -> jax.Array:
   return jax.random.wrap_key_data(jnp.stack([hi, lo], axis=-1), impl="threefry2x32")
 
 
-def uniform(key: jax.Array, shape: tuple[int, ...], minval: float = 0.0,
-            maxval: float = 1.0) -> jax.Array:
+def uniform(key: jax.Array, shape: tuple[int, ...], minval: float = 0.0, maxval: float = 1.0) -> jax.Array:
   """``jax.random.uniform(key, shape, jnp.float32, minval, maxval)``, fused."""
   if not _is_threefry(key):
     return jax.random.uniform(key, shape, jnp.float32, minval, maxval)

@@ -24,26 +24,25 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cbp_jax import initializers
-from cbp_jax import prng
+from cbp_jax import initializers, prng
 from cbp_jax.graph import ResolvedLayer
 
 # `take_post_step` serves `cbp`'s magnitude cache.
 __all__ = [
-    "reset_optimizer_state",
-    "reset_units",
-    "select_lowest",
-    "Selection",
-    "state_param_leaves",
-    "touched_slices",
+  "reset_optimizer_state",
+  "reset_units",
+  "select_lowest",
+  "Selection",
+  "state_param_leaves",
+  "touched_slices",
 ]
-
 
 
 class Selection(NamedTuple):
@@ -51,6 +50,7 @@ class Selection(NamedTuple):
 
   Slots holding ``width`` (out of range) are empty.
   """
+
   indices: jax.Array
 
   def mask(self, width: int) -> jax.Array:
@@ -61,9 +61,7 @@ class Selection(NamedTuple):
     return jnp.sum(self.indices < width).astype(jnp.int32)
 
 
-def select_lowest(
-    scores: jax.Array, eligible: jax.Array, count: jax.Array, max_count: int
-) -> Selection:
+def select_lowest(scores: jax.Array, eligible: jax.Array, count: jax.Array, max_count: int) -> Selection:
   """Selects the ``count`` eligible units of lowest score (at most ``max_count``).
 
   Non-finite scores are never selected. Ties go to the lower index.
@@ -109,8 +107,7 @@ def _where_along(x: jax.Array, axis: int, idx: jax.Array, values: jax.Array) -> 
 _MAX_SELECTS = 8
 
 
-def _place_columns(update: jax.Array, idx: jax.Array, fresh: jax.Array,
-                   param: jax.Array) -> jax.Array:
+def _place_columns(update: jax.Array, idx: jax.Array, fresh: jax.Array, param: jax.Array) -> jax.Array:
   """``update`` with column ``idx[j]`` set to ``fresh[..., j] - param``.
 
   So ``param + update`` holds the new column ``fresh[..., j]`` exactly where
@@ -125,23 +122,22 @@ def _place_columns(update: jax.Array, idx: jax.Array, fresh: jax.Array,
     column = jnp.arange(width)
     spread = fresh[..., 0:1]
     for j in range(1, slots):
-      spread = jnp.where(column == idx[j], fresh[..., j:j + 1], spread)
+      spread = jnp.where(column == idx[j], fresh[..., j : j + 1], spread)
     return _where_along(update, -1, idx, spread - param)
-  slot = jnp.zeros((width,), jnp.int32).at[idx].set(jnp.arange(slots, dtype=jnp.int32),
-                                                    mode="drop")
+  slot = jnp.zeros((width,), jnp.int32).at[idx].set(jnp.arange(slots, dtype=jnp.int32), mode="drop")
   spread = jnp.take(fresh, slot, axis=-1)
   return _where_along(update, -1, idx, spread - param)
 
 
-def take_post_step(param: jax.Array, update: jax.Array, indices: jax.Array,
-                   axis: int) -> jax.Array:
+def take_post_step(param: jax.Array, update: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
   """``param + update`` at ``indices`` along ``axis``, in float32 (0 at empty slots).
 
   Gathering the two apart keeps ``param + update`` from being materialised
   for the whole kernel when only a few rows or columns are needed.
   """
-  return sum(jnp.take(x, indices, axis=axis, mode="fill", fill_value=0).astype(jnp.float32)
-             for x in (param, update))
+  return sum(
+    jnp.take(x, indices, axis=axis, mode="fill", fill_value=0).astype(jnp.float32) for x in (param, update)
+  )
 
 
 def _consumer_inputs(selection: Selection, width: int, positions: int, layout: str) -> jax.Array:
@@ -153,7 +149,7 @@ def _consumer_inputs(selection: Selection, width: int, positions: int, layout: s
 
 
 def touched_slices(
-    layers: Sequence[ResolvedLayer], selections: dict[str, Selection]
+  layers: Sequence[ResolvedLayer], selections: dict[str, Selection]
 ) -> dict[int, list[tuple[int, jax.Array]]]:
   """Per parameter leaf, the ``(axis, indices)`` slices the reset rewrites.
 
@@ -173,8 +169,9 @@ def touched_slices(
   return touched
 
 
-def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict[str, Selection],
-                 key: jax.Array, init: Any) -> list[jax.Array]:
+def _new_columns(
+  p: list[Any], layers: Sequence[ResolvedLayer], selections: dict[str, Selection], key: jax.Array, init: Any
+) -> list[jax.Array]:
   """Per layer, the ``K`` new incoming columns, ``kernel.shape[:-1] + (K,)``.
 
   A named init makes one draw for every layer's columns: per-call PRNG
@@ -184,8 +181,7 @@ def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict
   O(kernel) draw is skipped (`lax.cond`) on steps where the layer replaces
   nothing (under `vmap` both branches run).
   """
-  shapes = [p[layer.kernel].shape[:-1] + selections[layer.name].indices.shape
-            for layer in layers]
+  shapes = [p[layer.kernel].shape[:-1] + selections[layer.name].indices.shape for layer in layers]
   if callable(init):
     columns = []
     for layer, shape, layer_key in zip(layers, shapes, prng.split(key, len(layers))):
@@ -196,26 +192,29 @@ def _new_columns(p: list[Any], layers: Sequence[ResolvedLayer], selections: dict
         full = init(layer_key, kernel.shape, kernel.dtype)
         return jnp.take(full, idx, axis=-1, mode="fill", fill_value=0).astype(jnp.float32)
 
-      columns.append(jax.lax.cond(jnp.any(idx < layer.width), draw,
-                                  lambda shape=shape: jnp.zeros(shape, jnp.float32)))
+      columns.append(
+        jax.lax.cond(jnp.any(idx < layer.width), draw, lambda shape=shape: jnp.zeros(shape, jnp.float32))
+      )
     return columns
   sizes = [math.prod(shape) for shape in shapes]
   noise = initializers.standard_draw(init, key, (sum(sizes),))
   offsets = itertools.accumulate(sizes, initial=0)
-  return [initializers.scale(init, layer.fan_in, layer.fan_out, layer.layer.activation)
-          * noise[offset:offset + size].reshape(shape)
-          for layer, shape, size, offset in zip(layers, shapes, sizes, offsets)]
+  return [
+    initializers.scale(init, layer.fan_in, layer.fan_out, layer.layer.activation)
+    * noise[offset : offset + size].reshape(shape)
+    for layer, shape, size, offset in zip(layers, shapes, sizes, offsets)
+  ]
 
 
 def reset_units(
-    updates: Any,
-    params: Any,
-    layers: Sequence[ResolvedLayer],
-    selections: dict[str, Selection],
-    key: jax.Array,
-    *,
-    init: str,
-    mean_activation: dict[str, jax.Array] | None = None,
+  updates: Any,
+  params: Any,
+  layers: Sequence[ResolvedLayer],
+  selections: dict[str, Selection],
+  key: jax.Array,
+  *,
+  init: str,
+  mean_activation: dict[str, jax.Array] | None = None,
 ) -> Any:
   """Rewrites ``updates`` so that applying them resets the selected units.
 
@@ -238,8 +237,8 @@ def reset_units(
   u_leaves, treedef = jax.tree.flatten(updates)
   if len(u_leaves) != len(p):
     raise ValueError(
-        f"updates have {len(u_leaves)} leaves but params have {len(p)}; they "
-        "must share one structure")
+      f"updates have {len(u_leaves)} leaves but params have {len(p)}; they must share one structure"
+    )
   u = list(u_leaves)
 
   if mean_activation is not None:
@@ -297,16 +296,17 @@ def state_param_leaves(inner: optax.GradientTransformation, state: Any, params: 
     optax.tree_utils.tree_map_params(inner, record, positions, param_ids)
   except Exception as e:  # Any failure means we cannot locate its statistics.
     raise ValueError(
-        "optimizer=...: cannot locate the per-parameter statistics of this "
-        f"optimizer with optax.tree_utils.tree_map_params: {e}") from e
+      "optimizer=...: cannot locate the per-parameter statistics of this "
+      f"optimizer with optax.tree_utils.tree_map_params: {e}"
+    ) from e
   return mapping
 
 
 def reset_optimizer_state(
-    inner: optax.GradientTransformation,
-    state: Any,
-    new_params: Any,
-    touched: dict[int, list[tuple[int, jax.Array]]],
+  inner: optax.GradientTransformation,
+  state: Any,
+  new_params: Any,
+  touched: dict[int, list[tuple[int, jax.Array]]],
 ) -> Any:
   """Restarts the statistics of the touched entries in ``inner``'s state.
 

@@ -36,7 +36,8 @@ takes the same field.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +45,19 @@ from flax import linen as nn
 
 from cbp_jax.activations import sow_activation
 from cbp_jax.graph import Consumer, Layer, LayerGraph
+
 # The convolution choice (``conv`` field) is shared with `cbp_jax.models.ConvNet`.
 from cbp_jax.models import conv_function
 
 __all__ = [
-    "BasicBlock",
-    "block_names",
-    "conv_kernel_init",
-    "head_kernel_init",
-    "relu_layer_names",
-    "RESNET18_STAGES",
-    "ResNet18",
-    "resnet_graph",
+  "BasicBlock",
+  "block_names",
+  "conv_kernel_init",
+  "head_kernel_init",
+  "relu_layer_names",
+  "RESNET18_STAGES",
+  "ResNet18",
+  "resnet_graph",
 ]
 
 
@@ -73,6 +75,7 @@ head_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 class BasicBlock(nn.Module):
   """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; records both ReLUs."""
+
   features: int
   strides: int = 1
   conv: str | Callable = "auto"
@@ -81,16 +84,26 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     conv = functools.partial(
-        nn.Conv, use_bias=True, kernel_init=conv_kernel_init, conv_general_dilated=conv_function(self.conv),
-        param_dtype=self.param_dtype, dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, param_dtype=self.param_dtype, dtype=self.param_dtype)
+      nn.Conv,
+      use_bias=True,
+      kernel_init=conv_kernel_init,
+      conv_general_dilated=conv_function(self.conv),
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )
     conv1 = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv1")
     h = sow_activation(conv1, nn.relu(norm(name="bn1")(conv1(x))))
     y = norm(name="bn2")(conv(self.features, (3, 3), padding=1, name="conv2")(h))
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = conv(self.features, (1, 1), strides=self.strides, padding=0,
-                      name="shortcut_conv")(x)
+      shortcut = conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
       shortcut = norm(name="shortcut_bn")(shortcut)
     else:
       shortcut = x
@@ -110,6 +123,7 @@ class ResNet18(nn.Module):
       (`cbp_jax.models.conv_function`).
     param_dtype: dtype of parameters and computation.
   """
+
   num_classes: int = 100
   width: int = 64
   stage_sizes: Sequence[int] = RESNET18_STAGES
@@ -118,20 +132,43 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True, return_features: bool = False):
-    stem = nn.Conv(self.width, (3, 3), padding=1, use_bias=True, kernel_init=conv_kernel_init,
-                   conv_general_dilated=conv_function(self.conv), name="stem_conv",
-                   param_dtype=self.param_dtype, dtype=self.param_dtype)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="stem_bn",
-                     param_dtype=self.param_dtype, dtype=self.param_dtype)(stem(x))
+    stem = nn.Conv(
+      self.width,
+      (3, 3),
+      padding=1,
+      use_bias=True,
+      kernel_init=conv_kernel_init,
+      conv_general_dilated=conv_function(self.conv),
+      name="stem_conv",
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      name="stem_bn",
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )(stem(x))
     x = sow_activation(stem, nn.relu(x))
     for s, blocks in enumerate(self.stage_sizes):
       for b in range(blocks):
-        x = BasicBlock(self.width * 2 ** s, strides=2 if s > 0 and b == 0 else 1,
-                       conv=self.conv, param_dtype=self.param_dtype,
-                       name=_block_name(s, b))(x, train)
+        x = BasicBlock(
+          self.width * 2**s,
+          strides=2 if s > 0 and b == 0 else 1,
+          conv=self.conv,
+          param_dtype=self.param_dtype,
+          name=_block_name(s, b),
+        )(x, train)
     features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, kernel_init=head_kernel_init, name="fc",
-                      param_dtype=self.param_dtype, dtype=self.param_dtype)(features)
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=head_kernel_init,
+      name="fc",
+      param_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )(features)
     return (logits, features) if return_features else logits
 
 
@@ -173,11 +210,16 @@ def resnet_graph(model_or_stage_sizes: ResNet18 | Sequence[int] = RESNET18_STAGE
   stages = getattr(model_or_stage_sizes, "stage_sizes", model_or_stage_sizes)
   layers = []
   for name in block_names(tuple(stages)):
-    layers.append(Layer(
-        name=f"{name}/conv1", kernel=f"{name}/conv1/kernel", bias=f"{name}/conv1/bias",
+    layers.append(
+      Layer(
+        name=f"{name}/conv1",
+        kernel=f"{name}/conv1/kernel",
+        bias=f"{name}/conv1/bias",
         norm=f"{name}/bn1",
         consumers=(Consumer(kernel=f"{name}/conv2/kernel", bias=f"{name}/conv2/bias"),),
-        activation="relu"))
+        activation="relu",
+      )
+    )
   return LayerGraph(tuple(layers))
 
 

@@ -76,28 +76,26 @@ The same code runs on a multi-host system with JAX's own machinery:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
-    "data_parallel",
-    "is_replicated_consistently",
-    "leading_axis_sharding",
-    "make_mesh",
-    "replicate",
-    "replicated_sharding",
-    "shard_batch",
-    "shard_leading_axis",
-    "sharded_sweep",
+  "data_parallel",
+  "is_replicated_consistently",
+  "leading_axis_sharding",
+  "make_mesh",
+  "replicate",
+  "replicated_sharding",
+  "shard_batch",
+  "shard_leading_axis",
+  "sharded_sweep",
 ]
-
 
 
 def make_mesh(axis_name: str = "data", devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -119,8 +117,7 @@ def make_mesh(axis_name: str = "data", devices: Sequence[jax.Device] | None = No
 def _axis(mesh: Mesh, axis_name: str | None) -> str:
   if axis_name is None:
     if len(mesh.axis_names) != 1:
-      raise ValueError(
-          f"the mesh has axes {mesh.axis_names}; name the one to shard over (axis_name=...)")
+      raise ValueError(f"the mesh has axes {mesh.axis_names}; name the one to shard over (axis_name=...)")
     return mesh.axis_names[0]
   if axis_name not in mesh.axis_names:
     raise ValueError(f"axis '{axis_name}' is not in the mesh axes {mesh.axis_names}")
@@ -135,8 +132,9 @@ def _check_leading(tree: Any, size: int, what: str) -> None:
       raise ValueError(f"{what}: {where} is a scalar; it has no leading axis to shard")
     if shape[0] % size:
       raise ValueError(
-          f"{what}: leading axis of {where} has {shape[0]} entries, not a multiple of "
-          f"the {size} devices of the mesh axis")
+        f"{what}: leading axis of {where} has {shape[0]} entries, not a multiple of "
+        f"the {size} devices of the mesh axis"
+      )
 
 
 def leading_axis_sharding(mesh: Mesh, axis_name: str | None = None) -> NamedSharding:
@@ -183,8 +181,9 @@ def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
   return jax.device_put(tree, replicated_sharding(mesh))
 
 
-def shard_batch(batch: Any, mesh: Mesh | None = None, axis_name: str | None = None, *,
-                process_local: bool = False) -> Any:
+def shard_batch(
+  batch: Any, mesh: Mesh | None = None, axis_name: str | None = None, *, process_local: bool = False
+) -> Any:
   """Splits a batch (any pytree of arrays) along its leading axis over the devices.
 
   Args:
@@ -206,12 +205,12 @@ def shard_batch(batch: Any, mesh: Mesh | None = None, axis_name: str | None = No
     return jax.device_put(batch, sharding)
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   _check_leading(batch, local_devices, "shard_batch(process_local=True)")
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
-def sharded_sweep(fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None,
-                  axis_name: str | None = None) -> Any:
+def sharded_sweep(
+  fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None, axis_name: str | None = None
+) -> Any:
   """Runs ``jax.jit(jax.vmap(fn))(*args)`` with the vmapped axis sharded over devices.
 
   Every argument is vmapped over its leading axis (e.g. per-seed keys and
@@ -234,8 +233,9 @@ def sharded_sweep(fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None,
   return jax.jit(jax.vmap(fn))(*args)
 
 
-def data_parallel(step: Callable[..., Any], mesh: Mesh | None = None, *,
-                  donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
+def data_parallel(
+  step: Callable[..., Any], mesh: Mesh | None = None, *, donate_argnums: int | Sequence[int] = ()
+) -> Callable[..., Any]:
   """``jax.jit(step)`` whose outputs are replicated over ``mesh``.
 
   Feed it replicated parameters/optimizer state (`replicate`) and a sharded

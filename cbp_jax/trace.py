@@ -24,20 +24,19 @@ attribute names, dict order and nesting do not change it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from cbp_jax import initializers
-from cbp_jax import tree_paths
+from cbp_jax import initializers, tree_paths
 from cbp_jax.graph import Consumer, Layer, LayerGraph
 
 __all__ = [
-    "trace_graph",
+  "trace_graph",
 ]
 
 
@@ -45,31 +44,42 @@ _CONTRACTIONS = ("dot_general", "conv_general_dilated")
 # Control flow hides its body behind a loop: units cannot be followed through it.
 _OPAQUE = ("scan", "while", "cond", "custom_lin", "shard_map", "pure_callback", "io_callback")
 # Elementwise primitives: unit i of the output depends on unit i of the inputs only.
-_ELEMENTWISE = frozenset("""
+_ELEMENTWISE = frozenset(
+  """
     add sub mul div max min neg abs sign exp exp2 log log1p expm1 tanh logistic erf erfc
     erf_inv sin cos sqrt rsqrt cbrt integer_pow pow square select_n convert_element_type copy
     copy_p floor ceil round clamp is_finite eq ne lt le gt ge and or not nextafter
     stop_gradient reduce_precision rem atan2 sinh cosh asinh acosh atanh tan reciprocal
-""".split())
+""".split()
+)
 _REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin")
 # Activation names as jax/flax call them (the name of their jit or custom_jvp).
 _ACTIVATION_NAMES = {
-    "relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "leaky_relu": "leaky_relu",
-    "elu": "elu", "selu": "selu", "sigmoid": "sigmoid", "tanh": "tanh",
+  "relu": "relu",
+  "gelu": "gelu",
+  "silu": "silu",
+  "swish": "silu",
+  "leaky_relu": "leaky_relu",
+  "elu": "elu",
+  "selu": "selu",
+  "sigmoid": "sigmoid",
+  "tanh": "tanh",
 }
 # Primitives that a norm, a bias or pooling between a kernel and its activation use: on
 # their own they are no activation function (the identity's gain applies).
-_NOT_ACTIVATIONS = frozenset("""
+_NOT_ACTIVATIONS = frozenset(
+  """
     add sub mul div integer_pow square rsqrt sqrt reduce_sum reduce_max reduce_min broadcast_in_dim
     reshape convert_element_type squeeze max copy copy_p stop_gradient select_n eq ne lt le gt ge neg
     reduce_window_max reduce_window_sum pad slice transpose
-""".split())
+""".split()
+)
 
 
 class _Value:
   """One value of the flattened program."""
-  __slots__ = ("shape", "dtype", "kind", "leaf", "literal", "producer", "users", "param_dep",
-               "data_dep")
+
+  __slots__ = ("shape", "dtype", "kind", "leaf", "literal", "producer", "users", "param_dep", "data_dep")
 
   def __init__(self, aval, kind="inner", leaf=None, literal=None):
     self.shape = tuple(getattr(aval, "shape", ()))
@@ -96,6 +106,7 @@ class _Eqn(NamedTuple):
 def _where(eqn) -> str:
   try:
     from jax._src import source_info_util  # Private, but the only source of lines.
+
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
     return "unknown location"
@@ -105,9 +116,11 @@ def _sub_jaxpr(eqn):
   """The body of a call-like equation (jit, custom_jvp/vjp, checkpoint), else None."""
   if eqn.primitive.name in _OPAQUE:
     return None
-  bodies = [v for k, v in eqn.params.items()
-            if k in ("jaxpr", "call_jaxpr", "fun_jaxpr")
-            and isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+  bodies = [
+    v
+    for k, v in eqn.params.items()
+    if k in ("jaxpr", "call_jaxpr", "fun_jaxpr") and isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))
+  ]
   if len(bodies) != 1:
     return None
   body = bodies[0]
@@ -153,8 +166,7 @@ class _Program:
         env.update(zip(eqn.outvars, outs))
         continue
       outs = tuple(_Value(v.aval) for v in eqn.outvars)
-      e = _Eqn(eqn.primitive.name, ins, outs, dict(eqn.params), _where(eqn), names,
-               len(self.eqns))
+      e = _Eqn(eqn.primitive.name, ins, outs, dict(eqn.params), _where(eqn), names, len(self.eqns))
       for v in outs:
         v.producer = e
         v.param_dep = any(x.param_dep for x in ins)
@@ -167,15 +179,13 @@ class _Program:
 
 
 def _is_key(dtype) -> bool:
-  return dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-                                or dtype == jnp.uint32)
+  return dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32)
 
 
 def _split_static(tree):
   """Array leaves (traced) and everything else (closed over)."""
   leaves, treedef = jax.tree.flatten(tree)
-  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-              for x in leaves]
+  is_array = [isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) for x in leaves]
   arrays = [x for x, a in zip(leaves, is_array) if a]
 
   def rebuild(traced):
@@ -192,6 +202,7 @@ class _Unit(NamedTuple):
   a channels-last flatten ``inner == 1``, after a channels-first one
   ``outer == 1``.
   """
+
   axis: int
   outer: int
   inner: int
@@ -219,8 +230,9 @@ def _vector_source(v: _Value):
 class _Tracer:
   """Follows one traced program; `layer` builds each recorded activation's Layer."""
 
-  def __init__(self, program: _Program, paths: list[str], shapes: list[tuple], records: dict,
-               outputs: list[_Value]):
+  def __init__(
+    self, program: _Program, paths: list[str], shapes: list[tuple], records: dict, outputs: list[_Value]
+  ):
     self.program = program
     self.paths = paths
     self.shapes = shapes
@@ -248,8 +260,9 @@ class _Tracer:
         continue
       if e.prim in _OPAQUE:
         raise ValueError(
-            f"trace_graph: layer '{name}': its units come out of `{e.prim}` at {e.where}; units "
-            "cannot be followed through loops or conditionals (record activations outside them)")
+          f"trace_graph: layer '{name}': its units come out of `{e.prim}` at {e.where}; units "
+          "cannot be followed through loops or conditionals (record activations outside them)"
+        )
       chain[e.order] = e
       stack.extend(e.ins)
     return list(chain.values()), [stops[k] for k in sorted(stops)], leaves
@@ -259,21 +272,24 @@ class _Tracer:
     kernels = [(e, self._kernel_operand(e)) for e in stops]
     if not stops:
       raise ValueError(
-          f"trace_graph: layer '{name}' is not produced by a kernel: no dot_general or "
-          "convolution of a parameter feeds the recorded activation")
+        f"trace_graph: layer '{name}' is not produced by a kernel: no dot_general or "
+        "convolution of a parameter feeds the recorded activation"
+      )
     if len(stops) > 1:
       what = ", ".join(self._describe_contraction(e, k) for e, k in kernels)
       raise ValueError(
-          f"trace_graph: layer '{name}': its units are made by more than one product ({what}), "
-          "e.g. a residual connection adds a skip path into them or a gate multiplies two "
-          "projections. Such units cannot be reset by redrawing one kernel's columns; record "
-          "(and declare) units with a single producing kernel, e.g. the hidden units of each "
-          "block's MLP, not the residual stream")
+        f"trace_graph: layer '{name}': its units are made by more than one product ({what}), "
+        "e.g. a residual connection adds a skip path into them or a gate multiplies two "
+        "projections. Such units cannot be reset by redrawing one kernel's columns; record "
+        "(and declare) units with a single producing kernel, e.g. the hidden units of each "
+        "block's MLP, not the residual stream"
+      )
     e, kernel_pos = kernels[0]
     if kernel_pos is None:
       raise ValueError(
-          f"trace_graph: layer '{name}': its units come from `{e.prim}` at {e.where}, which "
-          "multiplies two activations (attention-like), not an activation and a parameter kernel")
+        f"trace_graph: layer '{name}': its units come from `{e.prim}` at {e.where}, which "
+        "multiplies two activations (attention-like), not an activation and a parameter kernel"
+      )
     return e, kernel_pos, chain, leaves
 
   def _kernel_operand(self, e):
@@ -301,13 +317,17 @@ class _Tracer:
       ok = not rb and free == [len(kernel.shape) - 1] and kernel.shape[-1] == pshape[-1]
     elif ok:
       dn = e.params["dimension_numbers"]
-      ok = (dn.rhs_spec[0] == len(kernel.shape) - 1 and dn.out_spec[1] == len(out.shape) - 1
-            and e.params.get("feature_group_count", 1) == 1)
+      ok = (
+        dn.rhs_spec[0] == len(kernel.shape) - 1
+        and dn.out_spec[1] == len(out.shape) - 1
+        and e.params.get("feature_group_count", 1) == 1
+      )
     if not ok:
       raise ValueError(
-          f"trace_graph: layer '{name}': kernel '{path}' (shape {pshape}) in `{e.prim}` at "
-          f"{e.where} does not make the units on its last axis and the output's last axis "
-          "(expected a Dense/Conv kernel (..., in, units) applied as x @ kernel)")
+        f"trace_graph: layer '{name}': kernel '{path}' (shape {pshape}) in `{e.prim}` at "
+        f"{e.where} does not make the units on its last axis and the output's last axis "
+        "(expected a Dense/Conv kernel (..., in, units) applied as x @ kernel)"
+      )
     return leaf, pshape[-1]
 
   def layer(self, name: str, activation: str | None) -> Layer:
@@ -317,16 +337,22 @@ class _Tracer:
     self.producer_order[name] = e.order
     if not h.shape or h.shape[-1] != width:
       raise ValueError(
-          f"trace_graph: layer '{name}': the recorded activation has shape {h.shape}, but kernel "
-          f"'{self.paths[kernel]}' makes {width} units; record the units on the last axis")
+        f"trace_graph: layer '{name}': the recorded activation has shape {h.shape}, but kernel "
+        f"'{self.paths[kernel]}' makes {width} units; record the units on the last axis"
+      )
     z = e.outs[0]
     chain = self._chain(name, z, h, chain, width)
     bias, norm = self._vectors(name, z, chain, leaves, width)
     self._check_side_reads(name, chain, h, width)
     consumers = self._consumers(name, h, width)
     return Layer(
-        name=name, kernel=self.paths[kernel], bias=bias, consumers=tuple(consumers), norm=norm,
-        activation=activation or self._activation(name, chain, width))
+      name=name,
+      kernel=self.paths[kernel],
+      bias=bias,
+      consumers=tuple(consumers),
+      norm=norm,
+      activation=activation or self._activation(name, chain, width),
+    )
 
   def _chain(self, name, z, h, backward_chain, width):
     """The equations on paths from the kernel's output ``z`` to ``h``, in program order."""
@@ -345,8 +371,9 @@ class _Tracer:
         moved = bool(src) and src[-1] == width and (not dst or dst[-1] != width)
       if moved:
         raise ValueError(
-            f"trace_graph: layer '{name}': `{eqn.prim}` at {eqn.where} moves the units off the "
-            "last axis between the kernel and the recorded activation")
+          f"trace_graph: layer '{name}': `{eqn.prim}` at {eqn.where} moves the units off the "
+          "last axis between the kernel and the recorded activation"
+        )
     return chain
 
   def _vectors(self, name, z, chain, leaves, width):
@@ -356,14 +383,16 @@ class _Tracer:
       if v.kind == "param":
         if self.shapes[v.leaf] != (width,):
           raise ValueError(
-              f"trace_graph: layer '{name}': parameter '{self.paths[v.leaf]}' (shape "
-              f"{self.shapes[v.leaf]}) enters the units between the kernel and the activation; "
-              f"only per-unit vectors of shape ({width},) (bias, norm scale/offset) may")
+            f"trace_graph: layer '{name}': parameter '{self.paths[v.leaf]}' (shape "
+            f"{self.shapes[v.leaf]}) enters the units between the kernel and the activation; "
+            f"only per-unit vectors of shape ({width},) (bias, norm scale/offset) may"
+          )
         vectors[v.leaf] = self.paths[v.leaf]
       elif v.kind == "data" and math.prod(v.shape) not in (1, width):
         raise ValueError(
-            f"trace_graph: layer '{name}': an input of shape {v.shape} is added into its units "
-            "besides the kernel's product (a skip connection from the input?)")
+          f"trace_graph: layer '{name}': an input of shape {v.shape} is added into its units "
+          "besides the kernel's product (a skip connection from the input?)"
+        )
     bias = None
     product = {id(z)}  # The kernel's output, also reshaped or cast (im2col reshapes it).
     for eqn in chain:  # The bias is added to the product itself.
@@ -381,9 +410,10 @@ class _Tracer:
       names = {p.rsplit("/", 1)[-1] for p in vectors.values()}
       if len(prefixes) != 1 or not names <= {"scale", "bias"} or "" in prefixes:
         raise ValueError(
-            f"trace_graph: layer '{name}': per-unit parameters {sorted(vectors.values())} act on "
-            "its units besides the kernel's bias; only one norm module's 'scale' and 'bias' are "
-            "understood (flax LayerNorm/BatchNorm/RMSNorm)")
+          f"trace_graph: layer '{name}': per-unit parameters {sorted(vectors.values())} act on "
+          "its units besides the kernel's bias; only one norm module's 'scale' and 'bias' are "
+          "understood (flax LayerNorm/BatchNorm/RMSNorm)"
+        )
       norm = prefixes.pop()
     return bias, norm
 
@@ -399,10 +429,11 @@ class _Tracer:
             continue
           if not self._only_statistics(user, width):
             raise ValueError(
-                f"trace_graph: layer '{name}': its pre-activation is also read by `{user.prim}` at "
-                f"{user.where}, outside the path to the recorded activation (a skip connection "
-                "taken before the activation?); the units cannot be removed by zeroing their "
-                "outgoing weights")
+              f"trace_graph: layer '{name}': its pre-activation is also read by `{user.prim}` at "
+              f"{user.where}, outside the path to the recorded activation (a skip connection "
+              "taken before the activation?); the units cannot be removed by zeroing their "
+              "outgoing weights"
+            )
 
   def _only_statistics(self, eqn, width):
     """True when everything downstream of ``eqn`` is per-unit vectors (BatchNorm stats)."""
@@ -426,8 +457,9 @@ class _Tracer:
         if n in _ACTIVATION_NAMES:
           return _ACTIVATION_NAMES[n]
     prims = {e.prim for e in chain}
-    if prims & {"erf", "erfc"} or ("tanh" in prims and any(
-        e.prim == "integer_pow" and e.params.get("y") == 3 for e in chain)):
+    if prims & {"erf", "erfc"} or (
+      "tanh" in prims and any(e.prim == "integer_pow" and e.params.get("y") == 3 for e in chain)
+    ):
       return "gelu"
     if "tanh" in prims:
       return "tanh"
@@ -436,14 +468,19 @@ class _Tracer:
       gated = any(e.prim == "mul" and any(id(x) in inputs for x in e.ins) for e in chain)
       return "silu" if gated else "sigmoid"
     # max(z, 0) on the units themselves (a norm's max(var, 0) acts on a reduced value).
-    if any(e.prim == "max" and e.outs[0].shape[-1:] == (width,) and any(
-        x.kind == "literal" and float(np.max(x.literal)) == 0.0 for x in e.ins) for e in chain):
+    if any(
+      e.prim == "max"
+      and e.outs[0].shape[-1:] == (width,)
+      and any(x.kind == "literal" and float(np.max(x.literal)) == 0.0 for x in e.ins)
+      for e in chain
+    ):
       return "relu"
     unknown = sorted(prims - _NOT_ACTIVATIONS)
     if unknown:
       raise ValueError(
-          f"trace_graph: layer '{name}': cannot identify its activation function (saw "
-          f"{unknown}); pass activation={{'{name}': ...}} with one of {initializers.ACTIVATIONS}")
+        f"trace_graph: layer '{name}': cannot identify its activation function (saw "
+        f"{unknown}); pass activation={{'{name}': ...}} with one of {initializers.ACTIVATIONS}"
+      )
     return "identity"
 
   # --- consumers ----------------------------------------------------------
@@ -457,8 +494,9 @@ class _Tracer:
       unit = tracked[id(v)]
       if id(v) in self.outputs:
         raise ValueError(
-            f"trace_graph: layer '{name}': its units reach the function's output directly, not "
-            "through a consumer kernel (is it the output layer? only hidden layers can be reset)")
+          f"trace_graph: layer '{name}': its units reach the function's output directly, not "
+          "through a consumer kernel (is it the output layer? only hidden layers can be reset)"
+        )
       for e in v.users:
         if not any(id(o) in self.program.live for o in e.outs):
           continue
@@ -474,12 +512,14 @@ class _Tracer:
             stack.append(o)
           elif prev != out_unit:
             raise ValueError(
-                f"trace_graph: layer '{name}': `{e.prim}` at {e.where} combines its units in "
-                "two different arrangements")
+              f"trace_graph: layer '{name}': `{e.prim}` at {e.where} combines its units in "
+              "two different arrangements"
+            )
     if not found:
       raise ValueError(
-          f"trace_graph: layer '{name}': no kernel reads its units, so it has no outgoing "
-          "weights to zero (the output layer is not a hidden layer)")
+        f"trace_graph: layer '{name}': no kernel reads its units, so it has no outgoing "
+        "weights to zero (the output layer is not a hidden layer)"
+      )
     consumers, seen = [], set()
     for _, c in sorted(found.items()):
       if (c.kernel, c.layout) not in seen:
@@ -489,9 +529,10 @@ class _Tracer:
 
   def _refuse_read(self, name, e, why):
     return ValueError(
-        f"trace_graph: layer '{name}': its units are read by `{e.prim}` at {e.where} ({why}); "
-        "zeroing their outgoing weights would not remove them. Record units that only "
-        "Dense/Conv kernels read (through reshape, pooling, dropout)")
+      f"trace_graph: layer '{name}': its units are read by `{e.prim}` at {e.where} ({why}); "
+      "zeroing their outgoing weights would not remove them. Record units that only "
+      "Dense/Conv kernels read (through reshape, pooling, dropout)"
+    )
 
   def _follow(self, name, e, v, unit, width, tracked) -> _Unit:
     """Where the units sit in ``e``'s output, or a refusal."""
@@ -503,8 +544,11 @@ class _Tracer:
         if not x.param_dep and not x.data_dep:  # Constants, dropout masks from keys.
           continue
         raise self._refuse_read(
-            name, e, "together with values made from other parameters or inputs: a residual "
-            "or skip connection, or a gate")
+          name,
+          e,
+          "together with values made from other parameters or inputs: a residual "
+          "or skip connection, or a gate",
+        )
       if e.outs[0].shape != v.shape:
         raise self._refuse_read(name, e, "broadcasting the units' values")
       return unit
@@ -550,9 +594,9 @@ class _Tracer:
 
   def _reshape(self, name, e, src, dst, unit, width) -> _Unit:
     a, outer, inner = unit
-    stride = inner * math.prod(src[a + 1:])  # Flat-index distance between units i and i + 1.
+    stride = inner * math.prod(src[a + 1 :])  # Flat-index distance between units i and i + 1.
     for b in range(len(dst) - 1, -1, -1):
-      below = math.prod(dst[b + 1:])
+      below = math.prod(dst[b + 1 :])
       if below <= stride < below * dst[b]:
         if stride % below == 0 and dst[b] % (stride // below * width) == 0:
           new_inner = stride // below
@@ -586,13 +630,20 @@ class _Tracer:
       data_contract = lc if pos == 1 else rc
       if pos != 1 or lb or rb or list(data_contract) != [a] or list(rc) != [len(e.ins[1].shape) - 2]:
         raise self._refuse_read(
-            name, e, f"kernel '{path}' applied other than as x @ kernel over the units' axis")
+          name, e, f"kernel '{path}' applied other than as x @ kernel over the units' axis"
+        )
     else:
       dn = e.params["dimension_numbers"]
-      if pos != 1 or dn.lhs_spec[1] != a or (outer, inner) != (1, 1) or e.params.get(
-          "feature_group_count", 1) != 1 or dn.rhs_spec[1] != len(kshape) - 2:
+      if (
+        pos != 1
+        or dn.lhs_spec[1] != a
+        or (outer, inner) != (1, 1)
+        or e.params.get("feature_group_count", 1) != 1
+        or dn.rhs_spec[1] != len(kshape) - 2
+      ):
         raise self._refuse_read(
-            name, e, f"convolution with kernel '{path}' over other than the units' channels")
+          name, e, f"convolution with kernel '{path}' over other than the units' channels"
+        )
     positions = outer * inner
     if len(kshape) >= 2 and kshape[-2] == width * positions:
       layout = "channels_first" if inner > 1 else "channels_last"
@@ -602,8 +653,11 @@ class _Tracer:
       layout = "channels_last"  # A conv kernel applied as patches @ kernel (im2col).
     else:
       raise self._refuse_read(
-          name, e, f"kernel '{path}' of shape {kshape} does not read {width} units x "
-          f"{positions} positions on its axis -2")
+        name,
+        e,
+        f"kernel '{path}' of shape {kshape} does not read {width} units x "
+        f"{positions} positions on its axis -2",
+      )
     bias = self._consumer_bias(e.outs[0], kshape[-1])
     return Consumer(kernel=path, bias=bias, layout=layout)
 
@@ -621,11 +675,11 @@ class _Tracer:
 
 
 def trace_graph(
-    fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]],
-    params: Any,
-    *args: Any,
-    activation: str | Mapping[str, str] | None = None,
-    **kwargs: Any,
+  fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]],
+  params: Any,
+  *args: Any,
+  activation: str | Mapping[str, str] | None = None,
+  **kwargs: Any,
 ) -> LayerGraph:
   """The layer graph of ``fn``'s recorded activations, traced from the computation.
 
@@ -677,8 +731,9 @@ def trace_graph(
   """
   if isinstance(params, Mapping) and "params" in params and len(params) <= 3:
     raise ValueError(
-        "trace_graph got a variables dict with a 'params' collection; pass variables['params'] "
-        "and close over the other collections in fn")
+      "trace_graph got a variables dict with a 'params' collection; pass variables['params'] "
+      "and close over the other collections in fn"
+    )
   index, param_leaves, param_def = tree_paths.flatten_by_path(params)
   paths = [None] * len(param_leaves)
   for path, i in index.items():
@@ -690,14 +745,17 @@ def trace_graph(
     result = fn(jax.tree.unflatten(param_def, p_leaves), *a, **k)
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping)):
       raise ValueError(
-          "trace_graph: fn must return (output, activations) with activations a dict "
-          f"{{layer: h}}, got {type(result).__name__}")
+        "trace_graph: fn must return (output, activations) with activations a dict "
+        f"{{layer: h}}, got {type(result).__name__}"
+      )
     return result
 
   closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(list(param_leaves), arg_arrays)
-  inputs = [_Value(v.aval, "param", leaf=i) for i, v in enumerate(closed.jaxpr.invars[:len(param_leaves)])]
-  inputs += [_Value(v.aval, "key" if _is_key(v.aval.dtype) else "data")
-             for v in closed.jaxpr.invars[len(param_leaves):]]
+  inputs = [_Value(v.aval, "param", leaf=i) for i, v in enumerate(closed.jaxpr.invars[: len(param_leaves)])]
+  inputs += [
+    _Value(v.aval, "key" if _is_key(v.aval.dtype) else "data")
+    for v in closed.jaxpr.invars[len(param_leaves) :]
+  ]
   program = _Program(closed, inputs)
 
   output_shape, acts_shape = out_shape
@@ -715,10 +773,12 @@ def trace_graph(
     unknown = sorted(set(activation) - set(records))
     if unknown:
       raise ValueError(
-          f"trace_graph: activation names layers {unknown} that fn does not record "
-          f"(it records {sorted(records)})")
-  tracer = _Tracer(program, paths, [tuple(getattr(x, "shape", ())) for x in param_leaves],
-                   records, program.outs[:n_output])
+        f"trace_graph: activation names layers {unknown} that fn does not record "
+        f"(it records {sorted(records)})"
+      )
+  tracer = _Tracer(
+    program, paths, [tuple(getattr(x, "shape", ())) for x in param_leaves], records, program.outs[:n_output]
+  )
   layers = []
   for name in records:
     override = activation.get(name) if isinstance(activation, Mapping) else activation
@@ -727,8 +787,9 @@ def trace_graph(
   for layer in layers:
     if layer.kernel in producers:
       raise ValueError(
-          f"trace_graph: layers '{producers[layer.kernel]}' and '{layer.name}' are both made by "
-          f"kernel '{layer.kernel}': record each layer's units once")
+        f"trace_graph: layers '{producers[layer.kernel]}' and '{layer.name}' are both made by "
+        f"kernel '{layer.kernel}': record each layer's units once"
+      )
     producers[layer.kernel] = layer.name
   layers.sort(key=lambda layer: tracer.producer_order[layer.name])
   return LayerGraph(tuple(layers))

@@ -10,32 +10,29 @@ One step, as data flows ("Per step" on the Semantics page of the documentation):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import chex
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from cbp_jax import graph as graph_lib
-from cbp_jax import initializers
-from cbp_jax import prng
+from cbp_jax import initializers, prng, tree_paths, validation
 from cbp_jax import reset as reset_lib
-from cbp_jax import tree_paths
 from cbp_jax import utility as utility_lib
-from cbp_jax import validation
 
 __all__ = [
-    "cbp",
-    "CbpState",
-    "COUNT_BASES",
-    "find_cbp_state",
-    "LayerState",
-    "reset_batch_stats",
-    "unit_stats",
+  "cbp",
+  "CbpState",
+  "COUNT_BASES",
+  "find_cbp_state",
+  "LayerState",
+  "reset_batch_stats",
+  "unit_stats",
 ]
 
 
@@ -52,6 +49,7 @@ class LayerState(NamedTuple):
     last_replaced: boolean mask of the units replaced at the last step (e.g.
       for `reset_batch_stats`).
   """
+
   statistics: utility_lib.UnitStatistics
   pending: jax.Array
   replaced_total: jax.Array
@@ -80,6 +78,7 @@ class CbpState(NamedTuple):
     inner_state: the wrapped optimizer's state (``optimizer=`` form), else
       ``optax.EmptyState()``.
   """
+
   layers: dict[str, LayerState]
   nonfinite: jax.Array
   skipped: jax.Array
@@ -112,23 +111,27 @@ class CbpState(NamedTuple):
 def _init_layer_state(width: int) -> LayerState:
   """A layer's state before the first step: age 0, nothing owed or replaced."""
   return LayerState(
-      statistics=utility_lib.init_statistics(width),
-      pending=jnp.zeros((), jnp.float32),
-      replaced_total=jnp.zeros((), jnp.int32),
-      last_replaced=jnp.zeros((width,), bool))
+    statistics=utility_lib.init_statistics(width),
+    pending=jnp.zeros((), jnp.float32),
+    replaced_total=jnp.zeros((), jnp.int32),
+    last_replaced=jnp.zeros((width,), bool),
+  )
 
 
-def _layer_after_step(statistics: utility_lib.UnitStatistics, pending: jax.Array,
-                      replaced_before: jax.Array, mask: jax.Array) -> LayerState:
+def _layer_after_step(
+  statistics: utility_lib.UnitStatistics, pending: jax.Array, replaced_before: jax.Array, mask: jax.Array
+) -> LayerState:
   """A layer's state after this step: replaced units' statistics restart at 0."""
   return LayerState(
-      statistics=utility_lib.UnitStatistics(
-          utility=jnp.where(mask, 0.0, statistics.utility),
-          mean_activation=jnp.where(mask, 0.0, statistics.mean_activation),
-          age=jnp.where(mask, 0, statistics.age)),
-      pending=pending,
-      replaced_total=replaced_before + jnp.sum(mask, dtype=jnp.int32),
-      last_replaced=mask)
+    statistics=utility_lib.UnitStatistics(
+      utility=jnp.where(mask, 0.0, statistics.utility),
+      mean_activation=jnp.where(mask, 0.0, statistics.mean_activation),
+      age=jnp.where(mask, 0, statistics.age),
+    ),
+    pending=pending,
+    replaced_total=replaced_before + jnp.sum(mask, dtype=jnp.int32),
+    last_replaced=mask,
+  )
 
 
 def _max_per_step(rate: Any, width: int, user_bound: int | None) -> int:
@@ -154,44 +157,50 @@ def _check_state(layers, state: CbpState) -> None:
     fields = state.keys() if isinstance(state, Mapping) else getattr(state, "_fields", ())
     if set(_LEGACY_FIELDS) <= set(fields):
       raise ValueError(
-          "cbp: this state has the old layout, four per-layer dicts (statistics, pending, "
-          "replaced_total, last_replaced); CbpState now holds one LayerState per layer in "
-          "CbpState.layers (e.g. restored from a checkpoint written before that change). "
-          "Start from tx.init(params), or rebuild it: CbpState(layers={name: "
-          "LayerState(statistics[name], pending[name], replaced_total[name], "
-          "last_replaced[name])}, nonfinite=..., ...) with the other fields as they were")
+        "cbp: this state has the old layout, four per-layer dicts (statistics, pending, "
+        "replaced_total, last_replaced); CbpState now holds one LayerState per layer in "
+        "CbpState.layers (e.g. restored from a checkpoint written before that change). "
+        "Start from tx.init(params), or rebuild it: CbpState(layers={name: "
+        "LayerState(statistics[name], pending[name], replaced_total[name], "
+        "last_replaced[name])}, nonfinite=..., ...) with the other fields as they were"
+      )
     raise ValueError(f"cbp: update needs the state that init returned, got {type(state).__name__}")
   for layer in layers:
     name = layer.name
     if name not in state.layers:
       raise ValueError(
-          f"cbp: the state has no statistics for layer '{name}' (it has "
-          f"{sorted(state.layers)}); was it initialised with another graph?")
+        f"cbp: the state has no statistics for layer '{name}' (it has "
+        f"{sorted(state.layers)}); was it initialised with another graph?"
+      )
     state_width = state.layers[name].statistics.utility.shape[-1]
     if state_width != layer.width:
       raise ValueError(
-          f"cbp: layer '{name}' has {layer.width} units in these params but the state was "
-          f"initialised for {state_width}; call tx.init(params) for the new parameters")
+        f"cbp: layer '{name}' has {layer.width} units in these params but the state was "
+        f"initialised for {state_width}; call tx.init(params) for the new parameters"
+      )
 
 
-def _magnitudes(layer, p: list, u: list, cache: utility_lib.MagnitudeCache | None,
-                refresh_every: int) -> tuple[jax.Array, jax.Array]:
+def _magnitudes(
+  layer, p: list, u: list, cache: utility_lib.MagnitudeCache | None, refresh_every: int
+) -> tuple[jax.Array, jax.Array]:
   """This step's ``(out_mag, in_mag)`` of one layer: all units, or a slice + cache."""
   consumers = [(p[c.kernel], u[c.kernel], c.layout) for c in layer.consumers]
   if cache is None:
-    return (utility_lib.outgoing_magnitude(consumers, layer.width),
-            utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]))
+    return (
+      utility_lib.outgoing_magnitude(consumers, layer.width),
+      utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel]),
+    )
   name = layer.name
   size = -(-layer.width // refresh_every)
   # The last slice is clamped to end at the last unit (static size).
   start = jnp.minimum(cache.phase * size, layer.width - size)
   units = (start, size)
   out_mag = jax.lax.dynamic_update_slice_in_dim(
-      cache.outgoing[name], utility_lib.outgoing_magnitude(consumers, layer.width, units),
-      start, 0)
+    cache.outgoing[name], utility_lib.outgoing_magnitude(consumers, layer.width, units), start, 0
+  )
   in_mag = jax.lax.dynamic_update_slice_in_dim(
-      cache.incoming[name], utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel], units),
-      start, 0)
+    cache.incoming[name], utility_lib.incoming_magnitude(p[layer.kernel], u[layer.kernel], units), start, 0
+  )
   return out_mag, in_mag
 
 
@@ -201,13 +210,15 @@ def _initial_magnitudes(layers, params: Any, refresh_every: int) -> utility_lib.
   zero = [jnp.zeros_like(x) for x in p]
   initial = {l.name: _magnitudes(l, p, zero, None, refresh_every) for l in layers}
   return utility_lib.MagnitudeCache(
-      incoming={name: in_mag for name, (_, in_mag) in initial.items()},
-      outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
-      phase=jnp.zeros((), jnp.int32))
+    incoming={name: in_mag for name, (_, in_mag) in initial.items()},
+    outgoing={name: out_mag for name, (out_mag, _) in initial.items()},
+    phase=jnp.zeros((), jnp.int32),
+  )
 
 
-def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitudes: dict,
-                       phase: jax.Array, refresh_every: int) -> utility_lib.MagnitudeCache:
+def _cache_after_reset(
+  layers, p: list, new_u: list, selections: dict, magnitudes: dict, phase: jax.Array, refresh_every: int
+) -> utility_lib.MagnitudeCache:
   """The magnitude cache for the next step, exact for this step's replaced units.
 
   Their outgoing weights are now 0 and their incoming ones new: read only
@@ -226,9 +237,16 @@ def _cache_after_reset(layers, p: list, new_u: list, selections: dict, magnitude
   return utility_lib.MagnitudeCache(incoming, outgoing, (phase + 1) % refresh_every)
 
 
-def _replacement_count(eligible: jax.Array, pending: jax.Array, draw: jax.Array | None, *,
-                       rate: Any, count_basis: str, accumulate: bool,
-                       bound: int) -> tuple[jax.Array, jax.Array]:
+def _replacement_count(
+  eligible: jax.Array,
+  pending: jax.Array,
+  draw: jax.Array | None,
+  *,
+  rate: Any,
+  count_basis: str,
+  accumulate: bool,
+  bound: int,
+) -> tuple[jax.Array, jax.Array]:
   """Units owed this step (Semantics page, step 6) and the new pending fraction.
 
   Args:
@@ -278,13 +296,22 @@ def _skip_if_nonfinite(updates, new_state, state, bad_statistics):
   return updates, kept._replace(skipped=state.skipped + (~finite).astype(jnp.int32))
 
 
-def _check_arguments(graph, *, replacement_rate, decay_rate, maturity_threshold, utility, init,
-                     count_basis, max_replacements_per_step, magnitude_refresh_every,
-                     skip_nonfinite) -> None:
+def _check_arguments(
+  graph,
+  *,
+  replacement_rate,
+  decay_rate,
+  maturity_threshold,
+  utility,
+  init,
+  count_basis,
+  max_replacements_per_step,
+  magnitude_refresh_every,
+  skip_nonfinite,
+) -> None:
   """`cbp`'s arguments, refused with a ValueError naming the bad one."""
   if not isinstance(graph, graph_lib.LayerGraph):
-    raise ValueError(
-        f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
+    raise ValueError(f"cbp: graph must be a cbp_jax.LayerGraph, got {type(graph).__name__}")
   validation.check_range("replacement_rate", replacement_rate, 0.0, 1.0, high_open=False)
   validation.check_range("decay_rate", decay_rate, 0.0, 1.0, high_open=True)
   validation.check_nonnegative("maturity_threshold", maturity_threshold)
@@ -294,34 +321,31 @@ def _check_arguments(graph, *, replacement_rate, decay_rate, maturity_threshold,
   if count_basis not in COUNT_BASES:
     raise ValueError(f"count_basis must be one of {COUNT_BASES}, got {count_basis!r}")
   if max_replacements_per_step is not None and (
-      not isinstance(max_replacements_per_step, int) or max_replacements_per_step < 1):
-    raise ValueError(
-        "max_replacements_per_step must be a positive int, got "
-        f"{max_replacements_per_step!r}")
+    not isinstance(max_replacements_per_step, int) or max_replacements_per_step < 1
+  ):
+    raise ValueError(f"max_replacements_per_step must be a positive int, got {max_replacements_per_step!r}")
   if not isinstance(magnitude_refresh_every, int) or magnitude_refresh_every < 1:
-    raise ValueError(
-        "magnitude_refresh_every must be a positive int, got "
-        f"{magnitude_refresh_every!r}")
+    raise ValueError(f"magnitude_refresh_every must be a positive int, got {magnitude_refresh_every!r}")
   if not isinstance(skip_nonfinite, bool):
     raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
 
 
 def cbp(
-    graph: graph_lib.LayerGraph,
-    *,
-    key: jax.Array | int,
-    replacement_rate: float | jax.Array = 1e-4,
-    maturity_threshold: int | jax.Array = 100,
-    decay_rate: float | jax.Array = 0.99,
-    utility: str = "contribution",
-    init: str | Callable[..., jax.Array] = "kaiming",
-    accumulate: bool = True,
-    count_basis: str = "eligible",
-    next_bias_correction: bool = True,
-    optimizer: optax.GradientTransformation | None = None,
-    max_replacements_per_step: int | None = None,
-    magnitude_refresh_every: int = 1,
-    skip_nonfinite: bool = False,
+  graph: graph_lib.LayerGraph,
+  *,
+  key: jax.Array | int,
+  replacement_rate: float | jax.Array = 1e-4,
+  maturity_threshold: int | jax.Array = 100,
+  decay_rate: float | jax.Array = 0.99,
+  utility: str = "contribution",
+  init: str | Callable[..., jax.Array] = "kaiming",
+  accumulate: bool = True,
+  count_basis: str = "eligible",
+  next_bias_correction: bool = True,
+  optimizer: optax.GradientTransformation | None = None,
+  max_replacements_per_step: int | None = None,
+  magnitude_refresh_every: int = 1,
+  skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Continual Backpropagation (Dohare et al., Nature 2024).
 
@@ -416,14 +440,28 @@ def cbp(
     >>> updates, state = tx.update(g, state, params, activations=acts)
     >>> params = optax.apply_updates(params, updates)
   """
-  _check_arguments(graph, replacement_rate=replacement_rate, decay_rate=decay_rate,
-                   maturity_threshold=maturity_threshold, utility=utility, init=init,
-                   count_basis=count_basis, max_replacements_per_step=max_replacements_per_step,
-                   magnitude_refresh_every=magnitude_refresh_every, skip_nonfinite=skip_nonfinite)
+  _check_arguments(
+    graph,
+    replacement_rate=replacement_rate,
+    decay_rate=decay_rate,
+    maturity_threshold=maturity_threshold,
+    utility=utility,
+    init=init,
+    count_basis=count_basis,
+    max_replacements_per_step=max_replacements_per_step,
+    magnitude_refresh_every=magnitude_refresh_every,
+    skip_nonfinite=skip_nonfinite,
+  )
   key = validation.as_key(key)
   inner = None if optimizer is None else optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
+    if not jax.tree.leaves(params):
+      raise ValueError(
+        "cbp: init needs the parameters, got a tree without arrays (as "
+        "optax.tree_utils.tree_map_params passes when cbp is another transform's optimizer=, "
+        "which is not supported; chain the transforms instead)"
+      )
     layers, _, _ = graph_lib.resolve(graph, params)
     if inner is not None:
       inner_state = inner.init(params)
@@ -434,13 +472,14 @@ def cbp(
     if magnitude_refresh_every > 1:
       magnitudes = _initial_magnitudes(layers, params, magnitude_refresh_every)
     return CbpState(
-        layers={l.name: _init_layer_state(l.width) for l in layers},
-        nonfinite=jnp.zeros((), jnp.int32),
-        skipped=jnp.zeros((), jnp.int32),
-        decay_rate=jnp.asarray(decay_rate, jnp.float32),
-        key=key,
-        magnitudes=magnitudes,
-        inner_state=inner_state)
+      layers={l.name: _init_layer_state(l.width) for l in layers},
+      nonfinite=jnp.zeros((), jnp.int32),
+      skipped=jnp.zeros((), jnp.int32),
+      decay_rate=jnp.asarray(decay_rate, jnp.float32),
+      key=key,
+      magnitudes=magnitudes,
+      inner_state=inner_state,
+    )
 
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     if params is None:
@@ -467,14 +506,26 @@ def cbp(
       out_mag, in_mag = _magnitudes(layer, p, u, state.magnitudes, magnitude_refresh_every)
       magnitudes[name] = (out_mag, in_mag)
       stats, corrected, f_hat, bad = utility_lib.update_statistics(
-          state.layers[name].statistics, activations[name], out_mag, in_mag,
-          decay=decay_rate, utility=utility, key=util_keys[n])
+        state.layers[name].statistics,
+        activations[name],
+        out_mag,
+        in_mag,
+        decay=decay_rate,
+        utility=utility,
+        key=util_keys[n],
+      )
       nonfinite = nonfinite + bad
       eligible = stats.age > maturity_threshold
       bound = _max_per_step(replacement_rate, layer.width, max_replacements_per_step)
       count, pending[name] = _replacement_count(
-          eligible, state.layers[name].pending, None if lottery is None else lottery[n],
-          rate=replacement_rate, count_basis=count_basis, accumulate=accumulate, bound=bound)
+        eligible,
+        state.layers[name].pending,
+        None if lottery is None else lottery[n],
+        rate=replacement_rate,
+        count_basis=count_basis,
+        accumulate=accumulate,
+        bound=bound,
+      )
       selections[name] = reset_lib.select_lowest(corrected, eligible, count, bound)
       statistics[name], f_hats[name] = stats, f_hat
 
@@ -482,25 +533,49 @@ def cbp(
     # with the update, while a cond would force the whole update tree into
     # memory on every step (measured about 3x slower at batch 1).
     updates = reset_lib.reset_units(
-        updates, params, layers, selections, reinit_key, init=init,
-        mean_activation=f_hats if next_bias_correction else None)
+      updates,
+      params,
+      layers,
+      selections,
+      reinit_key,
+      init=init,
+      mean_activation=f_hats if next_bias_correction else None,
+    )
     if inner is not None:
       touched = reset_lib.touched_slices(layers, selections)
       inner_state = reset_lib.reset_optimizer_state(
-          inner, inner_state, optax.apply_updates(params, updates), touched)
+        inner, inner_state, optax.apply_updates(params, updates), touched
+      )
 
     new_layers = {
-        l.name: _layer_after_step(statistics[l.name], pending[l.name],
-                                  state.layers[l.name].replaced_total,
-                                  selections[l.name].mask(l.width))
-        for l in layers}
+      l.name: _layer_after_step(
+        statistics[l.name],
+        pending[l.name],
+        state.layers[l.name].replaced_total,
+        selections[l.name].mask(l.width),
+      )
+      for l in layers
+    }
     cache = None
     if state.magnitudes is not None:
-      cache = _cache_after_reset(layers, p, jax.tree.leaves(updates), selections, magnitudes,
-                                 state.magnitudes.phase, magnitude_refresh_every)
+      cache = _cache_after_reset(
+        layers,
+        p,
+        jax.tree.leaves(updates),
+        selections,
+        magnitudes,
+        state.magnitudes.phase,
+        magnitude_refresh_every,
+      )
     new_state = CbpState(
-        layers=new_layers, nonfinite=nonfinite, skipped=state.skipped,
-        decay_rate=state.decay_rate, key=key, magnitudes=cache, inner_state=inner_state)
+      layers=new_layers,
+      nonfinite=nonfinite,
+      skipped=state.skipped,
+      decay_rate=state.decay_rate,
+      key=key,
+      magnitudes=cache,
+      inner_state=inner_state,
+    )
     if skip_nonfinite:
       return _skip_if_nonfinite(updates, new_state, state, nonfinite > state.nonfinite)
     return updates, new_state
@@ -514,8 +589,11 @@ def find_cbp_state(opt_state: Any) -> CbpState:
   An `nnx.Optimizer`'s ``opt_state`` (Variables) is accepted too.
   """
   opt_state = nnx.as_pure(opt_state)
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CbpState))
-           if isinstance(s, CbpState)]
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CbpState))
+    if isinstance(s, CbpState)
+  ]
   if not found:
     raise ValueError("no cbp state found in this optimizer state")
   return found[0]
@@ -537,10 +615,10 @@ def unit_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   for name, layer in state.layers.items():
     s = layer.statistics
     out[name] = {
-        "utility": utility_lib.debias(s.utility, state.decay_rate, s.age),
-        "age": s.age,
-        "mean_activation": utility_lib.debias(s.mean_activation, state.decay_rate, s.age),
-        "replaced": layer.replaced_total,
+      "utility": utility_lib.debias(s.utility, state.decay_rate, s.age),
+      "age": s.age,
+      "mean_activation": utility_lib.debias(s.mean_activation, state.decay_rate, s.age),
+      "replaced": layer.replaced_total,
     }
   return out
 
@@ -572,9 +650,10 @@ def reset_batch_stats(batch_stats: Any, graph: graph_lib.LayerGraph, opt_state: 
     elif any(path.startswith(("params/",)) or path.endswith(("/kernel", "/scale")) for path in index):
       hint = " It holds parameters: pass the running statistics (nnx.state(model, nnx.BatchStat))."
     raise ValueError(
-        f"reset_batch_stats: batch_stats has none of the norms' running statistics "
-        f"({', '.join(expected[:4])}{' ...' if len(expected) > 4 else ''}); it has "
-        f"{sorted(index)[:6]}.{hint}")
+      f"reset_batch_stats: batch_stats has none of the norms' running statistics "
+      f"({', '.join(expected[:4])}{' ...' if len(expected) > 4 else ''}); it has "
+      f"{sorted(index)[:6]}.{hint}"
+    )
   for layer in normed:
     mask = state.layers[layer.name].last_replaced
     for stat, value in (("mean", 0.0), ("var", 1.0)):

@@ -8,7 +8,8 @@ names against whatever pytree the optimizer receives, without assuming a type.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -59,6 +60,6 @@ def lookup(index: dict[str, int], path: str, what: str) -> int:
     if f"params/{path}" in index:
       hint = "; this looks like a whole variables dict: pass variables['params']"
     raise ValueError(
-        f"{what}: no parameter named '{path}' in the parameter tree "
-        f"(it has: {known}{more}){hint}")
+      f"{what}: no parameter named '{path}' in the parameter tree (it has: {known}{more}){hint}"
+    )
   return index[path]

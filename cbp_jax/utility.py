@@ -15,32 +15,32 @@ import jax.numpy as jnp
 from cbp_jax import prng
 
 __all__ = [
-    "AGE_CAP",
-    "debias",
-    "incoming_magnitude",
-    "init_statistics",
-    "MagnitudeCache",
-    "outgoing_magnitude",
-    "UnitStatistics",
-    "update_statistics",
-    "UTILITIES",
+  "AGE_CAP",
+  "debias",
+  "incoming_magnitude",
+  "init_statistics",
+  "MagnitudeCache",
+  "outgoing_magnitude",
+  "UnitStatistics",
+  "update_statistics",
+  "UTILITIES",
 ]
 
 
 UTILITIES = (
-    "contribution",
-    "adaptable_contribution",
-    "zero_contribution",
-    "adaptation",
-    "weight",
-    "feature_by_input",
-    "random",
+  "contribution",
+  "adaptable_contribution",
+  "zero_contribution",
+  "adaptation",
+  "weight",
+  "feature_by_input",
+  "random",
 )
 
 # Ages saturate here instead of overflowing int32 after 2**31 steps. Only
 # `age > maturity` and `decay ** age` read them, and both are settled long
 # before this (decay < 1 makes decay ** 2**30 exactly 0 in float32).
-AGE_CAP = 2 ** 30
+AGE_CAP = 2**30
 
 
 class UnitStatistics(NamedTuple):
@@ -51,6 +51,7 @@ class UnitStatistics(NamedTuple):
     mean_activation: running mean activation ``f``, not bias-corrected.
     age: steps since the unit was created or last replaced (int32).
   """
+
   utility: jax.Array
   mean_activation: jax.Array
   age: jax.Array
@@ -64,6 +65,7 @@ class MagnitudeCache(NamedTuple):
     outgoing: per layer, ``mean |w_out|`` of each unit, ``(n,)`` float32.
     phase: which slice of every layer's units is refreshed next (int32).
   """
+
   incoming: dict[str, jax.Array]
   outgoing: dict[str, jax.Array]
   phase: jax.Array
@@ -71,8 +73,9 @@ class MagnitudeCache(NamedTuple):
 
 def init_statistics(width: int) -> UnitStatistics:
   # Separate buffers, so a training step may donate the whole state.
-  return UnitStatistics(jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32),
-                        jnp.zeros((width,), jnp.int32))
+  return UnitStatistics(
+    jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.int32)
+  )
 
 
 def debias(running: jax.Array, decay: jax.Array, age: jax.Array) -> jax.Array:
@@ -81,8 +84,9 @@ def debias(running: jax.Array, decay: jax.Array, age: jax.Array) -> jax.Array:
   return jnp.where(age > 0, running / jnp.where(age > 0, correction, 1.0), 0.0)
 
 
-def _post_step(param: jax.Array, update: jax.Array, axis: int,
-               units: tuple[jax.Array, int] | None) -> jax.Array:
+def _post_step(
+  param: jax.Array, update: jax.Array, axis: int, units: tuple[jax.Array, int] | None
+) -> jax.Array:
   """``|param + update|`` in float32, only units ``[start, start + size)`` of ``axis``.
 
   Slicing before the add keeps the work (and memory traffic) to the slice.
@@ -94,8 +98,9 @@ def _post_step(param: jax.Array, update: jax.Array, axis: int,
   return jnp.abs(param.astype(jnp.float32) + update.astype(jnp.float32))
 
 
-def incoming_magnitude(kernel: jax.Array, update: jax.Array,
-                       units: tuple[jax.Array, int] | None = None) -> jax.Array:
+def incoming_magnitude(
+  kernel: jax.Array, update: jax.Array, units: tuple[jax.Array, int] | None = None
+) -> jax.Array:
   """``mean |w_in[i, :]|`` per unit of the post-step kernel ``kernel + update``.
 
   Units are the last axis; every other axis is averaged over. ``units`` =
@@ -105,8 +110,7 @@ def incoming_magnitude(kernel: jax.Array, update: jax.Array,
   return jnp.mean(k.reshape(-1, k.shape[-1]), axis=0)
 
 
-def outgoing_magnitude(consumers, width: int,
-                       units: tuple[jax.Array, int] | None = None) -> jax.Array:
+def outgoing_magnitude(consumers, width: int, units: tuple[jax.Array, int] | None = None) -> jax.Array:
   """``mean |w_out[:, i]|`` per unit, averaged over consumers (as the reference).
 
   Args:
@@ -127,21 +131,22 @@ def outgoing_magnitude(consumers, width: int,
     positions = inputs // width
     split = (positions, width) if layout == "channels_last" else (width, positions)
     unit_axis = len(spatial) + (1 if layout == "channels_last" else 0)
-    k = _post_step(kernel.reshape(*spatial, *split, out), update.reshape(*spatial, *split, out),
-                   unit_axis, units)
+    k = _post_step(
+      kernel.reshape(*spatial, *split, out), update.reshape(*spatial, *split, out), unit_axis, units
+    )
     mags.append(jnp.mean(k, axis=tuple(a for a in range(k.ndim) if a != unit_axis)))
   return sum(mags) / len(mags)
 
 
 def update_statistics(
-    stats: UnitStatistics,
-    h: jax.Array,
-    out_mag: jax.Array,
-    in_mag: jax.Array,
-    *,
-    decay: jax.Array,
-    utility: str,
-    key: jax.Array,
+  stats: UnitStatistics,
+  h: jax.Array,
+  out_mag: jax.Array,
+  in_mag: jax.Array,
+  *,
+  decay: jax.Array,
+  utility: str,
+  key: jax.Array,
 ) -> tuple[UnitStatistics, jax.Array, jax.Array, jax.Array]:
   """Advances one layer's statistics by one batch (Semantics page, steps 1-4).
 

@@ -8,8 +8,8 @@ named in a ValueError.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,21 +81,19 @@ def check_activations(who: str, layers: Sequence[Any], activations: Any) -> None
   """
   names = [layer.name for layer in layers]
   if activations is None:
-    raise ValueError(
-        f"{who}: update needs the keyword argument activations={{layer: h}}; layers: {names}")
+    raise ValueError(f"{who}: update needs the keyword argument activations={{layer: h}}; layers: {names}")
   if not isinstance(activations, Mapping):
     raise ValueError(f"{who}: activations must be a dict, got {type(activations).__name__}")
   for layer in layers:
     name = layer.name
     if name not in activations:
-      raise ValueError(
-          f"{who}: activations has no entry for layer '{name}' (got {sorted(activations)})")
+      raise ValueError(f"{who}: activations has no entry for layer '{name}' (got {sorted(activations)})")
     h = activations[name]
     shape = getattr(h, "shape", None)
     if shape is None or len(shape) == 0 or shape[-1] != layer.width:
       raise ValueError(
-          f"{who}: activation of layer '{name}' must have the layer's "
-          f"{layer.width} units on its last axis, got shape {shape}")
+        f"{who}: activation of layer '{name}' must have the layer's "
+        f"{layer.width} units on its last axis, got shape {shape}"
+      )
     if not jnp.issubdtype(h.dtype, jnp.floating):
-      raise ValueError(
-          f"{who}: activation of layer '{name}' must be floating point, got {h.dtype}")
+      raise ValueError(f"{who}: activation of layer '{name}' must be floating point, got {h.dtype}")

@@ -9,12 +9,12 @@ release = cbp_jax.__version__
 version = release
 
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
-    "myst_parser",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.viewcode",
+  "myst_parser",
 ]
 
 # Every public module gets a page generated from its docstrings (docs/_templates/autosummary/module.rst), so a

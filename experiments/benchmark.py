@@ -86,7 +86,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,7 @@ import cbp_jax
 from cbp_jax import methods as methods_lib
 from cbp_jax import models
 from cbp_jax import transform as transform_lib
-from experiments import plasticity_methods
-from experiments import runner
+from experiments import plasticity_methods, runner
 
 SCHEMA = "cbp_jax.experiments.benchmark/1"
 
@@ -108,15 +108,16 @@ SWEEP_QUICK_STEPS = {1: 25_000, 8: 6_000, 64: 1_500}
 
 # Reference PyTorch figures on this machine class (SPEC "Speed of the reference").
 REFERENCE = {
-    "scr": {"bp": 10_000.0, "cbp": 4_500.0},
-    "mnist_b1": {"bp": 96.0, "cbp": 61.0},
-    "convnet_b100": {"bp": 22.0, "cbp": 23.0},
+  "scr": {"bp": 10_000.0, "cbp": 4_500.0},
+  "mnist_b1": {"bp": 96.0, "cbp": 61.0},
+  "convnet_b100": {"bp": 22.0, "cbp": 23.0},
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Net:
   """One benchmarked network and its training setup."""
+
   name: str
   model: Any
   x_shape: tuple[int, ...]
@@ -136,31 +137,84 @@ class Net:
 
 
 def nets() -> dict[str, Net]:
-  scr_cbp = dict(replacement_rate=1e-4, maturity_threshold=10, decay_rate=0.99,
-                 utility="adaptable_contribution", init="kaiming", accumulate=False)
-  mnist_cbp = dict(replacement_rate=1e-4, maturity_threshold=100, decay_rate=0.99,
-                   utility="adaptable_contribution", init="kaiming")
+  scr_cbp = dict(
+    replacement_rate=1e-4,
+    maturity_threshold=10,
+    decay_rate=0.99,
+    utility="adaptable_contribution",
+    init="kaiming",
+    accumulate=False,
+  )
+  mnist_cbp = dict(
+    replacement_rate=1e-4,
+    maturity_threshold=100,
+    decay_rate=0.99,
+    utility="adaptable_contribution",
+    init="kaiming",
+  )
   mnist = models.MLP(hidden=(2000, 2000, 2000), outputs=10)
   return {
-      "scr": Net("scr", models.MLP(hidden=(5,), outputs=1), (20,), 1, 1, "mse", 0.01,
-                 None, scr_cbp, False, 200_000, 50_000),
-      "mnist_b1": Net("mnist_b1", mnist, (784,), 10, 1, "xent", 0.003, None, mnist_cbp,
-                      False, 100, 25),
-      "mnist_b32": Net("mnist_b32", mnist, (784,), 10, 32, "xent", 0.003, None, mnist_cbp,
-                       False, 50, 12),
-      "convnet_b100": Net(
-          "convnet_b100", models.ConvNet(outputs=2), (32, 32, 3), 2, 100, "xent", 0.01, 0.9,
-          dict(replacement_rate=3e-4, maturity_threshold=100, decay_rate=0.99,
-               utility="adaptable_contribution", init="default", count_basis="layer"),
-          True, 20, 4, loop="python"),
-      # The same net with the convolution as patches @ kernel (``conv="im2col"``),
-      # which XLA:CPU runs fast inside the scan too.
-      "convnet_im2col_b100": Net(
-          "convnet_im2col_b100", models.ConvNet(outputs=2, conv="im2col"), (32, 32, 3), 2, 100,
-          "xent", 0.01, 0.9,
-          dict(replacement_rate=3e-4, maturity_threshold=100, decay_rate=0.99,
-               utility="adaptable_contribution", init="default", count_basis="layer"),
-          True, 20, 4),
+    "scr": Net(
+      "scr",
+      models.MLP(hidden=(5,), outputs=1),
+      (20,),
+      1,
+      1,
+      "mse",
+      0.01,
+      None,
+      scr_cbp,
+      False,
+      200_000,
+      50_000,
+    ),
+    "mnist_b1": Net("mnist_b1", mnist, (784,), 10, 1, "xent", 0.003, None, mnist_cbp, False, 100, 25),
+    "mnist_b32": Net("mnist_b32", mnist, (784,), 10, 32, "xent", 0.003, None, mnist_cbp, False, 50, 12),
+    "convnet_b100": Net(
+      "convnet_b100",
+      models.ConvNet(outputs=2),
+      (32, 32, 3),
+      2,
+      100,
+      "xent",
+      0.01,
+      0.9,
+      dict(
+        replacement_rate=3e-4,
+        maturity_threshold=100,
+        decay_rate=0.99,
+        utility="adaptable_contribution",
+        init="default",
+        count_basis="layer",
+      ),
+      True,
+      20,
+      4,
+      loop="python",
+    ),
+    # The same net with the convolution as patches @ kernel (``conv="im2col"``),
+    # which XLA:CPU runs fast inside the scan too.
+    "convnet_im2col_b100": Net(
+      "convnet_im2col_b100",
+      models.ConvNet(outputs=2, conv="im2col"),
+      (32, 32, 3),
+      2,
+      100,
+      "xent",
+      0.01,
+      0.9,
+      dict(
+        replacement_rate=3e-4,
+        maturity_threshold=100,
+        decay_rate=0.99,
+        utility="adaptable_contribution",
+        init="default",
+        count_basis="layer",
+      ),
+      True,
+      20,
+      4,
+    ),
   }
 
 
@@ -184,23 +238,23 @@ def make_tx(net: Net, method: str, params: Any, key: Any) -> tuple[optax.Gradien
   if method == "bp":
     return sgd, False
   if method in REFRESH_EVERY:
-    settings = dict(net.cbp, magnitude_refresh_every=REFRESH_EVERY[method],
-                    skip_nonfinite=method == "cbp_guard")
+    settings = dict(
+      net.cbp, magnitude_refresh_every=REFRESH_EVERY[method], skip_nonfinite=method == "cbp_guard"
+    )
     if net.wrap:
       return cbp_jax.cbp(graph, key=key, optimizer=sgd, **settings), True
     return optax.chain(sgd, cbp_jax.cbp(graph, key=key, **settings)), True
   if method == "l2":
     return optax.chain(optax.add_decayed_weights(1e-4), sgd), False
   if method == "snp":
-    return optax.chain(sgd, methods_lib.shrink_and_perturb(
-        1.0 - net.lr * 1e-4, 1e-4, key=key)), False
+    return optax.chain(sgd, methods_lib.shrink_and_perturb(1.0 - net.lr * 1e-4, 1e-4, key=key)), False
   if method == "redo":
-    return optax.chain(sgd, methods_lib.redo(graph, key=key, tau=0.0, period=1000,
-                                             init=net.cbp["init"])), True
+    return optax.chain(
+      sgd, methods_lib.redo(graph, key=key, tau=0.0, period=1000, init=net.cbp["init"])
+    ), True
   if method in NEWER_METHODS:
     hp = {"step_size": net.lr, **plasticity_methods.DEFAULTS[method]}
-    return plasticity_methods.optimizer(method, hp, graph, key, init=net.cbp["init"],
-                                        sgd=sgd), True
+    return plasticity_methods.optimizer(method, hp, graph, key, init=net.cbp["init"], sgd=sgd), True
   raise ValueError(f"unknown method {method!r}")
 
 
@@ -232,15 +286,18 @@ def age_past_maturity(opt_state: Any, maturity: int) -> Any:
   pending fraction 0.99 (in accumulate mode its next replacement is due
   at once), so even the ConvNet's short timed calls include replacements.
   """
+
   def fix(s):
     if isinstance(s, transform_lib.CbpState):
       layers = {}
       for n, l in s.layers.items():
         age = jnp.full_like(l.statistics.age, maturity + 1)
-        layers[n] = l._replace(statistics=l.statistics._replace(age=age),
-                               pending=jnp.full_like(l.pending, 0.99))
+        layers[n] = l._replace(
+          statistics=l.statistics._replace(age=age), pending=jnp.full_like(l.pending, 0.99)
+        )
       return s._replace(layers=layers)
     return s
+
   return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, transform_lib.CbpState))
 
 
@@ -308,6 +365,7 @@ def init_carry(net: Net, method: str, key: jax.Array):
 @dataclasses.dataclass
 class Program:
   """A compiled ``steps``-step run and the carry its timed calls start from."""
+
   label: str
   run: Callable
   carry: Any
@@ -356,8 +414,9 @@ def build(net: Net, method: str, steps: int, seeds: int | None = None) -> Progra
   return Program(label, compiled, carry, steps * (seeds or 1), time.perf_counter() - t0)
 
 
-def time_interleaved(programs: list[Program], repeats: int,
-                     cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+  programs: list[Program], repeats: int, cpu_times: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
   """Times each program once per repeat, in a rotated order; returns seconds.
 
   Wall-clock seconds are returned; process CPU seconds (all threads) are
@@ -367,7 +426,7 @@ def time_interleaved(programs: list[Program], repeats: int,
   times: dict[str, list[float]] = {p.label: [] for p in programs}
   before = {p.label: replaced_total(p.carry[1]) for p in programs}
   for r in range(repeats):
-    order = programs[r % len(programs):] + programs[:r % len(programs)]
+    order = programs[r % len(programs) :] + programs[: r % len(programs)]
     for p in order:
       t0, c0 = time.perf_counter(), time.process_time()
       out = p.run(p.carry)
@@ -385,8 +444,8 @@ def time_interleaved(programs: list[Program], repeats: int,
 def _key_data(tree: Any) -> Any:
   """Typed PRNG keys as their raw uint32 data (so their bytes can be counted)."""
   return jax.tree.map(
-      lambda l: jax.random.key_data(l) if jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else l,
-      tree)
+    lambda l: jax.random.key_data(l) if jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else l, tree
+  )
 
 
 def tree_bytes(tree: Any) -> int:
@@ -404,24 +463,24 @@ def state_sizes(net: Net) -> dict:
   units = sum(l.width for l in layers)
   sizes = {}
   for label, tx in (
-      ("bp", make_tx(net, "bp", params, key)[0]),
-      ("cbp", make_tx(net, "cbp", params, key)[0]),
-      ("adam", optax.adam(1e-3)),
-      ("cbp(adam)", cbp_jax.cbp(graph, key=key, optimizer=optax.adam(1e-3), **net.cbp)),
+    ("bp", make_tx(net, "bp", params, key)[0]),
+    ("cbp", make_tx(net, "cbp", params, key)[0]),
+    ("adam", optax.adam(1e-3)),
+    ("cbp(adam)", cbp_jax.cbp(graph, key=key, optimizer=optax.adam(1e-3), **net.cbp)),
   ):
     sizes[label] = tree_bytes(jax.eval_shape(lambda p: _key_data(tx.init(p)), params))
   return {
-      "net": net.name,
-      "params_bytes": tree_bytes(params),
-      "hidden_layers": len(layers),
-      "hidden_units": units,
-      "bp_state_bytes": sizes["bp"],
-      "cbp_state_bytes": sizes["cbp"],
-      "cbp_extra_bytes": sizes["cbp"] - sizes["bp"],
-      "adam_state_bytes": sizes["adam"],
-      "cbp_adam_state_bytes": sizes["cbp(adam)"],
-      "cbp_adam_extra_bytes": sizes["cbp(adam)"] - sizes["adam"],
-      "extra_bytes_per_unit": (sizes["cbp"] - sizes["bp"]) / units,
+    "net": net.name,
+    "params_bytes": tree_bytes(params),
+    "hidden_layers": len(layers),
+    "hidden_units": units,
+    "bp_state_bytes": sizes["bp"],
+    "cbp_state_bytes": sizes["cbp"],
+    "cbp_extra_bytes": sizes["cbp"] - sizes["bp"],
+    "adam_state_bytes": sizes["adam"],
+    "cbp_adam_state_bytes": sizes["cbp(adam)"],
+    "cbp_adam_extra_bytes": sizes["cbp(adam)"] - sizes["adam"],
+    "extra_bytes_per_unit": (sizes["cbp"] - sizes["bp"]) / units,
   }
 
 
@@ -437,23 +496,24 @@ def _shell(cmd: str) -> str:
 
 def machine_info() -> dict:
   return {
-      "date": _shell("date") or datetime.datetime.now().isoformat(),
-      "nproc": _shell("nproc") or str(os.cpu_count()),
-      "lscpu": _shell("lscpu | head -n 14").splitlines(),
-      "platform": platform.platform(),
-      "python": sys.version.split()[0],
-      "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "date": _shell("date") or datetime.datetime.now().isoformat(),
+    "nproc": _shell("nproc") or str(os.cpu_count()),
+    "lscpu": _shell("lscpu | head -n 14").splitlines(),
+    "platform": platform.platform(),
+    "python": sys.version.split()[0],
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 
 def _jaxlib_version() -> str:
   try:
     import jaxlib
+
     return jaxlib.__version__
   except Exception:  # pragma: no cover
     return ""
@@ -477,9 +537,15 @@ def benchmark_net(net: Net, methods: list[str], steps: int, repeats: int, log) -
   for p in programs:
     t = np.asarray(times[p.label])
     med = float(np.median(t))
-    rows.append({
-        "net": net.name, "method": p.label, "batch": net.batch, "seeds": 1, "loop": net.loop,
-        "steps_per_call": p.steps, "repeats": repeats,
+    rows.append(
+      {
+        "net": net.name,
+        "method": p.label,
+        "batch": net.batch,
+        "seeds": 1,
+        "loop": net.loop,
+        "steps_per_call": p.steps,
+        "repeats": repeats,
         "steps_per_s": p.steps / med,
         "steps_per_s_min": p.steps / float(t.max()),
         "steps_per_s_max": p.steps / float(t.min()),
@@ -488,7 +554,8 @@ def benchmark_net(net: Net, methods: list[str], steps: int, repeats: int, log) -
         "replaced": p.replaced,
         "compile_s": p.compile_s,
         "reference_steps_per_s": REFERENCE.get(net.name, {}).get(p.label),
-    })
+      }
+    )
   return rows
 
 
@@ -504,15 +571,21 @@ def benchmark_sweep(net: Net, steps: dict[int, int], repeats: int, log) -> list[
   for s, m, p in programs:
     med = float(np.median(times[p.label]))
     bp = float(np.median(times[f"bp[{s} seeds]"]))
-    rows.append({
-        "net": "sweep", "method": m, "batch": net.batch, "seeds": s,
-        "steps_per_call": p.steps, "repeats": repeats,
+    rows.append(
+      {
+        "net": "sweep",
+        "method": m,
+        "batch": net.batch,
+        "seeds": s,
+        "steps_per_call": p.steps,
+        "repeats": repeats,
         "steps_per_s": p.steps / med,  # seed-steps per second
         "wall_steps_per_s": p.steps / s / med,
         "ratio_vs_bp": bp / med,
         "replaced": p.replaced,
         "compile_s": p.compile_s,
-    })
+      }
+    )
   return rows
 
 
@@ -529,18 +602,23 @@ def benchmark_ant(repeats: int, log) -> list[dict]:
   timed chunks are the run's chunks 1..repeats). Ratio = CBP's steps/s over PPO's.
   """
   from experiments import slippery_ant
+
   runs = {}
   for method in ("ppo", "cbp"):
     config = slippery_ant.make_config({"seeds": 1, "methods": [method]})
     init, chunk = slippery_ant.make_batched(config)
     compiled, compile_s = runner.compile_chunk(chunk, init(runner.seed_keys(config)))
-    carry, _ = jax.block_until_ready(
-        compiled(init(runner.seed_keys(config)), jnp.asarray(0, jnp.int32)))
-    runs[method] = {"config": config, "compiled": compiled, "carry": carry,
-                    "compile_s": compile_s, "times": []}
+    carry, _ = jax.block_until_ready(compiled(init(runner.seed_keys(config)), jnp.asarray(0, jnp.int32)))
+    runs[method] = {
+      "config": config,
+      "compiled": compiled,
+      "carry": carry,
+      "compile_s": compile_s,
+      "times": [],
+    }
     log(f"  compiled ant/{method} ({compile_s:.0f} s) and ran its first chunk")
   for r in range(repeats):
-    for method in (("ppo", "cbp") if r % 2 == 0 else ("cbp", "ppo")):
+    for method in ("ppo", "cbp") if r % 2 == 0 else ("cbp", "ppo"):
       run = runs[method]
       tic = time.perf_counter()
       run["carry"], metrics = run["compiled"](run["carry"], jnp.asarray(r + 1, jnp.int32))
@@ -550,11 +628,19 @@ def benchmark_ant(repeats: int, log) -> list[dict]:
   for method, run in runs.items():
     per = float(np.median(run["times"]))
     steps = slippery_ant.steps_per_chunk(run["config"])
-    rows.append({
-        "net": "ant", "method": method, "batch": run["config"]["num_envs"], "seeds": 1,
-        "repeats": repeats, "steps_per_s": steps / per, "seconds_per_chunk": per,
-        "seconds_per_chunk_all": run["times"], "compile_s": run["compile_s"],
-    })
+    rows.append(
+      {
+        "net": "ant",
+        "method": method,
+        "batch": run["config"]["num_envs"],
+        "seeds": 1,
+        "repeats": repeats,
+        "steps_per_s": steps / per,
+        "seconds_per_chunk": per,
+        "seconds_per_chunk_all": run["times"],
+        "compile_s": run["compile_s"],
+      }
+    )
   for row in rows:
     row["ratio_vs_bp"] = row["steps_per_s"] / rows[0]["steps_per_s"]
   return rows
@@ -566,27 +652,32 @@ def format_table(rows: list[dict]) -> str:
   for r in rows:
     ref = r.get("reference_steps_per_s")
     lines.append(
-        f"{r['net']:14s} {r['method']:13s} {r['batch']:5d} {r['seeds']:5d} "
-        f"{r['steps_per_s']:10.1f} {r['ratio_vs_bp']:6.2f} "
-        f"{'' if r.get('replaced') is None else r['replaced']:>8}  {'' if ref is None else f'{ref:,.0f}'}")
+      f"{r['net']:14s} {r['method']:13s} {r['batch']:5d} {r['seeds']:5d} "
+      f"{r['steps_per_s']:10.1f} {r['ratio_vs_bp']:6.2f} "
+      f"{'' if r.get('replaced') is None else r['replaced']:>8}  {'' if ref is None else f'{ref:,.0f}'}"
+    )
   return "\n".join(lines)
 
 
 def format_state_table(sizes: list[dict]) -> str:
-  head = (f"{'net':14s} {'units':>6s} {'params B':>11s} {'BP state':>9s} {'CBP state':>10s} "
-          f"{'extra':>7s} {'B/unit':>6s} {'Adam':>11s} {'CBP(Adam)':>11s} {'extra':>7s}")
+  head = (
+    f"{'net':14s} {'units':>6s} {'params B':>11s} {'BP state':>9s} {'CBP state':>10s} "
+    f"{'extra':>7s} {'B/unit':>6s} {'Adam':>11s} {'CBP(Adam)':>11s} {'extra':>7s}"
+  )
   lines = [head, "-" * len(head)]
   for s in sizes:
     lines.append(
-        f"{s['net']:14s} {s['hidden_units']:6d} {s['params_bytes']:11,d} {s['bp_state_bytes']:9,d} "
-        f"{s['cbp_state_bytes']:10,d} {s['cbp_extra_bytes']:7,d} {s['extra_bytes_per_unit']:6.1f} "
-        f"{s['adam_state_bytes']:11,d} {s['cbp_adam_state_bytes']:11,d} {s['cbp_adam_extra_bytes']:7,d}")
+      f"{s['net']:14s} {s['hidden_units']:6d} {s['params_bytes']:11,d} {s['bp_state_bytes']:9,d} "
+      f"{s['cbp_state_bytes']:10,d} {s['cbp_extra_bytes']:7,d} {s['extra_bytes_per_unit']:6.1f} "
+      f"{s['adam_state_bytes']:11,d} {s['cbp_adam_state_bytes']:11,d} {s['cbp_adam_extra_bytes']:7,d}"
+    )
   return "\n".join(lines)
 
 
 def profile(net: Net, steps: int, methods: list[str], top: int = 25) -> None:
   """Prints, per method, the XLA operations that take the time (ms per step)."""
   from jax._src.lib import _profile_data  # Private, but ships with jaxlib.
+
   programs = [build(net, m, steps) for m in methods]
   for p in programs:
     with tempfile.TemporaryDirectory() as d:
@@ -611,17 +702,26 @@ def profile(net: Net, steps: int, methods: list[str], top: int = 25) -> None:
 
 def main(argv: list[str] | None = None) -> dict | None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="fewer steps and repeats, methods bp,cbp,cbp_k10,l2 only")
+  parser.add_argument(
+    "--quick", action="store_true", help="fewer steps and repeats, methods bp,cbp,cbp_k10,l2 only"
+  )
   parser.add_argument("--out", default="results/benchmark.json", help="JSON output path")
-  parser.add_argument("--nets", default=None,
-                      help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
-                           "(ant: slippery-Ant PPO env steps/s, needs the rl extra; default when installed)")
-  parser.add_argument("--methods", default=None,
-                      help=f"comma-separated subset of {','.join(available_methods())}")
+  parser.add_argument(
+    "--nets",
+    default=None,
+    help="comma-separated subset of: scr,mnist_b1,mnist_b32,convnet_b100,convnet_im2col_b100,sweep,ant "
+    "(ant: slippery-Ant PPO env steps/s, needs the rl extra; default when installed)",
+  )
+  parser.add_argument(
+    "--methods", default=None, help=f"comma-separated subset of {','.join(available_methods())}"
+  )
   parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--profile", default=None, metavar="NET",
-                      help="print an op-level profile of NET instead (BP and CBP, or --methods)")
+  parser.add_argument(
+    "--profile",
+    default=None,
+    metavar="NET",
+    help="print an op-level profile of NET instead (BP and CBP, or --methods)",
+  )
   args = parser.parse_args(argv)
 
   all_nets = nets()
@@ -679,15 +779,15 @@ def main(argv: list[str] | None = None) -> dict | None:
   print(state_table)
   elapsed = time.perf_counter() - started
   result = {
-      "schema": SCHEMA,
-      "command": " ".join(["python -m experiments.benchmark"] + (argv if argv is not None else sys.argv[1:])),
-      "quick": args.quick,
-      "repeats": repeats,
-      "machine": info,
-      "elapsed_s": elapsed,
-      "results": rows,
-      "state_bytes": sizes,
-      "reference_pytorch": REFERENCE,
+    "schema": SCHEMA,
+    "command": " ".join(["python -m experiments.benchmark"] + (argv if argv is not None else sys.argv[1:])),
+    "quick": args.quick,
+    "repeats": repeats,
+    "machine": info,
+    "elapsed_s": elapsed,
+    "results": rows,
+    "state_bytes": sizes,
+    "reference_pytorch": REFERENCE,
   }
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

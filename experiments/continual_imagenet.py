@@ -93,12 +93,9 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from experiments.data import load_dataset
 from cbp_jax.methods import reset_layers, reset_optimizer_for
-from experiments import optimizers
-from experiments import plasticity_probes
-from experiments import protocol
-from experiments import runner
+from experiments import optimizers, plasticity_probes, protocol, runner
+from experiments.data import load_dataset
 
 METHODS = ("bp", "l2", "snp", "cbp")
 DATASETS = ("imagenet_resized/32x32", "fashion_mnist", "mnist")
@@ -112,42 +109,42 @@ PIXEL_SCALE = np.float32(1.0 / 255.0)
 _CLASSES, _INIT, _OPT, _ORDER, _HEAD, _PROBE = range(6)
 
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 1,
-    "dataset": "imagenet_resized/32x32",
-    "tasks": 5000,
-    "epochs_per_task": 250,
-    "batch_size": 100,
-    "train_per_class": 600,
-    "test_per_class": 100,
-    "tasks_per_chunk": 1,
-    "head_reset": "zero",
-    "conv": "auto",
-    "seed_axis": "vmap",
-    "methods": ["bp", "l2", "snp", "cbp"],
-    # Every method's settings are constants of the compiled program: no sweeps.
-    "hparams": {
-        "bp": {"step_size": 0.01, "momentum": 0.9},
-        "l2": {"step_size": 0.03, "momentum": 0.9, "weight_decay": 3e-6},
-        "snp": {"step_size": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "noise_scale": 1e-5},
-        "cbp": {
-            "step_size": 0.01,
-            "momentum": 0.9,
-            "replacement_rate": 3e-4,
-            "maturity_threshold": 100,
-            "decay_rate": 0.99,
-            "utility": "adaptable_contribution",
-            "init": "default",
-            "count_basis": "layer",
-            "accumulate": True,
-            "next_bias_correction": True,
-            "reset_optimizer": True,
-        },
+  "seed": 0,
+  "seeds": 1,
+  "dataset": "imagenet_resized/32x32",
+  "tasks": 5000,
+  "epochs_per_task": 250,
+  "batch_size": 100,
+  "train_per_class": 600,
+  "test_per_class": 100,
+  "tasks_per_chunk": 1,
+  "head_reset": "zero",
+  "conv": "auto",
+  "seed_axis": "vmap",
+  "methods": ["bp", "l2", "snp", "cbp"],
+  # Every method's settings are constants of the compiled program: no sweeps.
+  "hparams": {
+    "bp": {"step_size": 0.01, "momentum": 0.9},
+    "l2": {"step_size": 0.03, "momentum": 0.9, "weight_decay": 3e-6},
+    "snp": {"step_size": 0.01, "momentum": 0.9, "weight_decay": 1e-5, "noise_scale": 1e-5},
+    "cbp": {
+      "step_size": 0.01,
+      "momentum": 0.9,
+      "replacement_rate": 3e-4,
+      "maturity_threshold": 100,
+      "decay_rate": 0.99,
+      "utility": "adaptable_contribution",
+      "init": "default",
+      "count_basis": "layer",
+      "accumulate": True,
+      "next_bias_correction": True,
+      "reset_optimizer": True,
     },
-    "sweep": {},
-    # Plasticity probes at each task's end (`experiments.plasticity_probes`), on
-    # the task's test images (at most all of them).
-    "probes": dict(plasticity_probes.DEFAULT_PROBES),
+  },
+  "sweep": {},
+  # Plasticity probes at each task's end (`experiments.plasticity_probes`), on
+  # the task's test images (at most all of them).
+  "probes": dict(plasticity_probes.DEFAULT_PROBES),
 }
 
 # The paper: 30 runs x 5,000 tasks x 250 epochs (BP's figure stops at 2,000 tasks).
@@ -174,15 +171,18 @@ PAPER_OVERRIDES: dict[str, Any] = {"seeds": 30, "tasks": 5000, "epochs_per_task"
 # BP held 99% for 15 tasks while its dead units rose, then fell to chance;
 # seed 1's BP diverged in its first task. CBP ended at ~99% in both.
 REDUCED_OVERRIDES: dict[str, Any] = {
-    "dataset": "mnist",
-    "seeds": 2,
-    "tasks": 24,
-    "epochs_per_task": 25,
-    "train_per_class": 200,
-    "tasks_per_chunk": 4,
-    "hparams": {"bp": {"step_size": 0.06}, "l2": {"step_size": 0.06, "weight_decay": 2e-3},
-                "snp": {"step_size": 0.06, "weight_decay": 2e-3, "noise_scale": 1e-4},
-                "cbp": {"step_size": 0.06, "replacement_rate": 3e-3, "maturity_threshold": 20}},
+  "dataset": "mnist",
+  "seeds": 2,
+  "tasks": 24,
+  "epochs_per_task": 25,
+  "train_per_class": 200,
+  "tasks_per_chunk": 4,
+  "hparams": {
+    "bp": {"step_size": 0.06},
+    "l2": {"step_size": 0.06, "weight_decay": 2e-3},
+    "snp": {"step_size": 0.06, "weight_decay": 2e-3, "noise_scale": 1e-4},
+    "cbp": {"step_size": 0.06, "replacement_rate": 3e-3, "maturity_threshold": 20},
+  },
 }
 
 
@@ -195,27 +195,35 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "tasks", "epochs_per_task", "batch_size", "train_per_class", "test_per_class",
-      "tasks_per_chunk"))
+  runner.require_positive_ints(
+    c, ("tasks", "epochs_per_task", "batch_size", "train_per_class", "test_per_class", "tasks_per_chunk")
+  )
   need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
-  need(c["tasks"] % c["tasks_per_chunk"] == 0,
-       f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})")
-  need((2 * c["train_per_class"]) % c["batch_size"] == 0,
-       f"2 * train_per_class ({2 * c['train_per_class']}) must be a multiple of batch_size "
-       f"({c['batch_size']})")
+  need(
+    c["tasks"] % c["tasks_per_chunk"] == 0,
+    f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})",
+  )
+  need(
+    (2 * c["train_per_class"]) % c["batch_size"] == 0,
+    f"2 * train_per_class ({2 * c['train_per_class']}) must be a multiple of batch_size ({c['batch_size']})",
+  )
   need(c["head_reset"] in HEAD_RESETS, f"head_reset must be one of {HEAD_RESETS}")
   need(c["conv"] in cbp_jax.models.CONV_IMPLS, f"conv must be one of {cbp_jax.models.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
-  need(not c["sweep"], "continual ImageNet has no sweeps (every setting is a constant of the "
-                       f"compiled program; run one config per value), got sweep {c['sweep']}")
+  need(
+    not c["sweep"],
+    "continual ImageNet has no sweeps (every setting is a constant of the "
+    f"compiled program; run one config per value), got sweep {c['sweep']}",
+  )
   hp = c["hparams"]
   for m in c["methods"]:
     need(hp[m]["step_size"] > 0, f"hparams.{m}.step_size must be > 0, got {hp[m]['step_size']!r}")
     need(0 <= hp[m]["momentum"] < 1, f"hparams.{m}.momentum must be in [0, 1)")
   need(hp["l2"]["weight_decay"] >= 0, "hparams.l2.weight_decay must be >= 0")
-  need(hp["snp"]["weight_decay"] >= 0 and hp["snp"]["noise_scale"] >= 0,
-       "hparams.snp.weight_decay and hparams.snp.noise_scale must be >= 0")
+  need(
+    hp["snp"]["weight_decay"] >= 0 and hp["snp"]["noise_scale"] >= 0,
+    "hparams.snp.weight_decay and hparams.snp.noise_scale must be >= 0",
+  )
   cb = hp["cbp"]
   need(0 <= cb["replacement_rate"] <= 1, "hparams.cbp.replacement_rate must be in [0, 1]")
   need(0 <= cb["decay_rate"] < 1, "hparams.cbp.decay_rate must be in [0, 1)")
@@ -255,14 +263,15 @@ def to_32x32x3(images: np.ndarray) -> np.ndarray:
     raise ValueError(f"images of {h}x{w} are larger than 32x32; resizing is not supported")
   top, left = (32 - h) // 2, (32 - w) // 2
   out = np.zeros((n, 32, 32, images.shape[-1]), np.uint8)
-  out[:, top:top + h, left:left + w] = images
+  out[:, top : top + h, left : left + w] = images
   if out.shape[-1] == 1:
     out = np.repeat(out, 3, axis=-1)
   return out
 
 
-def class_array(images: np.ndarray, labels: np.ndarray, per_class: int,
-                num_classes: int | None = None) -> np.ndarray:
+def class_array(
+  images: np.ndarray, labels: np.ndarray, per_class: int, num_classes: int | None = None
+) -> np.ndarray:
   """The first ``per_class`` images of every class, in data-set order, as ``(C, per_class, 32, 32, 3)``.
 
   Raises:
@@ -279,8 +288,9 @@ def class_array(images: np.ndarray, labels: np.ndarray, per_class: int,
   return out
 
 
-def load_class_array(config: Mapping[str, Any], data_dir: str | Path | None = None,
-                     cache: str | Path | None = None) -> np.ndarray:
+def load_class_array(
+  config: Mapping[str, Any], data_dir: str | Path | None = None, cache: str | Path | None = None
+) -> np.ndarray:
   """The class array of ``config["dataset"]`` (host ``uint8``, ``(C, 700, 32, 32, 3)``).
 
   ``cache``: a ``.npy`` file holding a class array. Read if it exists (it must
@@ -295,8 +305,8 @@ def load_class_array(config: Mapping[str, Any], data_dir: str | Path | None = No
     arr = np.load(cache, mmap_mode="r")
     if arr.ndim != 5 or arr.shape[2:] != IMAGE_SHAPE or arr.dtype != np.uint8 or arr.shape[1] < per_class:
       raise ValueError(
-          f"{cache}: expected a uint8 class array (C, >={per_class}, 32, 32, 3), got "
-          f"{arr.dtype} {arr.shape}")
+        f"{cache}: expected a uint8 class array (C, >={per_class}, 32, 32, 3), got {arr.dtype} {arr.shape}"
+      )
     return np.ascontiguousarray(arr[:, :per_class])
   source = "tfds" if config["dataset"].startswith("imagenet") else "local"
   ds = load_dataset(config["dataset"], "train", source=source, data_dir=data_dir)
@@ -307,8 +317,9 @@ def load_class_array(config: Mapping[str, Any], data_dir: str | Path | None = No
   return arr
 
 
-def load_data(config: Mapping[str, Any], data_dir: str | Path | None = None,
-              cache: str | Path | None = None) -> dict[str, jax.Array]:
+def load_data(
+  config: Mapping[str, Any], data_dir: str | Path | None = None, cache: str | Path | None = None
+) -> dict[str, jax.Array]:
   """``{"images": uint8 (C, train_per_class + test_per_class, 32, 32, 3)}`` on the device."""
   return {"images": jax.device_put(load_class_array(config, data_dir, cache))}
 
@@ -321,7 +332,8 @@ def task_classes(key: jax.Array, task: int | jax.Array, num_classes: int) -> jax
   """The two classes of task ``task``: int32 ``(2,)``, label 0 then label 1 (module docstring)."""
   pairs = num_classes // 2
   perm = jax.random.permutation(
-      jax.random.fold_in(jax.random.fold_in(key, _CLASSES), task // pairs), num_classes)
+    jax.random.fold_in(jax.random.fold_in(key, _CLASSES), task // pairs), num_classes
+  )
   return jax.lax.dynamic_slice(perm, (2 * (task % pairs),), (2,)).astype(jnp.int32)
 
 
@@ -334,7 +346,7 @@ def task_data(config: Mapping[str, Any], data: Mapping[str, jax.Array], classes:
   n_train, n_test = config["train_per_class"], config["test_per_class"]
   imgs = data["images"][classes]  # (2, per_class, 32, 32, 3)
   train_x = imgs[:, :n_train].reshape((2 * n_train,) + IMAGE_SHAPE)
-  test_x = imgs[:, n_train:n_train + n_test].reshape((2 * n_test,) + IMAGE_SHAPE)
+  test_x = imgs[:, n_train : n_train + n_test].reshape((2 * n_test,) + IMAGE_SHAPE)
   train_y = jnp.repeat(jnp.arange(2, dtype=jnp.int32), n_train)
   test_y = jnp.repeat(jnp.arange(2, dtype=jnp.int32), n_test)
   return train_x, train_y, test_x, test_y
@@ -354,7 +366,8 @@ def heldout_images(config: Mapping[str, Any], data: Mapping[str, jax.Array]) -> 
 def epoch_order(key: jax.Array, task: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
   """The order in which an epoch visits the task's ``n`` training images."""
   return jax.random.permutation(
-      jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, _ORDER), task), epoch), n)
+    jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, _ORDER), task), epoch), n
+  )
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -397,7 +410,9 @@ class Learner:
 
   def initial_params(self, key):
     """The seed's initial parameters (the same for every method)."""
-    return self.model.init(jax.random.fold_in(key, _INIT), jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32))["params"]
+    return self.model.init(jax.random.fold_in(key, _INIT), jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32))[
+      "params"
+    ]
 
   def init(self, key):
     params = self.initial_params(key)
@@ -416,7 +431,8 @@ class Learner:
     params = reset_layers(params, fresh, HEAD)
     if self.method == "cbp" and self.hp["reset_optimizer"]:
       opt_state = opt_state._replace(
-          inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, HEAD))
+        inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, HEAD)
+      )
     elif self.method in ("cbp", "snp"):  # chain(inner, cbp | shrink_and_perturb)
       opt_state = (reset_optimizer_for(self.inner(), opt_state[0], params, HEAD),) + tuple(opt_state[1:])
     else:
@@ -434,8 +450,7 @@ class Learner:
     (_, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == y, dtype=jnp.int32)
     # The optimizer's key lives in its state; this one is never used.
-    updates, opt_state = self.tx(jax.random.key(0)).update(
-        grads, opt_state, params, activations=acts)
+    updates, opt_state = self.tx(jax.random.key(0)).update(grads, opt_state, params, activations=acts)
     return (optax.apply_updates(params, updates), opt_state), correct
 
   def evaluate(self, state, x, y):
@@ -493,15 +508,15 @@ def make_chunked(config: Mapping[str, Any]):
     heldout_x = heldout_images(config, data)
     labels = plasticity_probes.probe_labels(probes, probe_key, 2)
     fresh = plasticity_probes.fresh_trainability(
-        probes, first.logits, lambda k: first.model.init(k, heldout_x[:1])["params"], x, labels,
-        probe_key)
+      probes, first.logits, lambda k: first.model.init(k, heldout_x[:1])["params"], x, labels, probe_key
+    )
     out, heldout = {}, {}
     for m in methods:
       # Task 0's churn is measured from the initial network.
       before = jnp.where(task == 0, first.logits(init_params, heldout_x), carry["heldout"][m.method])
       out[m.method], heldout[m.method] = plasticity_probes.learner_probes(
-          probes, m.logits, learners[m.method][0], init_params, x, y, labels, probe_key, before,
-          heldout_x)
+        probes, m.logits, learners[m.method][0], init_params, x, y, labels, probe_key, before, heldout_x
+      )
     return out, fresh, heldout
 
   def one_task(carry, task, data):
@@ -528,8 +543,7 @@ def make_chunked(config: Mapping[str, Any]):
     learners, correct = jax.lax.scan(epoch_body, learners, jnp.arange(epochs))
     new_carry = {"key": key, "learners": learners}
     if probes["enabled"]:
-      extra, fresh, new_carry["heldout"] = plasticity(carry, learners, task, to_float(test_x),
-                                                      test_y, data)
+      extra, fresh, new_carry["heldout"] = plasticity(carry, learners, task, to_float(test_x), test_y, data)
     out = {}
     for m in methods:
       out[m.method] = m.evaluate(learners[m.method], to_float(test_x), test_y)
@@ -541,19 +555,19 @@ def make_chunked(config: Mapping[str, Any]):
   return init, runner.scan_points(one_task, tasks_per_chunk)
 
 
-
-
 def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> Path:
   """Test accuracy per task, then the correlates, one panel each."""
   if not isinstance(results, Mapping):
     results = runner.load_results(results)
   c = results["config"]
   return runner.plot_results(
-      results, path,
-      metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
-      + plasticity_probes.plotted(results),
-      title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
-            f"epochs/task, {c.get('seeds')} seed(s), {runner.BAND_LABEL})")
+    results,
+    path,
+    metrics=("accuracy", "train_accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+    + plasticity_probes.plotted(results),
+    title=f"continual ImageNet-32 protocol on {c.get('dataset')} ({c.get('epochs_per_task')} "
+    f"epochs/task, {c.get('seeds')} seed(s), {runner.BAND_LABEL})",
+  )
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
@@ -565,11 +579,13 @@ def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
     acc = np.asarray(named["accuracy"], np.float64)
     n = acc.shape[-1]
     w = window or max(1, n // 5)
-    last = np.mean(acc[:, n - w:], axis=1)
-    out[label] = {"first": float(np.mean(acc[:, :w])), "last": float(np.mean(last)),
-                  "last_se": float(np.std(last, ddof=1) / math.sqrt(len(last)))
-                  if len(last) > 1 else 0.0,
-                  "dead_last": float(np.mean(np.asarray(named["dead_fraction"])[:, -1]))}
+    last = np.mean(acc[:, n - w :], axis=1)
+    out[label] = {
+      "first": float(np.mean(acc[:, :w])),
+      "last": float(np.mean(last)),
+      "last_se": float(np.std(last, ddof=1) / math.sqrt(len(last))) if len(last) > 1 else 0.0,
+      "dead_last": float(np.mean(np.asarray(named["dead_fraction"])[:, -1])),
+    }
   return out
 
 
@@ -577,8 +593,10 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
   rows = summary(results, **kwargs)
   lines = [f"{'method':<8} {'first tasks':>12} {'last tasks':>12} {'(+- s.e.)':>10} {'dead (end)':>11}"]
   for label, r in rows.items():
-    lines.append(f"{label:<8} {100 * r['first']:>11.2f}% {100 * r['last']:>11.2f}% "
-                 f"{100 * r['last_se']:>9.2f}% {100 * r['dead_last']:>10.2f}%")
+    lines.append(
+      f"{label:<8} {100 * r['first']:>11.2f}% {100 * r['last']:>11.2f}% "
+      f"{100 * r['last_se']:>9.2f}% {100 * r['dead_last']:>10.2f}%"
+    )
   return "\n".join(lines)
 
 
@@ -593,49 +611,63 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _describe(config: Mapping[str, Any], data: Mapping[str, Any]) -> str:
-  return (f"continual ImageNet protocol on {config['dataset']} ({data['images'].shape[0]} classes): "
-          f"{config['seeds']} seed(s) x {config['tasks']} tasks x {config['epochs_per_task']} "
-          f"epochs, methods {', '.join(config['methods'])}; conv "
-          f"{cbp_jax.models.resolve_conv(config['conv'])}")
+  return (
+    f"continual ImageNet protocol on {config['dataset']} ({data['images'].shape[0]} classes): "
+    f"{config['seeds']} seed(s) x {config['tasks']} tasks x {config['epochs_per_task']} "
+    f"epochs, methods {', '.join(config['methods'])}; conv "
+    f"{cbp_jax.models.resolve_conv(config['conv'])}"
+  )
 
 
 EXPERIMENT = protocol.Experiment(
-    name="continual_imagenet", short="cimagenet",
-    title="Continual ImageNet-32 (binary tasks over class pairs), compiled and vmapped.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    points_per_chunk="tasks_per_chunk", x_label="task",
-    work_per_run_chunk=lambda c: c["tasks_per_chunk"] * c["epochs_per_task"] * steps_per_epoch(c),
-    validate=validate_config, summary=format_summary, load_data=load_data,
-    plot=lambda results, out: plot_results(results, out / "cimagenet.png"),
-    plots=("cimagenet.png",), shared_hparams=("momentum",),
-    presets={
-        "paper": ("30 seeds x 5,000 tasks x 250 epochs", PAPER_OVERRIDES),
-        "reduced": ("the CPU stand-in (about 25 minutes on one core): MNIST pairs, 2 seeds, 24 "
-                    "tasks x 25 epochs of 200 images a class, step size 0.06",
-                    REDUCED_OVERRIDES)},
-    flags=(
-        protocol.flag("--dataset", "dataset", choices=DATASETS),
-        protocol.flag("--tasks", "tasks", type=int),
-        protocol.flag("--epochs-per-task", "epochs_per_task", type=int),
-        protocol.flag("--tasks-per-chunk", "tasks_per_chunk", type=int),
-        protocol.flag("--batch-size", "batch_size", type=int),
-        protocol.flag("--head-reset", "head_reset", choices=HEAD_RESETS),
-        protocol.flag("--conv", "conv", choices=cbp_jax.models.CONV_IMPLS),
-        protocol.flag("--seed-axis", "seed_axis", choices=SEED_AXES),
-        protocol.flag("--step-size", "hparams.*.step_size", type=float,
-                      help="one step size for every method"),
-        protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float),
-        protocol.flag("--cbp-maturity", "hparams.cbp.maturity_threshold", type=int),
+  name="continual_imagenet",
+  short="cimagenet",
+  title="Continual ImageNet-32 (binary tasks over class pairs), compiled and vmapped.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  points_per_chunk="tasks_per_chunk",
+  x_label="task",
+  work_per_run_chunk=lambda c: c["tasks_per_chunk"] * c["epochs_per_task"] * steps_per_epoch(c),
+  validate=validate_config,
+  summary=format_summary,
+  load_data=load_data,
+  plot=lambda results, out: plot_results(results, out / "cimagenet.png"),
+  plots=("cimagenet.png",),
+  shared_hparams=("momentum",),
+  presets={
+    "paper": ("30 seeds x 5,000 tasks x 250 epochs", PAPER_OVERRIDES),
+    "reduced": (
+      "the CPU stand-in (about 25 minutes on one core): MNIST pairs, 2 seeds, 24 "
+      "tasks x 25 epochs of 200 images a class, step size 0.06",
+      REDUCED_OVERRIDES,
     ),
-    add_arguments=_add_arguments, overrides_from_args=plasticity_probes.overrides_from_args,
-    cli_data=lambda config, args: load_data(config, args.data_dir, args.class_array),
-    describe=_describe,
+  },
+  flags=(
+    protocol.flag("--dataset", "dataset", choices=DATASETS),
+    protocol.flag("--tasks", "tasks", type=int),
+    protocol.flag("--epochs-per-task", "epochs_per_task", type=int),
+    protocol.flag("--tasks-per-chunk", "tasks_per_chunk", type=int),
+    protocol.flag("--batch-size", "batch_size", type=int),
+    protocol.flag("--head-reset", "head_reset", choices=HEAD_RESETS),
+    protocol.flag("--conv", "conv", choices=cbp_jax.models.CONV_IMPLS),
+    protocol.flag("--seed-axis", "seed_axis", choices=SEED_AXES),
+    protocol.flag("--step-size", "hparams.*.step_size", type=float, help="one step size for every method"),
+    protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float),
+    protocol.flag("--cbp-maturity", "hparams.cbp.maturity_threshold", type=int),
+  ),
+  add_arguments=_add_arguments,
+  overrides_from_args=plasticity_probes.overrides_from_args,
+  cli_data=lambda config, args: load_data(config, args.data_dir, args.class_array),
+  describe=_describe,
 )
 
 # The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
 # and ``chunk(carry, index, ...)`` over all seeds, cached per config.
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 
 
 if __name__ == "__main__":

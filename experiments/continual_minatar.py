@@ -72,8 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import protocol
-from experiments import runner
+from experiments import protocol, runner
 from experiments import slippery_ant as learner_lib
 
 GAMES = ("Asterix", "Breakout", "Freeway", "SpaceInvaders", "Seaquest")
@@ -83,12 +82,20 @@ DESCRIPTIONS = {"ppo": "PPO", "l2": "PPO+L2", "cbp": "PPO+CBP+L2", "redo": "PPO+
 
 _ADAM = {"step_size": 5e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
 HPARAMS: dict[str, dict[str, Any]] = {
-    "ppo": {**_ADAM, "weight_decay": 0.0},
-    "l2": {**_ADAM, "weight_decay": 1e-3},
-    "cbp": {**_ADAM, "weight_decay": 1e-4, "replacement_rate": 1e-4, "maturity_threshold": 100,
-            "decay_rate": 0.99, "utility": "contribution", "init": "lecun", "accumulate": True,
-            "next_bias_correction": True},
-    "redo": {**_ADAM, "weight_decay": 1e-4, "tau": 0.1, "period": 100, "init": "lecun"},
+  "ppo": {**_ADAM, "weight_decay": 0.0},
+  "l2": {**_ADAM, "weight_decay": 1e-3},
+  "cbp": {
+    **_ADAM,
+    "weight_decay": 1e-4,
+    "replacement_rate": 1e-4,
+    "maturity_threshold": 100,
+    "decay_rate": 0.99,
+    "utility": "contribution",
+    "init": "lecun",
+    "accumulate": True,
+    "next_bias_correction": True,
+  },
+  "redo": {**_ADAM, "weight_decay": 1e-4, "tau": 0.1, "period": 100, "init": "lecun"},
 }
 
 # The reduced configuration (the pilot in README chose it): the two games
@@ -97,40 +104,47 @@ HPARAMS: dict[str, dict[str, Any]] = {
 # each game is visited 4 times; four methods, 8 seeds (29 min on the shared
 # 2-core machine at load 15-25; --seeds 32 is 4x the work).
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 8,
-    "games": ["Breakout", "SpaceInvaders"],
-    "permutations": 1,
-    "total_steps": 131_072,          # environment steps per run (rounded up to whole chunks)
-    "change_every": 16_384,          # environment steps per task
-    "num_envs": 8,
-    "rollout_len": 64,               # steps_per_update = 512
-    "epochs": 4,
-    "minibatches": 4,
-    "gamma": 0.99,
-    "gae_lambda": 0.95,
-    "clip_eps": 0.2,
-    "entropy_coef": 0.01,
-    "max_grad_norm": 0.5,
-    "normalize_advantages": True,
-    "bootstrap_truncation": True,
-    "hidden": [64, 64],
-    "episode_length": 1000,
-    "updates_per_point": 4,
-    "points_per_chunk": 8,
-    "dormant_tau": 0.1,
-    "methods": list(METHODS),
-    "hparams": HPARAMS,
-    "sweep": {},
+  "seed": 0,
+  "seeds": 8,
+  "games": ["Breakout", "SpaceInvaders"],
+  "permutations": 1,
+  "total_steps": 131_072,  # environment steps per run (rounded up to whole chunks)
+  "change_every": 16_384,  # environment steps per task
+  "num_envs": 8,
+  "rollout_len": 64,  # steps_per_update = 512
+  "epochs": 4,
+  "minibatches": 4,
+  "gamma": 0.99,
+  "gae_lambda": 0.95,
+  "clip_eps": 0.2,
+  "entropy_coef": 0.01,
+  "max_grad_norm": 0.5,
+  "normalize_advantages": True,
+  "bootstrap_truncation": True,
+  "hidden": [64, 64],
+  "episode_length": 1000,
+  "updates_per_point": 4,
+  "points_per_chunk": 8,
+  "dormant_tau": 0.1,
+  "methods": list(METHODS),
+  "hparams": HPARAMS,
+  "sweep": {},
 }
 
 # A tiny smoke configuration (tests, `--tiny`).
 TINY_OVERRIDES: dict[str, Any] = {
-    "seeds": 2, "total_steps": 1024, "change_every": 256, "num_envs": 4, "rollout_len": 16,
-    "epochs": 1, "minibatches": 2, "hidden": [8, 8], "updates_per_point": 2,
-    "points_per_chunk": 4, "episode_length": 40,
-    "hparams": {"cbp": {"replacement_rate": 0.05, "maturity_threshold": 1},
-                "redo": {"period": 2}},
+  "seeds": 2,
+  "total_steps": 1024,
+  "change_every": 256,
+  "num_envs": 4,
+  "rollout_len": 16,
+  "epochs": 1,
+  "minibatches": 2,
+  "hidden": [8, 8],
+  "updates_per_point": 2,
+  "points_per_chunk": 4,
+  "episode_length": 40,
+  "hparams": {"cbp": {"replacement_rate": 0.05, "maturity_threshold": 1}, "redo": {"period": 2}},
 }
 
 
@@ -143,12 +157,25 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
-      "change_every", "updates_per_point", "points_per_chunk", "permutations"))
-  need(isinstance(c["games"], (list, tuple)) and len(c["games"]) >= 1
-       and all(g in GAMES for g in c["games"]),
-       f"games must be a non-empty list from {list(GAMES)}, got {c['games']}")
+  runner.require_positive_ints(
+    c,
+    (
+      "total_steps",
+      "num_envs",
+      "rollout_len",
+      "epochs",
+      "minibatches",
+      "episode_length",
+      "change_every",
+      "updates_per_point",
+      "points_per_chunk",
+      "permutations",
+    ),
+  )
+  need(
+    isinstance(c["games"], (list, tuple)) and len(c["games"]) >= 1 and all(g in GAMES for g in c["games"]),
+    f"games must be a non-empty list from {list(GAMES)}, got {c['games']}",
+  )
   learner_lib.validate_learner(c, HPARAMS)
 
 
@@ -169,9 +196,10 @@ def num_tasks(config: Mapping[str, Any]) -> int:
 
 class Task(NamedTuple):
   """What an update plays: its phase, task, game and observation permutation."""
-  phase: jax.Array        # int32: the task period the update is in (0, 1, 2, ...)
-  index: jax.Array        # int32: phase % num_tasks
-  game: jax.Array         # int32: index into config["games"]
+
+  phase: jax.Array  # int32: the task period the update is in (0, 1, 2, ...)
+  index: jax.Array  # int32: phase % num_tasks
+  game: jax.Array  # int32: index into config["games"]
   permutation: jax.Array  # int32 (observation_size,): the agent sees obs[permutation]
 
 
@@ -180,21 +208,25 @@ def phase_of_update(config: Mapping[str, Any], update: jax.Array) -> jax.Array:
   return (jnp.asarray(update, jnp.int32) * steps_per_update(config)) // config["change_every"]
 
 
-def permutation_of(config: Mapping[str, Any], key: jax.Array, index: jax.Array,
-                   size: int) -> jax.Array:
+def permutation_of(config: Mapping[str, Any], key: jax.Array, index: jax.Array, size: int) -> jax.Array:
   """The seed's observation permutation ``index`` (0: the identity)."""
   drawn = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 5), index), size)
   return jnp.where(index == 0, jnp.arange(size), drawn).astype(jnp.int32)
 
 
-def task_of_update(config: Mapping[str, Any], key: jax.Array, update: jax.Array,
-                   observation_size: int) -> Task:
+def task_of_update(
+  config: Mapping[str, Any], key: jax.Array, update: jax.Array, observation_size: int
+) -> Task:
   """The task update ``update`` of seed ``key`` plays (see the module docstring)."""
   phase = phase_of_update(config, update)
   index = phase % num_tasks(config)
   games = len(config["games"])
-  return Task(phase=phase, index=index, game=index % games,
-              permutation=permutation_of(config, key, index // games, observation_size))
+  return Task(
+    phase=phase,
+    index=index,
+    game=index % games,
+    permutation=permutation_of(config, key, index // games, observation_size),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +237,7 @@ def task_of_update(config: Mapping[str, Any], key: jax.Array, update: jax.Array,
 class EnvState(NamedTuple):
   """One environment: every game's gymnax state, the task it plays, the
   episode's step and return, and its key for the games' randomness."""
+
   games: tuple
   task: jax.Array
   t: jax.Array
@@ -217,7 +250,7 @@ def _gymnax():
     import gymnax
   except ImportError as e:
     raise ImportError(
-        "continual_minatar needs gymnax: pip install -e .[minatar] (gymnax 1.0.1; see README)"
+      "continual_minatar needs gymnax: pip install -e .[minatar] (gymnax 1.0.1; see README)"
     ) from e
   return gymnax
 
@@ -251,18 +284,26 @@ class MinAtarStream:
 
   def raw_observation(self, state: EnvState, game: jax.Array) -> jax.Array:
     """Game ``game``'s padded, flattened observation (not permuted)."""
-    return jax.lax.switch(game, [functools.partial(self._observe, g)
-                                 for g in range(len(self.games))], state.games)
+    return jax.lax.switch(
+      game, [functools.partial(self._observe, g) for g in range(len(self.games))], state.games
+    )
 
   def observation(self, state: EnvState, task: Task) -> jax.Array:
     return self.raw_observation(state, task.game)[task.permutation]
 
   def reset(self, key: jax.Array) -> EnvState:
     """Fresh episodes of every game; ``task`` -1 (no task yet)."""
-    games = tuple(env.reset_env(jax.random.fold_in(key, g), params)[1]
-                  for g, (env, params) in enumerate(zip(self.envs, self.params)))
-    return EnvState(games=games, task=jnp.full((), -1, jnp.int32), t=jnp.zeros((), jnp.int32),
-                    ret=jnp.zeros((), jnp.float32), key=jax.random.fold_in(key, len(self.games)))
+    games = tuple(
+      env.reset_env(jax.random.fold_in(key, g), params)[1]
+      for g, (env, params) in enumerate(zip(self.envs, self.params))
+    )
+    return EnvState(
+      games=games,
+      task=jnp.full((), -1, jnp.int32),
+      t=jnp.zeros((), jnp.int32),
+      ret=jnp.zeros((), jnp.float32),
+      key=jax.random.fold_in(key, len(self.games)),
+    )
 
   def start_update(self, state: EnvState, task: Task, reset_state: EnvState) -> EnvState:
     """``state``, or ``reset_state`` if ``state`` played another task."""
@@ -270,26 +311,35 @@ class MinAtarStream:
     state = jax.tree.map(lambda r, s: jnp.where(fresh, r, s), reset_state, state)
     return state._replace(task=task.index)
 
-  def step(self, state: EnvState, action: jax.Array, task: Task,
-           reset_state: EnvState) -> tuple[EnvState, learner_lib.Transition]:
+  def step(
+    self, state: EnvState, action: jax.Array, task: Task, reset_state: EnvState
+  ) -> tuple[EnvState, learner_lib.Transition]:
     """One step of the task's game; auto-resets to ``reset_state`` at an episode's end."""
     k_step, k_next = jax.random.split(state.key)
 
     def play(g, games):
-      obs, s, reward, terminated, _ = self.envs[g].step_env(k_step, games[g], action,
-                                                            self.params[g])
-      return (games[:g] + (s,) + games[g + 1:], self._flat(obs),
-              jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, jnp.bool_))
+      obs, s, reward, terminated, _ = self.envs[g].step_env(k_step, games[g], action, self.params[g])
+      return (
+        games[:g] + (s,) + games[g + 1 :],
+        self._flat(obs),
+        jnp.asarray(reward, jnp.float32),
+        jnp.asarray(terminated, jnp.bool_),
+      )
 
     games, next_obs, reward, terminated = jax.lax.switch(
-        task.game, [functools.partial(play, g) for g in range(len(self.games))], state.games)
+      task.game, [functools.partial(play, g) for g in range(len(self.games))], state.games
+    )
     t = state.t + 1
     ret = state.ret + reward
     end = terminated | (t >= self.episode_length)
     tr = learner_lib.Transition(
-        obs=self.observation(state, task), next_obs=next_obs[task.permutation], reward=reward,
-        terminated=terminated.astype(jnp.float32), episode_end=end.astype(jnp.float32),
-        episode_return=jnp.where(end, ret, 0.0))
+      obs=self.observation(state, task),
+      next_obs=next_obs[task.permutation],
+      reward=reward,
+      terminated=terminated.astype(jnp.float32),
+      episode_end=end.astype(jnp.float32),
+      episode_return=jnp.where(end, ret, 0.0),
+    )
     new = EnvState(games=games, task=state.task, t=t, ret=ret, key=k_next)
     new = jax.tree.map(lambda r, n: jnp.where(end, r, n), reset_state, new)
     return new._replace(task=state.task, key=k_next), tr
@@ -331,9 +381,21 @@ CATEGORICAL = CategoricalPolicy()
 # ---------------------------------------------------------------------------
 
 
-METRIC_NAMES = ("episode_return", "episodes", "phase", "task", "game", "dead_fraction",
-                "dormant_fraction", "effective_rank", "weight_magnitude", "policy_loss",
-                "value_loss", "approx_kl", "replaced_units")
+METRIC_NAMES = (
+  "episode_return",
+  "episodes",
+  "phase",
+  "task",
+  "game",
+  "dead_fraction",
+  "dormant_fraction",
+  "effective_rank",
+  "weight_magnitude",
+  "policy_loss",
+  "value_loss",
+  "approx_kl",
+  "replaced_units",
+)
 
 
 def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
@@ -347,16 +409,18 @@ def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
   env = env or MinAtarStream(config["games"], config["episode_length"])
   nets = learner_lib.make_nets(config, env.action_size)
   shapes = jax.eval_shape(
-      lambda k: learner_lib.init_params(nets, k, env.observation_size, env.action_size,
-                                        CATEGORICAL), jax.random.key(0))
+    lambda k: learner_lib.init_params(nets, k, env.observation_size, env.action_size, CATEGORICAL),
+    jax.random.key(0),
+  )
   graph = learner_lib.make_graph(shapes)
-  groups = [learner_lib._Group(config, kind, ms, env, nets, graph, CATEGORICAL)
-            for kind, ms in learner_lib.method_groups(config).items()]
+  groups = [
+    learner_lib._Group(config, kind, ms, env, nets, graph, CATEGORICAL)
+    for kind, ms in learner_lib.method_groups(config).items()
+  ]
   upp = config["updates_per_point"]
 
   def init(key):
-    return {"key": key,
-            "learners": {g.kind: jax.vmap(g.init, in_axes=(None, 0))(key, g.hp) for g in groups}}
+    return {"key": key, "learners": {g.kind: jax.vmap(g.init, in_axes=(None, 0))(key, g.hp) for g in groups}}
 
   def one_update(carry, update):
     key = carry["key"]
@@ -364,8 +428,9 @@ def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
     k = jax.random.fold_in(jax.random.fold_in(key, 4), update)  # Shared by all methods.
     learners, sums, obs = {}, {}, {}
     for g in groups:
-      learners[g.kind], sums[g.kind], obs[g.kind] = jax.vmap(
-          g.update, in_axes=(0, 0, None, None))(carry["learners"][g.kind], g.hp, k, task)
+      learners[g.kind], sums[g.kind], obs[g.kind] = jax.vmap(g.update, in_axes=(0, 0, None, None))(
+        carry["learners"][g.kind], g.hp, k, task
+      )
     return {"key": key, "learners": learners}, (sums, obs, task)
 
   def one_point(carry, point):
@@ -373,8 +438,9 @@ def make_chunked(config: Mapping[str, Any], env: MinAtarStream | None = None):
     carry, (sums, obs, task) = jax.lax.scan(one_update, carry, updates)
     out = learner_lib.point_metrics(groups, carry["learners"], sums, obs)
     schedule = {"phase": task.phase[-1], "task": task.index[-1], "game": task.game[-1]}
-    out = {m: {k: {**out[m], **schedule}[k].astype(jnp.float32) for k in METRIC_NAMES}
-           for m in config["methods"]}
+    out = {
+      m: {k: {**out[m], **schedule}[k].astype(jnp.float32) for k in METRIC_NAMES} for m in config["methods"]
+    }
     return carry, out
 
   return init, runner.scan_points(one_point, config["points_per_chunk"])
@@ -412,21 +478,28 @@ def format_summary(results: Mapping[str, Any]) -> str:
   config = results["config"]
   w = max([len("method")] + [len(k) for k in table])
   lines = ["mean return in the second half of each phase (task in brackets):"]
-  lines.append(f"{'method':<{w}}  " + "  ".join(
-      f"{j}[{task_name(config, t)[:6]}]".rjust(11) for j, t in enumerate(tasks)))
+  lines.append(
+    f"{'method':<{w}}  "
+    + "  ".join(f"{j}[{task_name(config, t)[:6]}]".rjust(11) for j, t in enumerate(tasks))
+  )
   for label, t in table.items():
     with learner_lib._quiet():
       lines.append(f"{label:<{w}}  " + "  ".join(f"{v:11.2f}" for v in np.nanmean(t, axis=0)))
-  lines.append(f"{'method':<{w}}  {'dead':>6}  {'dormant':>7}  {'eff.rank':>8}  {'|w|':>6}  "
-               f"{'replaced':>8}   (last point, mean over seeds)")
+  lines.append(
+    f"{'method':<{w}}  {'dead':>6}  {'dormant':>7}  {'eff.rank':>8}  {'|w|':>6}  "
+    f"{'replaced':>8}   (last point, mean over seeds)"
+  )
   for label in table:
     named = results["metrics"][label]
-    last = {k: float(np.nanmean(np.asarray(named[k], np.float64)[:, -1])) for k in
-            ("dead_fraction", "dormant_fraction", "effective_rank", "weight_magnitude",
-             "replaced_units")}
-    lines.append(f"{label:<{w}}  {last['dead_fraction']:6.3f}  {last['dormant_fraction']:7.3f}  "
-                 f"{last['effective_rank']:8.1f}  {last['weight_magnitude']:6.4f}  "
-                 f"{last['replaced_units']:8.0f}")
+    last = {
+      k: float(np.nanmean(np.asarray(named[k], np.float64)[:, -1]))
+      for k in ("dead_fraction", "dormant_fraction", "effective_rank", "weight_magnitude", "replaced_units")
+    }
+    lines.append(
+      f"{label:<{w}}  {last['dead_fraction']:6.3f}  {last['dormant_fraction']:7.3f}  "
+      f"{last['effective_rank']:8.1f}  {last['weight_magnitude']:6.4f}  "
+      f"{last['replaced_units']:8.0f}"
+    )
   return "\n".join(lines)
 
 
@@ -434,6 +507,7 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
   """``continual_minatar.png`` (return and correlates over steps) and
   ``tasks.png`` (return per task at each visit, one panel per task)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -441,11 +515,15 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
     results = runner.load_results(results)
   out_dir = Path(out_dir)
   config = results["config"]
-  paths = [runner.plot_results(
-      results, out_dir / "continual_minatar.png",
+  paths = [
+    runner.plot_results(
+      results,
+      out_dir / "continual_minatar.png",
       metrics=("episode_return", "dead_fraction", "effective_rank", "weight_magnitude"),
       title=f"continual MinAtar ({' / '.join(config['games'])}), PPO "
-            f"(mean +- s.e. over {config['seeds']} seeds)")]
+      f"(mean +- s.e. over {config['seeds']} seeds)",
+    )
+  ]
   table, tasks = task_returns(results)
   ids = sorted(set(tasks.tolist()))
   fig, axes = plt.subplots(1, len(ids), figsize=(3.6 * len(ids), 3.2), squeeze=False)
@@ -453,8 +531,16 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
     cols = np.flatnonzero(tasks == t)
     for i, (label, tab) in enumerate(table.items()):
       mean, se = runner.mean_and_stderr(tab[:, cols])
-      ax.errorbar(np.arange(len(cols)) + 0.05 * (i - len(table) / 2), mean, yerr=se, marker="o",
-                  ms=3, capsize=2, color=f"C{i % 10}", label=label)
+      ax.errorbar(
+        np.arange(len(cols)) + 0.05 * (i - len(table) / 2),
+        mean,
+        yerr=se,
+        marker="o",
+        ms=3,
+        capsize=2,
+        color=f"C{i % 10}",
+        label=label,
+      )
     ax.set_title(task_name(config, t), fontsize=9)
     ax.set_xlabel("visit")
     ax.set_xticks(range(len(cols)))
@@ -481,10 +567,14 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--benchmark", type=runner.parse_ints, metavar="SEEDS,...",
-                 help="print environment steps/s of PPO alone and PPO+CBP alone at each of "
-                      "these seed counts (e.g. 32,128), one chunk of --points-per-chunk points "
-                      "each after compiling, and exit")
+  p.add_argument(
+    "--benchmark",
+    type=runner.parse_ints,
+    metavar="SEEDS,...",
+    help="print environment steps/s of PPO alone and PPO+CBP alone at each of "
+    "these seed counts (e.g. 32,128), one chunk of --points-per-chunk points "
+    "each after compiling, and exit",
+  )
 
 
 def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -> int | None:
@@ -495,37 +585,55 @@ def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -
   for seeds in args.benchmark:
     for methods in (["ppo"], ["cbp"]):
       b = benchmark({**config, "seeds": seeds, "methods": methods}, chunks=1)
-      print(f"{DESCRIPTIONS[methods[0]]}: {b['env_steps_per_s']:,.0f} env steps/s "
-            f"({seeds} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
-            f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)", flush=True)
+      print(
+        f"{DESCRIPTIONS[methods[0]]}: {b['env_steps_per_s']:,.0f} env steps/s "
+        f"({seeds} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
+        f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)",
+        flush=True,
+      )
   return 0
 
 
 def _describe(config: Mapping[str, Any], _) -> str:
-  return (f"continual MinAtar: {config['seeds']} seeds x "
-          f"{num_chunks(config) * steps_per_chunk(config):,} steps, tasks "
-          f"{[task_name(config, t) for t in range(num_tasks(config))]} every "
-          f"{config['change_every']:,} steps, runs {', '.join(EXPERIMENT.run_labels(config))}")
+  return (
+    f"continual MinAtar: {config['seeds']} seeds x "
+    f"{num_chunks(config) * steps_per_chunk(config):,} steps, tasks "
+    f"{[task_name(config, t) for t in range(num_tasks(config))]} every "
+    f"{config['change_every']:,} steps, runs {', '.join(EXPERIMENT.run_labels(config))}"
+  )
 
 
 EXPERIMENT = learner_lib.ppo_experiment(
-    name="continual_minatar", short="continual_minatar",
-    title="Continual MinAtar: PPO with and without CBP on a cycle of gymnax games.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    validate=validate_config, summary=format_summary, plot=plot_results,
-    plots=("continual_minatar.png", "tasks.png"),
-    run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
-    presets={"tiny": ("a seconds-long smoke run", TINY_OVERRIDES)},
-    flags=(protocol.flag("--games", "games", type=runner.split_names,
-                         help=f"comma-separated, from {','.join(GAMES)}"),
-           protocol.flag("--permutations", "permutations", type=int,
-                         help="observation permutations per game (1: none)"),
-           *learner_lib.PPO_FLAGS),
-    add_arguments=_add_arguments, command=_benchmark_command, describe=_describe,
+  name="continual_minatar",
+  short="continual_minatar",
+  title="Continual MinAtar: PPO with and without CBP on a cycle of gymnax games.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  validate=validate_config,
+  summary=format_summary,
+  plot=plot_results,
+  plots=("continual_minatar.png", "tasks.png"),
+  run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
+  presets={"tiny": ("a seconds-long smoke run", TINY_OVERRIDES)},
+  flags=(
+    protocol.flag(
+      "--games", "games", type=runner.split_names, help=f"comma-separated, from {','.join(GAMES)}"
+    ),
+    protocol.flag(
+      "--permutations", "permutations", type=int, help="observation permutations per game (1: none)"
+    ),
+    *learner_lib.PPO_FLAGS,
+  ),
+  add_arguments=_add_arguments,
+  command=_benchmark_command,
+  describe=_describe,
 )
 
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 
 
 if __name__ == "__main__":

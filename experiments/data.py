@@ -35,9 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = [
-    "DATA_DIR_ENV", "DATASETS", "Dataset", "load_dataset", "shared_data_dir"
-]
+__all__ = ["DATA_DIR_ENV", "DATASETS", "Dataset", "load_dataset", "shared_data_dir"]
 
 # Environment variable naming the root folder of local data sets.
 DATA_DIR_ENV = "CBP_JAX_DATA_DIR"
@@ -60,19 +58,17 @@ class _Spec(NamedTuple):
 # Canonical name -> spec. The expected shape and class count let the loaders
 # reject a folder that holds some other data set.
 DATASETS: dict[str, _Spec] = {
-    "mnist": _Spec("mnist", "mnist", 10, (28, 28, 1)),
-    "fashion_mnist": _Spec("fashion_mnist", "fashion-mnist", 10, (28, 28, 1)),
-    "cifar100": _Spec("cifar100", None, 100, (32, 32, 3)),
-    "imagenet_resized/32x32": _Spec(
-        "imagenet_resized/32x32", None, 1000, (32, 32, 3)
-    ),
+  "mnist": _Spec("mnist", "mnist", 10, (28, 28, 1)),
+  "fashion_mnist": _Spec("fashion_mnist", "fashion-mnist", 10, (28, 28, 1)),
+  "cifar100": _Spec("cifar100", None, 100, (32, 32, 3)),
+  "imagenet_resized/32x32": _Spec("imagenet_resized/32x32", None, 1000, (32, 32, 3)),
 }
 _ALIASES = {"fashion-mnist": "fashion_mnist"}
 
 # The standard IDX file names, by split: (images, labels), without ".gz".
 _IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # IDX type code 0x08 is unsigned byte, the only one MNIST-style files use.
 _IDX_UBYTE = 0x08
@@ -116,11 +112,11 @@ def shared_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(
-    name: str,
-    split: str = "train",
-    *,
-    source: str = "auto",
-    data_dir: str | os.PathLike | None = None,
+  name: str,
+  split: str = "train",
+  *,
+  source: str = "auto",
+  data_dir: str | os.PathLike | None = None,
 ) -> Dataset:
   """Loads a whole split of an image-classification data set into memory.
 
@@ -149,21 +145,15 @@ def load_dataset(
   """
   canonical = _ALIASES.get(name, name)
   if canonical not in DATASETS:
-    raise ValueError(
-        f"Unknown data set {name!r}; expected one of {sorted(DATASETS)}."
-    )
+    raise ValueError(f"Unknown data set {name!r}; expected one of {sorted(DATASETS)}.")
   spec = DATASETS[canonical]
   if source == "local":
     return _load_local(canonical, spec, split, data_dir)
   if source == "tfds":
     return _load_tfds(canonical, spec, split, data_dir)
   if source != "auto":
-    raise ValueError(
-        f"Unknown source {source!r}; expected 'auto', 'local' or 'tfds'."
-    )
-  if spec.local_folder is not None and _has_idx_files(
-      shared_data_dir(data_dir) / spec.local_folder
-  ):
+    raise ValueError(f"Unknown source {source!r}; expected 'auto', 'local' or 'tfds'.")
+  if spec.local_folder is not None and _has_idx_files(shared_data_dir(data_dir) / spec.local_folder):
     return _load_local(canonical, spec, split, data_dir)
   try:
     return _load_tfds(canonical, spec, split, data_dir)
@@ -174,8 +164,8 @@ def load_dataset(
     local = shared_data_dir(data_dir) / spec.local_folder
     names = _expected_idx_names(split) if split in _IDX_FILES else []
     raise FileNotFoundError(
-        f"{e}\nNo local IDX files for {canonical!r} either: looked in folder "
-        f"{local} for {names or 'the standard IDX files'}."
+      f"{e}\nNo local IDX files for {canonical!r} either: looked in folder "
+      f"{local} for {names or 'the standard IDX files'}."
     ) from e
 
 
@@ -190,58 +180,42 @@ def _expected_idx_names(split: str) -> list[str]:
 
 def _has_idx_files(folder: Path) -> bool:
   """Whether ``folder`` holds any standard IDX file of any split."""
-  return any(
-      (folder / n).is_file() for s in _IDX_FILES for n in _expected_idx_names(s)
-  )
+  return any((folder / n).is_file() for s in _IDX_FILES for n in _expected_idx_names(s))
 
 
-def _load_local(
-    name: str, spec: _Spec, split: str, data_dir: str | os.PathLike | None
-) -> Dataset:
+def _load_local(name: str, spec: _Spec, split: str, data_dir: str | os.PathLike | None) -> Dataset:
   """Reads one split of MNIST / Fashion-MNIST from its IDX files."""
   if spec.local_folder is None:
     raise ValueError(
-        f"{name!r} has no local file format; use source='tfds' with a prepared "
-        "tensorflow-datasets data_dir."
+      f"{name!r} has no local file format; use source='tfds' with a prepared tensorflow-datasets data_dir."
     )
   if split not in _IDX_FILES:
-    raise ValueError(
-        f"Unknown split {split!r} for local {name!r}; expected one of "
-        f"{sorted(_IDX_FILES)}."
-    )
+    raise ValueError(f"Unknown split {split!r} for local {name!r}; expected one of {sorted(_IDX_FILES)}.")
   folder = shared_data_dir(data_dir) / spec.local_folder
   expected = _expected_idx_names(split)
   if not folder.is_dir():
     raise FileNotFoundError(
-        f"Data folder {folder} for {name!r} does not exist; it should contain "
-        f"{expected} (pass data_dir=, or set ${DATA_DIR_ENV} to the folder "
-        f"holding '{spec.local_folder}/')."
+      f"Data folder {folder} for {name!r} does not exist; it should contain "
+      f"{expected} (pass data_dir=, or set ${DATA_DIR_ENV} to the folder "
+      f"holding '{spec.local_folder}/')."
     )
-  image_path, label_path = (
-      _find_idx_file(folder, base, expected) for base in _IDX_FILES[split]
-  )
+  image_path, label_path = (_find_idx_file(folder, base, expected) for base in _IDX_FILES[split])
   images = _read_idx(image_path, ndim=3)
   labels = _read_idx(label_path, ndim=1)
   if images.shape[1:] != spec.image_shape[:2]:
     raise ValueError(
-        f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, "
-        f"expected {spec.image_shape[0]}x{spec.image_shape[1]} for {name!r}."
+      f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, "
+      f"expected {spec.image_shape[0]}x{spec.image_shape[1]} for {name!r}."
     )
   if len(images) != len(labels):
-    raise ValueError(
-        f"{image_path} holds {len(images)} images but {label_path} holds "
-        f"{len(labels)} labels."
-    )
+    raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels.")
   if labels.size and labels.max() >= spec.num_classes:
-    raise ValueError(
-        f"{label_path}: label {labels.max()} out of range [0, "
-        f"{spec.num_classes})."
-    )
+    raise ValueError(f"{label_path}: label {labels.max()} out of range [0, {spec.num_classes}).")
   return Dataset(
-      images=images[..., None],
-      labels=labels.astype(np.int32),
-      num_classes=spec.num_classes,
-      name=name,
+    images=images[..., None],
+    labels=labels.astype(np.int32),
+    num_classes=spec.num_classes,
+    name=name,
   )
 
 
@@ -251,8 +225,7 @@ def _find_idx_file(folder: Path, base: str, expected: list[str]) -> Path:
     if candidate.is_file():
       return candidate
   raise FileNotFoundError(
-      f"Neither {base}.gz nor {base} found in data folder {folder}; it should "
-      f"contain {expected}."
+    f"Neither {base}.gz nor {base} found in data folder {folder}; it should contain {expected}."
   )
 
 
@@ -281,24 +254,19 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     raise ValueError(f"{path}: cannot read or decompress ({e}).") from e
   header_len = 4 + 4 * ndim
   if len(raw) < header_len:
-    raise ValueError(
-        f"{path}: only {len(raw)} bytes, shorter than the {header_len}-byte "
-        "IDX header."
-    )
+    raise ValueError(f"{path}: only {len(raw)} bytes, shorter than the {header_len}-byte IDX header.")
   # Magic number: two zero bytes, the element type code, the number of dims.
   if raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
     raise ValueError(
-        f"{path}: bad IDX magic number 0x{raw[:4].hex()}, expected "
-        f"0x0000{_IDX_UBYTE:02x}{ndim:02x} (unsigned bytes, {ndim} dims)."
+      f"{path}: bad IDX magic number 0x{raw[:4].hex()}, expected "
+      f"0x0000{_IDX_UBYTE:02x}{ndim:02x} (unsigned bytes, {ndim} dims)."
     )
-  dims = tuple(
-      int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-  )
+  dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
   expected = header_len + math.prod(dims)
   if len(raw) != expected:
     raise ValueError(
-        f"{path}: {len(raw)} bytes, but the header declares dims {dims}, i.e. "
-        f"{expected} bytes; the file is truncated or corrupt."
+      f"{path}: {len(raw)} bytes, but the header declares dims {dims}, i.e. "
+      f"{expected} bytes; the file is truncated or corrupt."
     )
   # Copy so the caller gets a writable array that does not pin `raw`.
   return np.frombuffer(raw, np.uint8, offset=header_len).reshape(dims).copy()
@@ -310,9 +278,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
-def _load_tfds(
-    name: str, spec: _Spec, split: str, data_dir: str | os.PathLike | None
-) -> Dataset:
+def _load_tfds(name: str, spec: _Spec, split: str, data_dir: str | os.PathLike | None) -> Dataset:
   """Reads one split of a tfds-prepared array_record data set."""
   # Imported here: importing tensorflow_datasets is slow, and the local path
   # must work without it.
@@ -320,8 +286,8 @@ def _load_tfds(
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise ImportError(
-        f"Loading {name!r} from tfds needs tensorflow-datasets and array_record"
-        " (pip install 'cbp_jax[data]'); TensorFlow itself is not needed."
+      f"Loading {name!r} from tfds needs tensorflow-datasets and array_record"
+      " (pip install 'cbp_jax[data]'); TensorFlow itself is not needed."
     ) from e
 
   if data_dir is None:
@@ -337,29 +303,26 @@ def _load_tfds(
   missing = {"image", "label"} - set(features.keys())
   if missing:
     raise ValueError(
-        f"{builder_dir}: data set has features {sorted(features.keys())}, "
-        f"missing {sorted(missing)}."
+      f"{builder_dir}: data set has features {sorted(features.keys())}, missing {sorted(missing)}."
     )
   num_classes = features["label"].num_classes
   if num_classes != spec.num_classes:
     raise ValueError(
-        f"{builder_dir}: label has {num_classes} classes, expected "
-        f"{spec.num_classes} for {name!r}."
+      f"{builder_dir}: label has {num_classes} classes, expected {spec.num_classes} for {name!r}."
     )
   try:
     source = builder.as_data_source(split=split)
   except NotImplementedError as e:
     raise ValueError(
-        f"{builder_dir} was prepared as {builder.info.file_format.value}, "
-        "which has no random access; rebuild it with "
-        f"`tfds build {spec.tfds_name} --file_format=array_record "
-        f"--data_dir={root}`."
+      f"{builder_dir} was prepared as {builder.info.file_format.value}, "
+      "which has no random access; rebuild it with "
+      f"`tfds build {spec.tfds_name} --file_format=array_record "
+      f"--data_dir={root}`."
     ) from e
   images, labels = _read_records(source, spec.image_shape, builder_dir)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(
-        f"{builder_dir}: labels in [{labels.min()}, {labels.max()}], outside "
-        f"[0, {num_classes})."
+      f"{builder_dir}: labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes})."
     )
   return Dataset(images=images, labels=labels, num_classes=num_classes, name=name)
 
@@ -388,17 +351,17 @@ def _tfds_builder_dir(root: Path, tfds_name: str) -> Path:
         versions.append((tuple(map(int, match.groups())), child))
   if not versions:
     raise FileNotFoundError(
-        f"No prepared tensorflow-datasets data set {tfds_name!r} in data_dir "
-        f"{root} (looked for {base}/<version>/dataset_info.json). Prepare it "
-        "on a machine with internet access and TensorFlow: `tfds build "
-        f"{tfds_name} --file_format=array_record --data_dir={root}`, or build "
-        f"it elsewhere and copy the '{tfds_name}' folder into {root}."
+      f"No prepared tensorflow-datasets data set {tfds_name!r} in data_dir "
+      f"{root} (looked for {base}/<version>/dataset_info.json). Prepare it "
+      "on a machine with internet access and TensorFlow: `tfds build "
+      f"{tfds_name} --file_format=array_record --data_dir={root}`, or build "
+      f"it elsewhere and copy the '{tfds_name}' folder into {root}."
     )
   return max(versions)[1]
 
 
 def _read_records(
-    source, image_shape: tuple[int, int, int], builder_dir: Path
+  source, image_shape: tuple[int, int, int], builder_dir: Path
 ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes every record of a tfds data source into preallocated arrays.
 
@@ -424,8 +387,8 @@ def _read_records(
         image = image[..., None]
       if image.shape != image_shape or image.dtype != np.uint8:
         raise ValueError(
-            f"{builder_dir}: record {i} has a {image.dtype} image of shape "
-            f"{image.shape}, expected uint8 {image_shape}."
+          f"{builder_dir}: record {i} has a {image.dtype} image of shape "
+          f"{image.shape}, expected uint8 {image_shape}."
         )
       images[i] = image
       labels[i] = example["label"]

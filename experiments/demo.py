@@ -33,11 +33,11 @@ from experiments import runner
 from experiments import slowly_changing_regression as scr
 
 DEMO = {
-    "seeds": 16,
-    "steps": 400_000,
-    "bin_size": 20_000,
-    "bins_per_chunk": 2,
-    "methods": ["bp", "cbp", "l2", "snp", "linear"],
+  "seeds": 16,
+  "steps": 400_000,
+  "bin_size": 20_000,
+  "bins_per_chunk": 2,
+  "methods": ["bp", "cbp", "l2", "snp", "linear"],
 }
 LATE_BINS = 2  # "Late" error: mean over the last 40k examples.
 
@@ -52,30 +52,41 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   config = scr.make_config({**DEMO, "seeds": args.seeds, "steps": args.steps})
   out = Path(args.out)
-  print(f"Slowly-changing regression demo: {config['seeds']} seeds x {config['steps']:,} "
-        f"examples, 20-5-1 ReLU learner, SGD step size 0.01, batch 1; methods "
-        f"{', '.join(scr.run_labels(config))}.\nTarget network and input stream are generated "
-        "inside the compiled program; one line per compiled chunk follows.", flush=True)
+  print(
+    f"Slowly-changing regression demo: {config['seeds']} seeds x {config['steps']:,} "
+    f"examples, 20-5-1 ReLU learner, SGD step size 0.01, batch 1; methods "
+    f"{', '.join(scr.run_labels(config))}.\nTarget network and input stream are generated "
+    "inside the compiled program; one line per compiled chunk follows.",
+    flush=True,
+  )
   result = scr.run_experiment(config, out_dir=out, checkpoint_dir=None, plot=True)
   rows = scr.summary(result.results, early_bins=1, late_bins=LATE_BINS)
   print()
-  print(f"Binned squared error, mean over {config['seeds']} seeds "
-        f"(early: first 20k examples; late: last {LATE_BINS * 20}k of {config['steps'] // 1000}k):")
+  print(
+    f"Binned squared error, mean over {config['seeds']} seeds "
+    f"(early: first 20k examples; late: last {LATE_BINS * 20}k of {config['steps'] // 1000}k):"
+  )
   print(scr.format_summary(result.results, early_bins=1, late_bins=LATE_BINS))
   print(runner.format_statistics(result.results))
   bp, cbp, lin = rows.get("bp"), rows.get("cbp"), rows.get("linear")
   if bp and lin:
     verdict = "above" if bp["late"] > lin["late"] else "not yet above"
-    print(f"\nBP's error rose from {bp['early']:.2f} to {bp['late']:.2f}, {verdict} the linear "
-          f"learner's {lin['late']:.2f}: loss of plasticity.")
+    print(
+      f"\nBP's error rose from {bp['early']:.2f} to {bp['late']:.2f}, {verdict} the linear "
+      f"learner's {lin['late']:.2f}: loss of plasticity."
+    )
   if bp and cbp:
-    print(f"CBP ends at {cbp['late']:.2f} (started at {cbp['early']:.2f}): it keeps learning "
-          "each new target as well as at the start.")
+    print(
+      f"CBP ends at {cbp['late']:.2f} (started at {cbp['early']:.2f}): it keeps learning "
+      "each new target as well as at the start."
+    )
   elapsed = time.perf_counter() - start
-  print(f"\nPlot: {out / 'scr.png'}\nResults: {out / 'results.json'}\n"
-        f"Took {elapsed:.0f} s (compile {result.compile_seconds:.0f} s, "
-        f"run {sum(result.chunk_seconds):.0f} s). The paper-scale run: "
-        "python -m experiments.slowly_changing_regression --paper --out results/scr_paper")
+  print(
+    f"\nPlot: {out / 'scr.png'}\nResults: {out / 'results.json'}\n"
+    f"Took {elapsed:.0f} s (compile {result.compile_seconds:.0f} s, "
+    f"run {sum(result.chunk_seconds):.0f} s). The paper-scale run: "
+    "python -m experiments.slowly_changing_regression --paper --out results/scr_paper"
+  )
   return 0
 
 

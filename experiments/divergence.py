@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -40,8 +39,7 @@ from experiments import continual_imagenet, permuted_mnist, runner
 VARIANTS = ("bp", "cbp", "cbp_noopt", "cbp_nobias")
 
 
-def variant_config(experiment: str, variant: str, step_sizes: list[float], seeds: int,
-                   tasks: int) -> dict:
+def variant_config(experiment: str, variant: str, step_sizes: list[float], seeds: int, tasks: int) -> dict:
   """The experiment's reduced config for one variant (permuted MNIST: all step sizes at once)."""
   method = "bp" if variant == "bp" else "cbp"
   cbp = {}
@@ -56,15 +54,27 @@ def variant_config(experiment: str, variant: str, step_sizes: list[float], seeds
     hparams = {m: {"step_size": step_size} for m in continual_imagenet.METHODS}
     hparams["cbp"].update(cbp)
     return continual_imagenet.make_config(
-        continual_imagenet.REDUCED_OVERRIDES, dataset="fashion_mnist", seeds=seeds, tasks=tasks,
-        tasks_per_chunk=1, methods=[method], hparams=hparams,
-        # The probes never touch the learners; off, the grid costs 1/1.35 of the time.
-        probes={"enabled": False})
+      continual_imagenet.REDUCED_OVERRIDES,
+      dataset="fashion_mnist",
+      seeds=seeds,
+      tasks=tasks,
+      tasks_per_chunk=1,
+      methods=[method],
+      hparams=hparams,
+      # The probes never touch the learners; off, the grid costs 1/1.35 of the time.
+      probes={"enabled": False},
+    )
   # One step size: the method's; several: a sweep, vmapped (labels "cbp@0.1").
   sweep = {method: {"step_size": list(step_sizes)}} if len(step_sizes) > 1 else {}
   return permuted_mnist.make_config(
-      permuted_mnist.REDUCED_OVERRIDES, seeds=seeds, tasks=tasks, tasks_per_chunk=1,
-      methods=[method], hparams={method: {"step_size": step_sizes[0]}, "cbp": cbp}, sweep=sweep)
+    permuted_mnist.REDUCED_OVERRIDES,
+    seeds=seeds,
+    tasks=tasks,
+    tasks_per_chunk=1,
+    methods=[method],
+    hparams={method: {"step_size": step_sizes[0]}, "cbp": cbp},
+    sweep=sweep,
+  )
 
 
 def diverged(weight_magnitude: np.ndarray, blowup: float) -> dict:
@@ -86,16 +96,25 @@ def rates(results: dict, blowup: float, variant: str | None = None) -> list[dict
     run = results["runs"][label]
     firsts = diverged(named["weight_magnitude"], blowup)
     seeds, tasks = np.shape(named["weight_magnitude"])
-    rows.append({"variant": variant or label, "step_size": run["step_size"], "seeds": seeds,
-                 "tasks": tasks, **{k: sum(t is not None for t in v) for k, v in firsts.items()},
-                 "first_task": firsts})
+    rows.append(
+      {
+        "variant": variant or label,
+        "step_size": run["step_size"],
+        "seeds": seeds,
+        "tasks": tasks,
+        **{k: sum(t is not None for t in v) for k, v in firsts.items()},
+        "first_task": firsts,
+      }
+    )
   return rows
 
 
 def format_row(experiment: str, row: dict) -> str:
-  return (f"{experiment} {row['variant']}@{row['step_size']:g}: non-finite "
-          f"{row['nonfinite']}/{row['seeds']}, blow-up {row['blowup']}/{row['seeds']} "
-          f"({row['tasks']} tasks); first tasks {row['first_task']}")
+  return (
+    f"{experiment} {row['variant']}@{row['step_size']:g}: non-finite "
+    f"{row['nonfinite']}/{row['seeds']}, blow-up {row['blowup']}/{row['seeds']} "
+    f"({row['tasks']} tasks); first tasks {row['first_task']}"
+  )
 
 
 def main(argv=None) -> int:
@@ -107,8 +126,12 @@ def main(argv=None) -> int:
   p.add_argument("--tasks", type=int, default=20)
   p.add_argument("--blowup", type=float, default=5.0, help="mean |w| factor over task 1 counted as blow-up")
   p.add_argument("--out", help="output folder (one results file per variant, and divergence.json)")
-  p.add_argument("--summarize", nargs="+", metavar="RESULTS",
-                 help="only print the rates of existing results files (labels as variants)")
+  p.add_argument(
+    "--summarize",
+    nargs="+",
+    metavar="RESULTS",
+    help="only print the rates of existing results files (labels as variants)",
+  )
   args = p.parse_args(argv)
   if args.summarize:
     for path in args.summarize:
@@ -121,8 +144,7 @@ def main(argv=None) -> int:
   out = Path(args.out)
   table = []
   # Continual ImageNet takes one step size per run; permuted MNIST vmaps them.
-  groups = ([[lr] for lr in args.step_sizes] if args.experiment == "continual_imagenet"
-            else [args.step_sizes])
+  groups = [[lr] for lr in args.step_sizes] if args.experiment == "continual_imagenet" else [args.step_sizes]
   for sizes in groups:
     for variant in runner.split_names(args.variants):
       config = variant_config(args.experiment, variant, sizes, args.seeds, args.tasks)
@@ -131,8 +153,9 @@ def main(argv=None) -> int:
       for row in rates(result.results, args.blowup, variant):
         table.append(row)
         print(format_row(args.experiment, row), flush=True)
-      runner.write_json_atomic(out / "divergence.json", {"experiment": args.experiment,
-                                                          "blowup": args.blowup, "rows": table})
+      runner.write_json_atomic(
+        out / "divergence.json", {"experiment": args.experiment, "blowup": args.blowup, "rows": table}
+      )
   return 0
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,17 +77,33 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
   bias_names = {cons.bias for layer in graph.layers for cons in layer.consumers if cons.bias}
 
   def transform(rate):
-    return optax.chain(sgd, cbp_jax.cbp(
-        graph, key=0, replacement_rate=rate, max_replacements_per_step=1,
-        maturity_threshold=c["maturity_threshold"], decay_rate=c["decay_rate"],
-        utility=c["utility"], init=c["init"], accumulate=c["accumulate"],
-        next_bias_correction=c["next_bias_correction"]))
+    return optax.chain(
+      sgd,
+      cbp_jax.cbp(
+        graph,
+        key=0,
+        replacement_rate=rate,
+        max_replacements_per_step=1,
+        maturity_threshold=c["maturity_threshold"],
+        decay_rate=c["decay_rate"],
+        utility=c["utility"],
+        init=c["init"],
+        accumulate=c["accumulate"],
+        next_bias_correction=c["next_bias_correction"],
+      ),
+    )
 
   def run(key, cut, perturb_at, perturb_key):
     params = model.init(jax.random.fold_in(key, 1), x0)["params"]
-    opt_state = optax.chain(sgd, cbp_jax.cbp(graph, key=jax.random.fold_in(key, 2),
-                                             replacement_rate=c["replacement_rate"],
-                                             max_replacements_per_step=1)).init(params)
+    opt_state = optax.chain(
+      sgd,
+      cbp_jax.cbp(
+        graph,
+        key=jax.random.fold_in(key, 2),
+        replacement_rate=c["replacement_rate"],
+        max_replacements_per_step=1,
+      ),
+    ).init(params)
 
     def step(carry, t, perm, order):
       params, opt_state = carry
@@ -103,8 +120,10 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
       plain, _ = sgd.update(grads, opt_state[0], params)
       delta = jax.tree.map(jnp.subtract, updates, plain)
       change = _norm(delta)
-      flat = {"/".join(str(getattr(k, "key", k)) for k in path): d
-              for path, d in jax.tree_util.tree_flatten_with_path(delta)[0]}
+      flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): d
+        for path, d in jax.tree_util.tree_flatten_with_path(delta)[0]
+      }
       bias_shift = jnp.sqrt(sum(jnp.sum(jnp.square(v)) for n, v in flat.items() if n in bias_names))
       # The control: the reset's change replaced by noise of the same norm on the same entries.
       leaves, treedef = jax.tree.flatten(delta)
@@ -117,9 +136,14 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
       updates = jax.tree.map(lambda u, ctl: jnp.where(kick, ctl, u), updates, control)
       replaced = sum(jnp.sum(m) for m in new_state[1].last_replaced.values())
       active = jnp.mean(jnp.concatenate([(a > 0).reshape(-1) for a in acts.values()]))
-      record = {"loss": loss, "replaced": replaced.astype(jnp.int32), "change": change,
-                "bias_shift": bias_shift, "active": active.astype(jnp.float32),
-                "grad_norm": _norm(grads)}
+      record = {
+        "loss": loss,
+        "replaced": replaced.astype(jnp.int32),
+        "change": change,
+        "bias_shift": bias_shift,
+        "active": active.astype(jnp.float32),
+        "grad_norm": _norm(grads),
+      }
       return (optax.apply_updates(params, updates), new_state), record
 
     def one_task(carry, task):
@@ -168,8 +192,7 @@ def analyse(config: Mapping[str, Any], data, step_size: float, seeds: int) -> di
 
   @jax.jit
   def run_all(keys, cuts, perturb_at=never, perturb_keys=pkeys):
-    return jax.vmap(run)(keys, jnp.asarray(cuts, jnp.int32), jnp.asarray(perturb_at, jnp.int32),
-                         perturb_keys)
+    return jax.vmap(run)(keys, jnp.asarray(cuts, jnp.int32), jnp.asarray(perturb_at, jnp.int32), perturb_keys)
 
   bp = {k: np.asarray(v) for k, v in run_all(keys, np.zeros(seeds, np.int32)).items()}
   cbp = {k: np.asarray(v) for k, v in run_all(keys, np.full(seeds, NEVER, np.int32)).items()}
@@ -182,16 +205,23 @@ def analyse(config: Mapping[str, Any], data, step_size: float, seeds: int) -> di
   tipping = np.where(only_cbp, lo, -1)
   twin_hi = {k: np.asarray(v) for k, v in run_all(keys, np.where(only_cbp, hi, NEVER)).items()}
   twin_lo = {k: np.asarray(v) for k, v in run_all(keys, np.where(only_cbp, lo, NEVER)).items()}
-  control = {k: np.asarray(v) for k, v in run_all(
-      keys, np.where(only_cbp, hi, NEVER), np.where(only_cbp, tipping, -1).astype(np.int32)).items()}
+  control = {
+    k: np.asarray(v)
+    for k, v in run_all(
+      keys, np.where(only_cbp, hi, NEVER), np.where(only_cbp, tipping, -1).astype(np.int32)
+    ).items()
+  }
   control_first = first_nonfinite(control["loss"])
   for s in np.flatnonzero(only_cbp):
     t = int(tipping[s])
-    div = int(first_nonfinite(twin_hi["loss"][s:s + 1])[0])
+    div = int(first_nonfinite(twin_hi["loss"][s : s + 1])[0])
     window = slice(t, min(t + 50, total))
-    seeds_out.append({
-        "seed": int(s), "cbp_first_nonfinite_step": int(cbp_first[s]),
-        "tipping_reset_step": t, "task_of_reset": t // (total // config["tasks"]),
+    seeds_out.append(
+      {
+        "seed": int(s),
+        "cbp_first_nonfinite_step": int(cbp_first[s]),
+        "tipping_reset_step": t,
+        "task_of_reset": t // (total // config["tasks"]),
         "units_replaced_at_reset": int(twin_hi["replaced"][s, t]),
         "reset_change_norm": float(twin_hi["change"][s, t]),
         "bias_shift_norm": float(twin_hi["bias_shift"][s, t]),
@@ -200,14 +230,22 @@ def analyse(config: Mapping[str, Any], data, step_size: float, seeds: int) -> di
         "twin_without_reset_loss_next_50": twin_lo["loss"][s, window].tolist(),
         "control_first_nonfinite_step": int(control_first[s]),
         "resets_before_tipping": int(np.sum(twin_hi["replaced"][s, :t])),
-    })
-  return {"step_size": step_size, "seeds": seeds, "tasks": config["tasks"],
-          "examples_per_task": config["examples_per_task"],
-          "bp_nonfinite": int(np.sum(bp_first >= 0)), "cbp_nonfinite": int(np.sum(cbp_first >= 0)),
-          "bp_first_nonfinite_step": bp_first.tolist(), "cbp_first_nonfinite_step": cbp_first.tolist(),
-          "cbp_only": int(np.sum(only_cbp)), "bp_only": int(np.sum((bp_first >= 0) & (cbp_first < 0))),
-          "resets_total_cbp": np.sum(cbp["replaced"], axis=1).tolist(),
-          "cbp_only_seeds": seeds_out}
+      }
+    )
+  return {
+    "step_size": step_size,
+    "seeds": seeds,
+    "tasks": config["tasks"],
+    "examples_per_task": config["examples_per_task"],
+    "bp_nonfinite": int(np.sum(bp_first >= 0)),
+    "cbp_nonfinite": int(np.sum(cbp_first >= 0)),
+    "bp_first_nonfinite_step": bp_first.tolist(),
+    "cbp_first_nonfinite_step": cbp_first.tolist(),
+    "cbp_only": int(np.sum(only_cbp)),
+    "bp_only": int(np.sum((bp_first >= 0) & (cbp_first < 0))),
+    "resets_total_cbp": np.sum(cbp["replaced"], axis=1).tolist(),
+    "cbp_only_seeds": seeds_out,
+  }
 
 
 def kick_control(config: Mapping[str, Any], data, step_size: float, seeds: int) -> dict:
@@ -225,8 +263,7 @@ def kick_control(config: Mapping[str, Any], data, step_size: float, seeds: int) 
 
   @jax.jit
   def run_all(cuts, perturb_at):
-    return jax.vmap(run)(keys, jnp.asarray(cuts, jnp.int32), jnp.asarray(perturb_at, jnp.int32),
-                         pkeys)
+    return jax.vmap(run)(keys, jnp.asarray(cuts, jnp.int32), jnp.asarray(perturb_at, jnp.int32), pkeys)
 
   variants = {"bp": (0, -1), "cbp": (NEVER, -1), "cbp_kicks": (NEVER, KICK_EVERY_RESET)}
   out = {"step_size": step_size, "seeds": seeds, "tasks": config["tasks"]}
@@ -238,10 +275,13 @@ def kick_control(config: Mapping[str, Any], data, step_size: float, seeds: int) 
     def per_task(x):
       return np.mean(x.reshape(-1, config["tasks"], steps_per_task), axis=(0, 2))
 
-    out[name] = {"nonfinite": int(np.sum(~finite)), "first_nonfinite_step": first.tolist(),
-                 "active_per_task": per_task(r["active"][finite]).tolist() if finite.any() else None,
-                 "grad_norm_per_task": per_task(r["grad_norm"][finite]).tolist() if finite.any() else None,
-                 "resets": np.sum(r["replaced"], axis=1).tolist()}
+    out[name] = {
+      "nonfinite": int(np.sum(~finite)),
+      "first_nonfinite_step": first.tolist(),
+      "active_per_task": per_task(r["active"][finite]).tolist() if finite.any() else None,
+      "grad_norm_per_task": per_task(r["grad_norm"][finite]).tolist() if finite.any() else None,
+      "resets": np.sum(r["replaced"], axis=1).tolist(),
+    }
   return out
 
 
@@ -251,36 +291,45 @@ def format_kicks(r: Mapping[str, Any]) -> str:
     v = r[name]
     active = ", ".join(f"{a:.2f}" for a in v["active_per_task"] or [])
     grad = ", ".join(f"{g:.2f}" for g in v["grad_norm_per_task"] or [])
-    lines.append(f"  {name}: non-finite {v['nonfinite']}/{r['seeds']}; finite seeds' active fraction per "
-                 f"task {active}; gradient norm per task {grad}")
+    lines.append(
+      f"  {name}: non-finite {v['nonfinite']}/{r['seeds']}; finite seeds' active fraction per "
+      f"task {active}; gradient norm per task {grad}"
+    )
   return "\n".join(lines)
 
 
 def format_report(r: Mapping[str, Any]) -> str:
-  lines = [f"step {r['step_size']:g}, {r['seeds']} seeds x {r['tasks']} tasks: non-finite BP "
-           f"{r['bp_nonfinite']}/{r['seeds']}, CBP {r['cbp_nonfinite']}/{r['seeds']} "
-           f"(CBP only {r['cbp_only']}, BP only {r['bp_only']})"]
+  lines = [
+    f"step {r['step_size']:g}, {r['seeds']} seeds x {r['tasks']} tasks: non-finite BP "
+    f"{r['bp_nonfinite']}/{r['seeds']}, CBP {r['cbp_nonfinite']}/{r['seeds']} "
+    f"(CBP only {r['cbp_only']}, BP only {r['bp_only']})"
+  ]
   for s in r["cbp_only_seeds"]:
     ctl = s["control_first_nonfinite_step"]
     lines.append(
-        f"  seed {s['seed']}: tipping reset at step {s['tipping_reset_step']} (task "
-        f"{s['task_of_reset'] + 1}, after {s['resets_before_tipping']} earlier resets), change norm "
-        f"{s['reset_change_norm']:.3g} (bias shift {s['bias_shift_norm']:.3g}); non-finite "
-        f"{s['steps_to_nonfinite']} steps later; control (same-size random change): "
-        + ("finite" if ctl < 0 else f"non-finite at step {ctl}"))
+      f"  seed {s['seed']}: tipping reset at step {s['tipping_reset_step']} (task "
+      f"{s['task_of_reset'] + 1}, after {s['resets_before_tipping']} earlier resets), change norm "
+      f"{s['reset_change_norm']:.3g} (bias shift {s['bias_shift_norm']:.3g}); non-finite "
+      f"{s['steps_to_nonfinite']} steps later; control (same-size random change): "
+      + ("finite" if ctl < 0 else f"non-finite at step {ctl}")
+    )
   return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m experiments.divergence_mechanism",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m experiments.divergence_mechanism", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--step-size", type=float, required=True)
   p.add_argument("--seeds", type=int, default=32)
   p.add_argument("--tasks", type=int, default=3)
   p.add_argument("--examples-per-task", type=int)
   p.add_argument("--data-dir")
-  p.add_argument("--kicks", action="store_true",
-                 help="only the control: BP, CBP, and CBP with every reset replaced by a random change")
+  p.add_argument(
+    "--kicks",
+    action="store_true",
+    help="only the control: BP, CBP, and CBP with every reset replaced by a random change",
+  )
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
   over = {"tasks": args.tasks, "tasks_per_chunk": 1, "seeds": args.seeds}

@@ -99,12 +99,10 @@ import optax
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
 from cbp_jax import resnet
-from experiments.data import load_dataset
 from cbp_jax.methods import reset_optimizer_for
-from experiments import optimizers
-from experiments import protocol
-from experiments import runner
+from experiments import optimizers, protocol, runner
 from experiments.continual_imagenet import IMAGE_SHAPE, class_array
+from experiments.data import load_dataset
 
 METHODS = ("plain", "head_reset", "full_reset", "snp", "cbp")
 DATASETS = ("cifar100", "fashion_mnist", "mnist")
@@ -119,58 +117,66 @@ _CLASSES, _INIT, _OPT, _ORDER, _AUGMENT, _RESET = range(6)
 _SGD = {"step_size": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 1,
-    "dataset": "cifar100",
-    "classes_per_task": 5,
-    "tasks": 20,
-    "epochs_per_task": 200,
-    "tasks_per_chunk": 1,
-    "batch_size": 90,
-    "eval_batch_size": 500,
-    "train_per_class": 450,
-    "val_per_class": 50,
-    "test_per_class": 100,
-    "width": 64,
-    "stage_sizes": [2, 2, 2, 2],
-    "conv": "auto",
-    "augment": True,
-    "early_stopping": True,
-    "lr_boundaries": [0.3, 0.6, 0.8],
-    "lr_decay": 0.2,
-    "probe_size": 1000,
-    "dormant_threshold": 0.01,
-    "seed_axis": "vmap",
-    "methods": ["plain", "head_reset", "full_reset", "snp", "cbp"],
-    # Every method: SGD at step_size (the task's schedule scales it), momentum
-    # and weight decay in the gradient; constants of the program (no sweeps).
-    "hparams": {
-        **{m: dict(_SGD) for m in ("plain", "head_reset", "full_reset")},
-        "snp": {**_SGD, "noise_scale": 1e-5},
-        "cbp": {
-            **_SGD,
-            "replacement_rate": 1e-5,
-            "maturity_threshold": 1000,
-            "decay_rate": 0.99,
-            "utility": "contribution",
-            "init": "kaiming_normal",
-            "count_basis": "layer",
-            "accumulate": True,
-            "next_bias_correction": True,
-            "reset_optimizer": True,
-        },
+  "seed": 0,
+  "seeds": 1,
+  "dataset": "cifar100",
+  "classes_per_task": 5,
+  "tasks": 20,
+  "epochs_per_task": 200,
+  "tasks_per_chunk": 1,
+  "batch_size": 90,
+  "eval_batch_size": 500,
+  "train_per_class": 450,
+  "val_per_class": 50,
+  "test_per_class": 100,
+  "width": 64,
+  "stage_sizes": [2, 2, 2, 2],
+  "conv": "auto",
+  "augment": True,
+  "early_stopping": True,
+  "lr_boundaries": [0.3, 0.6, 0.8],
+  "lr_decay": 0.2,
+  "probe_size": 1000,
+  "dormant_threshold": 0.01,
+  "seed_axis": "vmap",
+  "methods": ["plain", "head_reset", "full_reset", "snp", "cbp"],
+  # Every method: SGD at step_size (the task's schedule scales it), momentum
+  # and weight decay in the gradient; constants of the program (no sweeps).
+  "hparams": {
+    **{m: dict(_SGD) for m in ("plain", "head_reset", "full_reset")},
+    "snp": {**_SGD, "noise_scale": 1e-5},
+    "cbp": {
+      **_SGD,
+      "replacement_rate": 1e-5,
+      "maturity_threshold": 1000,
+      "decay_rate": 0.99,
+      "utility": "contribution",
+      "init": "kaiming_normal",
+      "count_basis": "layer",
+      "accumulate": True,
+      "next_bias_correction": True,
+      "reset_optimizer": True,
     },
-    "sweep": {},
+  },
+  "sweep": {},
 }
 
 # A smoke-test configuration for a CPU: class-incremental Fashion-MNIST (2 new
 # classes per task, 5 tasks), a ResNet-18 of width 4, 3 epochs per task of 100
 # images per class. It exercises every code path; its numbers mean nothing.
 TINY_OVERRIDES: dict[str, Any] = {
-    "dataset": "fashion_mnist", "classes_per_task": 2, "tasks": 5, "epochs_per_task": 3,
-    "batch_size": 50, "eval_batch_size": 100, "train_per_class": 100, "val_per_class": 50,
-    "test_per_class": 100, "width": 4, "probe_size": 200,
-    "hparams": {"cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10}},
+  "dataset": "fashion_mnist",
+  "classes_per_task": 2,
+  "tasks": 5,
+  "epochs_per_task": 3,
+  "batch_size": 50,
+  "eval_batch_size": 100,
+  "train_per_class": 100,
+  "val_per_class": 50,
+  "test_per_class": 100,
+  "width": 4,
+  "probe_size": 200,
+  "hparams": {"cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10}},
 }
 
 
@@ -198,11 +204,18 @@ TINY_OVERRIDES: dict[str, Any] = {
 # underfit (last-epoch training accuracy ~80% at 10 classes), which favours
 # the warm-started methods over retraining from scratch.
 REDUCED_OVERRIDES: dict[str, Any] = {
-    "dataset": "fashion_mnist", "classes_per_task": 2, "tasks": 5, "epochs_per_task": 15,
-    "batch_size": 50, "eval_batch_size": 100, "train_per_class": 100, "val_per_class": 50,
-    "test_per_class": 200, "width": 8, "probe_size": 200,
-    "hparams": {"snp": {"noise_scale": 1e-4},
-                "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 12}},
+  "dataset": "fashion_mnist",
+  "classes_per_task": 2,
+  "tasks": 5,
+  "epochs_per_task": 15,
+  "batch_size": 50,
+  "eval_batch_size": 100,
+  "train_per_class": 100,
+  "val_per_class": 50,
+  "test_per_class": 200,
+  "width": 8,
+  "probe_size": 200,
+  "hparams": {"snp": {"noise_scale": 1e-4}, "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 12}},
 }
 
 
@@ -219,34 +232,65 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "classes_per_task", "tasks", "epochs_per_task", "tasks_per_chunk", "batch_size",
-      "eval_batch_size", "train_per_class", "val_per_class", "test_per_class", "width", "probe_size"))
+  runner.require_positive_ints(
+    c,
+    (
+      "classes_per_task",
+      "tasks",
+      "epochs_per_task",
+      "tasks_per_chunk",
+      "batch_size",
+      "eval_batch_size",
+      "train_per_class",
+      "val_per_class",
+      "test_per_class",
+      "width",
+      "probe_size",
+    ),
+  )
   need(c["dataset"] in DATASETS, f"dataset must be one of {DATASETS}, got {c['dataset']!r}")
   classes = num_classes_of(c["dataset"])
-  need(c["classes_per_task"] * c["tasks"] <= classes,
-       f"classes_per_task * tasks ({c['classes_per_task']} * {c['tasks']}) exceeds the "
-       f"{classes} classes of {c['dataset']}")
+  need(
+    c["classes_per_task"] * c["tasks"] <= classes,
+    f"classes_per_task * tasks ({c['classes_per_task']} * {c['tasks']}) exceeds the "
+    f"{classes} classes of {c['dataset']}",
+  )
   need(c["tasks"] % c["tasks_per_chunk"] == 0, "tasks must be a multiple of tasks_per_chunk")
-  need((c["classes_per_task"] * c["train_per_class"]) % c["batch_size"] == 0,
-       "classes_per_task * train_per_class must be a multiple of batch_size (whole batches)")
-  need(c["probe_size"] % c["eval_batch_size"] == 0 or c["probe_size"] < c["eval_batch_size"],
-       "probe_size must be a multiple of eval_batch_size (or smaller)")
-  need(c["probe_size"] <= c["classes_per_task"] * c["train_per_class"],
-       "probe_size must not exceed the first task's training images")
-  need(isinstance(c["stage_sizes"], list) and len(c["stage_sizes"]) >= 1
-       and all(isinstance(s, int) and s >= 1 for s in c["stage_sizes"]),
-       f"stage_sizes must be a list of positive ints, got {c['stage_sizes']!r}")
+  need(
+    (c["classes_per_task"] * c["train_per_class"]) % c["batch_size"] == 0,
+    "classes_per_task * train_per_class must be a multiple of batch_size (whole batches)",
+  )
+  need(
+    c["probe_size"] % c["eval_batch_size"] == 0 or c["probe_size"] < c["eval_batch_size"],
+    "probe_size must be a multiple of eval_batch_size (or smaller)",
+  )
+  need(
+    c["probe_size"] <= c["classes_per_task"] * c["train_per_class"],
+    "probe_size must not exceed the first task's training images",
+  )
+  need(
+    isinstance(c["stage_sizes"], list)
+    and len(c["stage_sizes"]) >= 1
+    and all(isinstance(s, int) and s >= 1 for s in c["stage_sizes"]),
+    f"stage_sizes must be a list of positive ints, got {c['stage_sizes']!r}",
+  )
   need(c["conv"] in cbp_jax.models.CONV_IMPLS, f"conv must be one of {cbp_jax.models.CONV_IMPLS}")
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}")
-  need(not c["sweep"], "incremental CIFAR-100 has no sweeps (every setting is a constant of "
-                       f"the compiled program; run one config per value), got sweep {c['sweep']}")
+  need(
+    not c["sweep"],
+    "incremental CIFAR-100 has no sweeps (every setting is a constant of "
+    f"the compiled program; run one config per value), got sweep {c['sweep']}",
+  )
   for m in c["methods"]:
     hp = c["hparams"][m]
-    need(hp["step_size"] > 0 and 0 <= hp["momentum"] < 1 and hp["weight_decay"] >= 0,
-         f"hparams.{m}: need step_size > 0, momentum in [0, 1), weight_decay >= 0")
-  need(all(0 < b < 1 for b in c["lr_boundaries"]) and 0 < c["lr_decay"] <= 1,
-       "lr_boundaries must be fractions in (0, 1) and lr_decay in (0, 1]")
+    need(
+      hp["step_size"] > 0 and 0 <= hp["momentum"] < 1 and hp["weight_decay"] >= 0,
+      f"hparams.{m}: need step_size > 0, momentum in [0, 1), weight_decay >= 0",
+    )
+  need(
+    all(0 < b < 1 for b in c["lr_boundaries"]) and 0 < c["lr_decay"] <= 1,
+    "lr_boundaries must be fractions in (0, 1) and lr_decay in (0, 1]",
+  )
   need(0 < c["dormant_threshold"] < 1, "dormant_threshold must be in (0, 1)")
   need(c["hparams"]["snp"]["noise_scale"] >= 0, "hparams.snp.noise_scale must be >= 0")
   cb = c["hparams"]["cbp"]
@@ -292,7 +336,7 @@ def build_data(config: Mapping[str, Any], train: Any, test: Any) -> dict[str, np
   if config["dataset"] == "cifar100":
     mean, std = np.asarray(CIFAR100_MEAN, np.float32), np.asarray(CIFAR100_STD, np.float32)
   else:
-    pixels = tr[:, config["val_per_class"]:].reshape(-1, 3).astype(np.float64) / 255.0
+    pixels = tr[:, config["val_per_class"] :].reshape(-1, 3).astype(np.float64) / 255.0
     mean, std = pixels.mean(axis=0).astype(np.float32), pixels.std(axis=0).astype(np.float32)
   return {"train": tr, "test": te, "mean": mean, "std": std}
 
@@ -314,16 +358,18 @@ def class_order(key: jax.Array, num_classes: int) -> jax.Array:
   return jax.random.permutation(jax.random.fold_in(key, _CLASSES), num_classes).astype(jnp.int32)
 
 
-def gather(config: Mapping[str, Any], data: Mapping[str, jax.Array], order: jax.Array,
-           split: str, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gather(
+  config: Mapping[str, Any], data: Mapping[str, jax.Array], order: jax.Array, split: str, j: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Examples ``j`` (flat index, any shape) of ``split`` in class-rank order.
 
   ``split`` is ``"train"``, ``"val"`` or ``"test"``; example ``j`` is the
   ``j % n``-th image of the class of rank ``j // n`` (``n`` images per class
   in the split). Returns uint8 images and int32 labels (= ranks).
   """
-  n = {"train": config["train_per_class"], "val": config["val_per_class"],
-       "test": config["test_per_class"]}[split]
+  n = {"train": config["train_per_class"], "val": config["val_per_class"], "test": config["test_per_class"]}[
+    split
+  ]
   rank, i = j // n, j % n
   cls = order[rank]
   if split == "train":
@@ -345,8 +391,7 @@ def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
   h, w = image.shape[:2]
   theta = jnp.deg2rad(degrees)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                        indexing="ij")
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
   # Output pixel (y, x) reads the input at the inverse rotation of its offset;
   # y grows downwards, so a counter-clockwise turn on screen (torchvision's
   # convention) is x' = cos x + sin y, y' = -sin x + cos y.
@@ -378,8 +423,12 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def make_model(config: Mapping[str, Any]) -> resnet.ResNet18:
-  return resnet.ResNet18(num_classes=num_classes_of(config["dataset"]), width=config["width"],
-                         stage_sizes=tuple(config["stage_sizes"]), conv=config["conv"])
+  return resnet.ResNet18(
+    num_classes=num_classes_of(config["dataset"]),
+    width=config["width"],
+    stage_sizes=tuple(config["stage_sizes"]),
+    conv=config["conv"],
+  )
 
 
 def masked_logits(logits: jax.Array, n_active: jax.Array) -> jax.Array:
@@ -422,7 +471,8 @@ class Learner:
   def _reset_inner_state(self, opt_state, params, path):
     if self.method == "cbp" and self.hp["reset_optimizer"]:
       return opt_state._replace(
-          inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, path))
+        inner_state=reset_optimizer_for(self.inner(), opt_state.inner_state, params, path)
+      )
     if self.method in ("cbp", "snp"):
       return (reset_optimizer_for(self.inner(), opt_state[0], params, path),) + tuple(opt_state[1:])
     return reset_optimizer_for(self.inner(), opt_state, params, path)
@@ -433,23 +483,24 @@ class Learner:
     if self.method == "head_reset":
       params = dict(state["params"])
       head = params[HEAD]
-      params[HEAD] = {"kernel": resnet.head_kernel_init(reset_key, head["kernel"].shape,
-                                                        head["kernel"].dtype),
-                      "bias": jnp.zeros_like(head["bias"])}
+      params[HEAD] = {
+        "kernel": resnet.head_kernel_init(reset_key, head["kernel"].shape, head["kernel"].dtype),
+        "bias": jnp.zeros_like(head["bias"]),
+      }
       opt_state = self._reset_inner_state(state["opt_state"], params, HEAD)
       new = {**state, "params": params, "opt_state": opt_state}
     elif self.method == "full_reset":
       params, batch_stats = self.init_network(reset_key)
       opt_key = jax.random.fold_in(reset_key, self.index)
-      new = {"params": params, "batch_stats": batch_stats,
-             "opt_state": self.tx(opt_key).init(params)}
+      new = {"params": params, "batch_stats": batch_stats, "opt_state": self.tx(opt_key).init(params)}
     else:
       return state
     return jax.tree.map(lambda a, b: jnp.where(task > 0, a, b), new, state)
 
   def forward_train(self, params, batch_stats, x):
-    logits, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                       train=True, mutable=["batch_stats", "activations"])
+    logits, updates = self.model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats", "activations"]
+    )
     return logits, updates["batch_stats"], cbp_jax.collect_activations(updates["activations"])
 
   def step(self, state, x, y, n_active, lr):
@@ -466,16 +517,24 @@ class Learner:
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == y, dtype=jnp.int32)
     # The optimizer's keys live in its state; this one is never used.
     updates, opt_state = self.tx(jax.random.key(0), lr).update(
-        grads, state["opt_state"], params, activations=acts)
+      grads, state["opt_state"], params, activations=acts
+    )
     if self.method == "cbp":
       batch_stats = cbp_jax.reset_batch_stats(batch_stats, self.graph, opt_state)
-    return {"params": optax.apply_updates(params, updates), "batch_stats": batch_stats,
-            "opt_state": opt_state}, correct
+    return {
+      "params": optax.apply_updates(params, updates),
+      "batch_stats": batch_stats,
+      "opt_state": opt_state,
+    }, correct
 
   def predict(self, state, x, return_features=False):
-    return self.model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x,
-                            train=False, return_features=return_features,
-                            mutable=["activations"] if return_features else False)
+    return self.model.apply(
+      {"params": state["params"], "batch_stats": state["batch_stats"]},
+      x,
+      train=False,
+      return_features=return_features,
+      mutable=["activations"] if return_features else False,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -522,13 +581,13 @@ def probe(config, data, order, learner, state, n_active):
     images, _ = gather(config, data, order, "train", j)
     (_, feats), col = learner.predict(state, normalize(data, images), return_features=True)
     acts = cbp_jax.collect_activations(col["activations"])
-    active = {n: active[n] + jnp.sum(acts[n] > 0, axis=(0, 1, 2)).astype(jnp.float32)
-              for n in names}
+    active = {n: active[n] + jnp.sum(acts[n] > 0, axis=(0, 1, 2)).astype(jnp.float32) for n in names}
     features = jax.lax.dynamic_update_slice(features, feats.astype(jnp.float32), (b * bs, 0))
     return active, features
 
   shapes = jax.eval_shape(
-      lambda s: learner.predict(s, jnp.zeros((bs,) + IMAGE_SHAPE), return_features=True), state)
+    lambda s: learner.predict(s, jnp.zeros((bs,) + IMAGE_SHAPE), return_features=True), state
+  )
   (_, feat_shape), col_shape = shapes
   act_shapes = cbp_jax.collect_activations(col_shape["activations"])
   active0 = {n: jnp.zeros((act_shapes[n].shape[-1],), jnp.float32) for n in names}
@@ -543,11 +602,11 @@ def probe(config, data, order, learner, state, n_active):
   last = jnp.sum(jnp.mean((features != 0).astype(jnp.float32), axis=0) < threshold)
   units += features.shape[-1]
   out = {
-      "dormant_fraction": (dormant + last).astype(jnp.float32) / units,
-      "dormant_fraction_last": last.astype(jnp.float32) / features.shape[-1],
-      "stable_rank": metrics_lib.stable_rank(features).astype(jnp.float32),
-      "effective_rank": metrics_lib.effective_rank(features),
-      "weight_magnitude": metrics_lib.weight_magnitude(state["params"])["overall"],
+    "dormant_fraction": (dormant + last).astype(jnp.float32) / units,
+    "dormant_fraction_last": last.astype(jnp.float32) / features.shape[-1],
+    "stable_rank": metrics_lib.stable_rank(features).astype(jnp.float32),
+    "effective_rank": metrics_lib.effective_rank(features),
+    "weight_magnitude": metrics_lib.weight_magnitude(state["params"])["overall"],
   }
   if learner.method == "cbp":
     stats = cbp_jax.unit_stats(state["opt_state"])
@@ -582,9 +641,14 @@ def make_chunked(config: Mapping[str, Any]):
     n_examples = n_active * config["train_per_class"]
     steps = n_examples // batch
     states = {l.method: l.new_task(carry["learners"][l.method], key, task) for l in learners}
-    best = {l.method: {"params": states[l.method]["params"],
-                       "batch_stats": states[l.method]["batch_stats"],
-                       "accuracy": jnp.full((), -1.0, jnp.float32)} for l in learners}
+    best = {
+      l.method: {
+        "params": states[l.method]["params"],
+        "batch_stats": states[l.method]["batch_stats"],
+        "accuracy": jnp.full((), -1.0, jnp.float32),
+      }
+      for l in learners
+    }
 
     def epoch_body(carry, epoch):
       states, best = carry
@@ -616,15 +680,18 @@ def make_chunked(config: Mapping[str, Any]):
         acc = evaluate_accuracy(config, data, order, l, states[l.method], "val", n_active)
         b = best[l.method]
         better = acc > b["accuracy"]
-        candidate = {"params": states[l.method]["params"],
-                     "batch_stats": states[l.method]["batch_stats"], "accuracy": acc}
+        candidate = {
+          "params": states[l.method]["params"],
+          "batch_stats": states[l.method]["batch_stats"],
+          "accuracy": acc,
+        }
         new_best[l.method] = jax.tree.map(lambda a, o: jnp.where(better, a, o), candidate, b)
-      train_acc = {k: v.astype(jnp.float32) / n_examples.astype(jnp.float32)
-                   for k, v in correct.items()}
+      train_acc = {k: v.astype(jnp.float32) / n_examples.astype(jnp.float32) for k, v in correct.items()}
       return (states, new_best), train_acc
 
     (states, best), train_acc = jax.lax.scan(
-        epoch_body, (states, best), jnp.arange(config["epochs_per_task"]))
+      epoch_body, (states, best), jnp.arange(config["epochs_per_task"])
+    )
     out = {}
     for l in learners:
       s = states[l.method]
@@ -632,10 +699,10 @@ def make_chunked(config: Mapping[str, Any]):
         s = {**s, "params": best[l.method]["params"], "batch_stats": best[l.method]["batch_stats"]}
         states[l.method] = s
       out[l.method] = {
-          "accuracy": evaluate_accuracy(config, data, order, l, s, "test", n_active),
-          "val_accuracy": best[l.method]["accuracy"],
-          "train_accuracy": train_acc[l.method][-1],
-          **probe(config, data, order, l, s, n_active),
+        "accuracy": evaluate_accuracy(config, data, order, l, s, "test", n_active),
+        "val_accuracy": best[l.method]["accuracy"],
+        "train_accuracy": train_acc[l.method][-1],
+        **probe(config, data, order, l, s, n_active),
       }
     return {"key": key, "learners": states}, out
 
@@ -647,11 +714,12 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
     results = runner.load_results(results)
   c = results["config"]
   return runner.plot_results(
-      results, path,
-      metrics=("accuracy", "dormant_fraction", "dormant_fraction_last", "stable_rank",
-               "weight_magnitude"),
-      title=f"class-incremental {c.get('dataset')} (ResNet-18 width {c.get('width')}, "
-            f"{c.get('epochs_per_task')} epochs/task, {c.get('seeds')} seed(s))")
+    results,
+    path,
+    metrics=("accuracy", "dormant_fraction", "dormant_fraction_last", "stable_rank", "weight_magnitude"),
+    title=f"class-incremental {c.get('dataset')} (ResNet-18 width {c.get('width')}, "
+    f"{c.get('epochs_per_task')} epochs/task, {c.get('seeds')} seed(s))",
+  )
 
 
 def format_summary(results: Mapping[str, Any]) -> str:
@@ -669,38 +737,54 @@ def format_summary(results: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 
 EXPERIMENT = protocol.Experiment(
-    name="incremental_cifar100", short="icifar",
-    title="Class-incremental CIFAR-100 with ResNet-18.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    points_per_chunk="tasks_per_chunk", x_label="classes",
-    x_step=lambda c: float(c["classes_per_task"]), work_per_run_chunk=None,
-    validate=validate_config, summary=format_summary, load_data=load_data,
-    plot=lambda results, out: plot_results(results, out / "icifar.png"), plots=("icifar.png",),
-    shared_hparams=("step_size", "momentum", "weight_decay"),
-    presets={
-        "tiny": ("a smoke-test configuration on Fashion-MNIST with a width-4 net", TINY_OVERRIDES),
-        "reduced": ("the CPU stand-in (about 20 minutes on one core): class-incremental "
-                    "Fashion-MNIST, 5 tasks x 2 classes x 15 epochs of 100 images a class, "
-                    "width-8 ResNet-18", REDUCED_OVERRIDES)},
-    flags=(
-        protocol.flag("--dataset", "dataset", choices=DATASETS),
-        protocol.flag("--tasks", "tasks", type=int),
-        protocol.flag("--classes-per-task", "classes_per_task", type=int),
-        protocol.flag("--epochs-per-task", "epochs_per_task", type=int),
-        protocol.flag("--width", "width", type=int),
-        protocol.flag("--conv", "conv", choices=cbp_jax.models.CONV_IMPLS),
-        protocol.flag("--no-augment", "augment", action="store_const", const=False),
-        protocol.flag("--no-early-stopping", "early_stopping", action="store_const", const=False),
+  name="incremental_cifar100",
+  short="icifar",
+  title="Class-incremental CIFAR-100 with ResNet-18.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  points_per_chunk="tasks_per_chunk",
+  x_label="classes",
+  x_step=lambda c: float(c["classes_per_task"]),
+  work_per_run_chunk=None,
+  validate=validate_config,
+  summary=format_summary,
+  load_data=load_data,
+  plot=lambda results, out: plot_results(results, out / "icifar.png"),
+  plots=("icifar.png",),
+  shared_hparams=("step_size", "momentum", "weight_decay"),
+  presets={
+    "tiny": ("a smoke-test configuration on Fashion-MNIST with a width-4 net", TINY_OVERRIDES),
+    "reduced": (
+      "the CPU stand-in (about 20 minutes on one core): class-incremental "
+      "Fashion-MNIST, 5 tasks x 2 classes x 15 epochs of 100 images a class, "
+      "width-8 ResNet-18",
+      REDUCED_OVERRIDES,
     ),
-    describe=lambda c, _: (f"class-incremental {c['dataset']}: {c['tasks']} tasks x "
-                           f"{c['classes_per_task']} classes x {c['epochs_per_task']} epochs, "
-                           f"ResNet-18 width {c['width']}, methods {', '.join(c['methods'])}"),
+  },
+  flags=(
+    protocol.flag("--dataset", "dataset", choices=DATASETS),
+    protocol.flag("--tasks", "tasks", type=int),
+    protocol.flag("--classes-per-task", "classes_per_task", type=int),
+    protocol.flag("--epochs-per-task", "epochs_per_task", type=int),
+    protocol.flag("--width", "width", type=int),
+    protocol.flag("--conv", "conv", choices=cbp_jax.models.CONV_IMPLS),
+    protocol.flag("--no-augment", "augment", action="store_const", const=False),
+    protocol.flag("--no-early-stopping", "early_stopping", action="store_const", const=False),
+  ),
+  describe=lambda c, _: (
+    f"class-incremental {c['dataset']}: {c['tasks']} tasks x "
+    f"{c['classes_per_task']} classes x {c['epochs_per_task']} epochs, "
+    f"ResNet-18 width {c['width']}, methods {', '.join(c['methods'])}"
+  ),
 )
 
 # The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
 # and ``chunk(carry, index, ...)`` over all seeds, cached per config.
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 
 
 if __name__ == "__main__":

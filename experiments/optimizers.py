@@ -35,8 +35,16 @@ BASE_METHODS = ("linear", "bp", "adam", "l2", "snp", "cbp")
 NAMES = BASE_METHODS + plasticity_methods.NAMES
 SNP_DECAYS = ("shrink", "gradient")
 # The hyperparameters of ``cbp`` that are `cbp_jax.cbp`'s own arguments.
-CBP_ARGUMENTS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility", "init",
-                 "count_basis", "accumulate", "next_bias_correction")
+CBP_ARGUMENTS = (
+  "replacement_rate",
+  "maturity_threshold",
+  "decay_rate",
+  "utility",
+  "init",
+  "count_basis",
+  "accumulate",
+  "next_bias_correction",
+)
 
 
 def snp_shrink(method: str, hp: Mapping[str, Any]) -> dict:
@@ -45,8 +53,7 @@ def snp_shrink(method: str, hp: Mapping[str, Any]) -> dict:
   return {"shrink": 1.0 - hp["step_size"] * hp["weight_decay"]} if method == "snp" else {}
 
 
-def base(method: str, hp: Mapping[str, Any], *, snp_decay: str = "shrink"
-         ) -> optax.GradientTransformation:
+def base(method: str, hp: Mapping[str, Any], *, snp_decay: str = "shrink") -> optax.GradientTransformation:
   """The gradient step ``method``'s optimizer is built around (no resets, no noise).
 
   Adam for ``adam``; otherwise SGD at ``hp["step_size"]`` (momentum
@@ -64,10 +71,16 @@ def base(method: str, hp: Mapping[str, Any], *, snp_decay: str = "shrink"
   return sgd
 
 
-def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph | None = None,
-              key: jax.Array | None = None, *, snp_decay: str = "shrink",
-              max_replacements_per_step: Any = None, init: str = "kaiming"
-              ) -> optax.GradientTransformationExtraArgs:
+def optimizer(
+  method: str,
+  hp: Mapping[str, Any],
+  graph: cbp_jax.LayerGraph | None = None,
+  key: jax.Array | None = None,
+  *,
+  snp_decay: str = "shrink",
+  max_replacements_per_step: Any = None,
+  init: str = "kaiming",
+) -> optax.GradientTransformationExtraArgs:
   """``method``'s optimizer (its update takes ``activations=``).
 
   Args:

@@ -99,12 +99,8 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
+from experiments import optimizers, plasticity_methods, plasticity_probes, protocol, runner
 from experiments.data import load_dataset
-from experiments import optimizers
-from experiments import plasticity_methods
-from experiments import plasticity_probes
-from experiments import protocol
-from experiments import runner
 
 METHODS = ("bp", "adam", "l2", "snp", "cbp") + plasticity_methods.NAMES
 # SGD-based methods: --step-size sets theirs.
@@ -114,55 +110,58 @@ NUM_PIXELS = 784
 NUM_CLASSES = 10
 # The settings the program takes as float32 arrays, one entry per vmapped
 # variant, besides the step size (the others are constants of the program).
-TRACED = {"l2": ("weight_decay",), "snp": ("noise_scale",),
-          **{m: tuple(v) for m, v in plasticity_methods.DEFAULTS.items()}}
+TRACED = {
+  "l2": ("weight_decay",),
+  "snp": ("noise_scale",),
+  **{m: tuple(v) for m, v in plasticity_methods.DEFAULTS.items()},
+}
 # uint8 pixels times this are in [0, 1] (a multiplication: XLA would turn a
 # division by 255 into one anyway, so this is what the program computes).
 PIXEL_SCALE = np.float32(1.0 / 255.0)
 
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 1,
-    "tasks": 800,
-    "examples_per_task": 60_000,
-    "tasks_per_chunk": 1,
-    "batch_size": 1,
-    "dataset": "mnist",
-    # Learner.
-    "width": 2000,
-    "depth": 3,
-    "probe_size": 2000,
-    # How seeds are batched: "vmap" (one batched program) or "map" (lax.map,
-    # seeds one after another inside the program; lax.cond stays a branch).
-    "seed_axis": "vmap",
-    # Methods, their hyperparameters and sweeps ({method: {hparam: [values]}},
-    # of the step size and the traced settings, `TRACED`). Run labels are the
-    # method names, or "bp@0.003" when a method's step size is swept.
-    "methods": ["bp", "adam", "l2", "snp", "cbp"],
-    "hparams": {
-        "bp": {"step_size": 0.003},
-        "adam": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
-        "l2": {"step_size": 0.003, "weight_decay": 1e-4},
-        "snp": {"step_size": 0.003, "weight_decay": 1e-4, "noise_scale": 1e-5},
-        "cbp": {
-            "step_size": 0.003,
-            "replacement_rate": 1e-6,
-            "maturity_threshold": 100,
-            "decay_rate": 0.99,
-            "utility": "adaptable_contribution",
-            "init": "kaiming",
-            "accumulate": True,
-            "next_bias_correction": True,
-        },
-        # The newer methods (`experiments.plasticity_methods`; not in the
-        # paper), selectable by name; "injection" injects the output layer at
-        # the start of task ``at_task`` (0-based; the middle of the run by default).
-        **{m: {"step_size": 0.003, **v} for m, v in plasticity_methods.DEFAULTS.items()},
-        "injection": {"step_size": 0.003, "at_task": 400},
+  "seed": 0,
+  "seeds": 1,
+  "tasks": 800,
+  "examples_per_task": 60_000,
+  "tasks_per_chunk": 1,
+  "batch_size": 1,
+  "dataset": "mnist",
+  # Learner.
+  "width": 2000,
+  "depth": 3,
+  "probe_size": 2000,
+  # How seeds are batched: "vmap" (one batched program) or "map" (lax.map,
+  # seeds one after another inside the program; lax.cond stays a branch).
+  "seed_axis": "vmap",
+  # Methods, their hyperparameters and sweeps ({method: {hparam: [values]}},
+  # of the step size and the traced settings, `TRACED`). Run labels are the
+  # method names, or "bp@0.003" when a method's step size is swept.
+  "methods": ["bp", "adam", "l2", "snp", "cbp"],
+  "hparams": {
+    "bp": {"step_size": 0.003},
+    "adam": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "l2": {"step_size": 0.003, "weight_decay": 1e-4},
+    "snp": {"step_size": 0.003, "weight_decay": 1e-4, "noise_scale": 1e-5},
+    "cbp": {
+      "step_size": 0.003,
+      "replacement_rate": 1e-6,
+      "maturity_threshold": 100,
+      "decay_rate": 0.99,
+      "utility": "adaptable_contribution",
+      "init": "kaiming",
+      "accumulate": True,
+      "next_bias_correction": True,
     },
-    "sweep": {},
-    # Plasticity probes at each task's end (`experiments.plasticity_probes`).
-    "probes": dict(plasticity_probes.DEFAULT_PROBES),
+    # The newer methods (`experiments.plasticity_methods`; not in the
+    # paper), selectable by name; "injection" injects the output layer at
+    # the start of task ``at_task`` (0-based; the middle of the run by default).
+    **{m: {"step_size": 0.003, **v} for m, v in plasticity_methods.DEFAULTS.items()},
+    "injection": {"step_size": 0.003, "at_task": 400},
+  },
+  "sweep": {},
+  # Plasticity probes at each task's end (`experiments.plasticity_probes`).
+  "probes": dict(plasticity_probes.DEFAULT_PROBES),
 }
 
 # The paper's figure: 10 runs x 800 tasks x 60,000 examples, 3 x 2000 net.
@@ -174,15 +173,18 @@ PAPER_OVERRIDES: dict[str, Any] = {"seeds": 10, "tasks": 800, "examples_per_task
 # that speeds the decline, and CBP at a larger replacement rate (1e-4) so that
 # replacement keeps pace with the faster decline.
 REDUCED_OVERRIDES: dict[str, Any] = {
-    "seeds": 2,
-    "tasks": 40,
-    "examples_per_task": 3_000,
-    "tasks_per_chunk": 5,
-    "width": 100,
-    "probe_size": 1000,
-    "hparams": {**{m: {"step_size": 0.03} for m in SGD_METHODS}, "adam": {"step_size": 1e-3},
-                "cbp": {"step_size": 0.03, "replacement_rate": 1e-4},
-                "injection": {"step_size": 0.03, "at_task": 20}},
+  "seeds": 2,
+  "tasks": 40,
+  "examples_per_task": 3_000,
+  "tasks_per_chunk": 5,
+  "width": 100,
+  "probe_size": 1000,
+  "hparams": {
+    **{m: {"step_size": 0.03} for m in SGD_METHODS},
+    "adam": {"step_size": 1e-3},
+    "cbp": {"step_size": 0.03, "replacement_rate": 1e-4},
+    "injection": {"step_size": 0.03, "at_task": 20},
+  },
 }
 
 
@@ -195,28 +197,38 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width", "depth",
-      "probe_size"))
-  need(c["tasks"] % c["tasks_per_chunk"] == 0,
-       f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})")
-  need(c["examples_per_task"] % c["batch_size"] == 0,
-       f"examples_per_task ({c['examples_per_task']}) must be a multiple of batch_size "
-       f"({c['batch_size']})")
-  need(c["dataset"] in ("mnist", "fashion_mnist"),
-       f"dataset must be 'mnist' or 'fashion_mnist', got {c['dataset']!r}")
+  runner.require_positive_ints(
+    c, ("tasks", "examples_per_task", "tasks_per_chunk", "batch_size", "width", "depth", "probe_size")
+  )
+  need(
+    c["tasks"] % c["tasks_per_chunk"] == 0,
+    f"tasks ({c['tasks']}) must be a multiple of tasks_per_chunk ({c['tasks_per_chunk']})",
+  )
+  need(
+    c["examples_per_task"] % c["batch_size"] == 0,
+    f"examples_per_task ({c['examples_per_task']}) must be a multiple of batch_size ({c['batch_size']})",
+  )
+  need(
+    c["dataset"] in ("mnist", "fashion_mnist"),
+    f"dataset must be 'mnist' or 'fashion_mnist', got {c['dataset']!r}",
+  )
   need(c["seed_axis"] in SEED_AXES, f"seed_axis must be one of {SEED_AXES}, got {c['seed_axis']!r}")
   for m, swept in c["sweep"].items():
     for k in swept:
-      need(k == "step_size" or k in TRACED.get(m, ()),
-           f"sweep.{m}.{k}: {m} sweeps only step_size"
-           + "".join(f", {t}" for t in TRACED.get(m, ())) + " (the others are constants of the "
-           "program; run one config per value)")
+      need(
+        k == "step_size" or k in TRACED.get(m, ()),
+        f"sweep.{m}.{k}: {m} sweeps only step_size"
+        + "".join(f", {t}" for t in TRACED.get(m, ()))
+        + " (the others are constants of the "
+        "program; run one config per value)",
+      )
   hp = c["hparams"]
   need(0 <= hp["cbp"]["replacement_rate"] <= 1, "hparams.cbp.replacement_rate must be in [0, 1]")
   at = hp["injection"]["at_task"]
-  need(isinstance(at, int) and not isinstance(at, bool) and at >= 0,
-       f"hparams.injection.at_task must be an int >= 0, got {at!r}")
+  need(
+    isinstance(at, int) and not isinstance(at, bool) and at >= 0,
+    f"hparams.injection.at_task must be an int >= 0, got {at!r}",
+  )
   plasticity_probes.validate(c["probes"])
   for m in ("l2", "snp"):
     for v in protocol.variants(c, m):
@@ -224,8 +236,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   for v in protocol.variants(c, "snp"):
     need(v["noise_scale"] >= 0, "hparams.snp.noise_scale must be >= 0")
     if "snp" in c["methods"]:
-      need(0 < 1 - v["step_size"] * v["weight_decay"] <= 1,
-           "snp: step_size * weight_decay must be in [0, 1)")
+      need(0 < 1 - v["step_size"] * v["weight_decay"] <= 1, "snp: step_size * weight_decay must be in [0, 1)")
 
 
 def num_chunks(config: Mapping[str, Any]) -> int:
@@ -275,8 +286,9 @@ def task_order(key: jax.Array, task: int | jax.Array, num_images: int) -> jax.Ar
   return jax.random.permutation(jax.random.fold_in(task_key(key, task), 1), num_images)
 
 
-def gather_examples(data: Mapping[str, jax.Array], perm: jax.Array, order: jax.Array,
-                    positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gather_examples(
+  data: Mapping[str, jax.Array], perm: jax.Array, order: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Examples at ``positions`` (int, any shape ``S``) of a task.
 
   Returns:
@@ -289,8 +301,7 @@ def gather_examples(data: Mapping[str, jax.Array], perm: jax.Array, order: jax.A
   return x.astype(jnp.float32) * PIXEL_SCALE, data["labels"][idx]
 
 
-def heldout_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array],
-                     key: jax.Array) -> jax.Array:
+def heldout_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
   """The held-out inputs of the churn probe: ``probes.heldout_size`` images under
   a permutation of their own, one no task uses, fixed for the whole run."""
   held = jax.random.fold_in(key, 3)
@@ -299,8 +310,13 @@ def heldout_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array],
   return gather_examples(data, perm, order, jnp.arange(config["probes"]["heldout_size"]))[0]
 
 
-def task_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array], key: jax.Array,
-                  task: int | jax.Array, positions: jax.Array | None = None):
+def task_examples(
+  config: Mapping[str, Any],
+  data: Mapping[str, jax.Array],
+  key: jax.Array,
+  task: int | jax.Array,
+  positions: jax.Array | None = None,
+):
   """The examples of task ``task`` (all ``examples_per_task`` of them by default)."""
   if positions is None:
     positions = jnp.arange(config["examples_per_task"])
@@ -315,8 +331,9 @@ def task_examples(config: Mapping[str, Any], data: Mapping[str, jax.Array], key:
 
 
 def make_model(config: Mapping[str, Any], layer_norm: bool = False) -> cbp_jax.models.MLP:
-  return cbp_jax.models.MLP(hidden=(config["width"],) * config["depth"], outputs=NUM_CLASSES,
-                            layer_norm=layer_norm)
+  return cbp_jax.models.MLP(
+    hidden=(config["width"],) * config["depth"], outputs=NUM_CLASSES, layer_norm=layer_norm
+  )
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
@@ -334,8 +351,9 @@ def _hparams(config, method) -> dict[str, jax.Array]:
 
 def _optimizer(config, method, hp, graph, key):
   """`experiments.optimizers.optimizer` with the method's traced settings ``hp``."""
-  return optimizers.optimizer(method, {**config["hparams"][method], **hp}, graph, key,
-                              init=config["hparams"]["cbp"]["init"])
+  return optimizers.optimizer(
+    method, {**config["hparams"][method], **hp}, graph, key, init=config["hparams"]["cbp"]["init"]
+  )
 
 
 class Learner:
@@ -359,8 +377,7 @@ class Learner:
 
   def init(self, key, hp, variant):
     params = self.initial_params(key)
-    opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index),
-                                 variant)
+    opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index), variant)
     if self.method == "injection":
       params = plasticity_methods.injectable(params)
     tx = _optimizer(self.config, self.method, hp, self.graph, opt_key)
@@ -371,8 +388,9 @@ class Learner:
     if self.method != "injection":
       return state
     x = jnp.zeros((1, NUM_PIXELS), jnp.float32)
-    return plasticity_methods.inject(self.model, state, jax.random.fold_in(key, 3), x,
-                                     task == self.config["hparams"]["injection"]["at_task"])
+    return plasticity_methods.inject(
+      self.model, state, jax.random.fold_in(key, 3), x, task == self.config["hparams"]["injection"]["at_task"]
+    )
 
   def step(self, state, hp, x, y):
     """One step on the batch ``(x, y)``; returns the new state and the number of
@@ -449,11 +467,13 @@ def make_chunked(config: Mapping[str, Any]):
     learners = {}
     for m in methods:
       learners[m.method] = runner.map_leading(m.init, m.variants, (None, 0, 0))(
-          key, m.hp, jnp.arange(m.variants))
+        key, m.hp, jnp.arange(m.variants)
+      )
     carry = {"key": key, "learners": learners}
     if probes["enabled"]:  # The held-out logits of the last probe point, for the churn.
-      carry["heldout"] = {m.method: jnp.zeros((m.variants, probes["heldout_size"], NUM_CLASSES))
-                          for m in methods}
+      carry["heldout"] = {
+        m.method: jnp.zeros((m.variants, probes["heldout_size"], NUM_CLASSES)) for m in methods
+      }
     return carry
 
   def plasticity(carry, learners, task, probe_x, probe_y, data):
@@ -464,30 +484,42 @@ def make_chunked(config: Mapping[str, Any]):
     heldout_x = heldout_examples(config, data, key)
     labels = plasticity_probes.probe_labels(probes, probe_key, NUM_CLASSES)
     fresh = plasticity_probes.fresh_trainability(
-        probes, first.logits, lambda k: first.model.init(k, probe_x[:1])["params"], probe_x, labels,
-        probe_key)
+      probes, first.logits, lambda k: first.model.init(k, probe_x[:1])["params"], probe_x, labels, probe_key
+    )
     out, heldout = {}, {}
     for m in methods:
       # Task 0's churn is measured from the initial network.
-      before = jnp.where(task == 0, first.logits(init_params, heldout_x)[None],
-                         carry["heldout"][m.method])
+      before = jnp.where(task == 0, first.logits(init_params, heldout_x)[None], carry["heldout"][m.method])
 
       def one(state, before, m=m):
         return plasticity_probes.learner_probes(
-            probes, m.logits, plasticity_methods.plain_params(state[0]), init_params, probe_x,
-            probe_y, labels, probe_key, before,
-            heldout_x)
+          probes,
+          m.logits,
+          plasticity_methods.plain_params(state[0]),
+          init_params,
+          probe_x,
+          probe_y,
+          labels,
+          probe_key,
+          before,
+          heldout_x,
+        )
 
       out[m.method], heldout[m.method] = runner.map_leading(one, m.variants, (0, 0))(
-          learners[m.method], before)
+        learners[m.method], before
+      )
     return out, fresh, heldout
 
   def one_task(carry, task, data):
     key = carry["key"]
     perm = task_permutation(key, task)
     order = task_order(key, task, data["images"].shape[0])
-    start = {m.method: runner.map_leading(m.start_task, m.variants, (0, None, None))(
-        carry["learners"][m.method], task_key(key, task), task) for m in methods}
+    start = {
+      m.method: runner.map_leading(m.start_task, m.variants, (0, None, None))(
+        carry["learners"][m.method], task_key(key, task), task
+      )
+      for m in methods
+    }
 
     def body(learners, step):
       x, y = gather_examples(data, perm, order, step * batch + jnp.arange(batch))
@@ -526,11 +558,14 @@ def plot_results(results: Mapping[str, Any] | str | Path, path: str | Path) -> P
   c = results["config"]
   seeds = c.get("seeds", "?")
   return runner.plot_results(
-      results, path, metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
-      + plasticity_probes.plotted(results),
-      title=f"online permuted MNIST (784-{'-'.join([str(c.get('width'))] * c.get('depth', 0))}-10, "
-            f"{c.get('examples_per_task'):,} examples/task, batch {c.get('batch_size')}, "
-            f"{seeds} seeds, {runner.BAND_LABEL})")
+    results,
+    path,
+    metrics=("accuracy", "dead_fraction", "effective_rank", "weight_magnitude")
+    + plasticity_probes.plotted(results),
+    title=f"online permuted MNIST (784-{'-'.join([str(c.get('width'))] * c.get('depth', 0))}-10, "
+    f"{c.get('examples_per_task'):,} examples/task, batch {c.get('batch_size')}, "
+    f"{seeds} seeds, {runner.BAND_LABEL})",
+  )
 
 
 def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
@@ -542,12 +577,13 @@ def summary(results: Mapping[str, Any], window: int | None = None) -> dict:
     acc = np.asarray(named["accuracy"], np.float64)
     n = acc.shape[-1]
     w = window or max(1, n // 10)
-    last = np.mean(acc[:, n - w:], axis=1)
-    out[label] = {"first": float(np.mean(acc[:, 0])),
-                  "best": float(np.max(np.mean(acc, axis=0))),
-                  "last": float(np.mean(last)),
-                  "last_se": float(np.std(last, ddof=1) / math.sqrt(len(last)))
-                  if len(last) > 1 else 0.0}
+    last = np.mean(acc[:, n - w :], axis=1)
+    out[label] = {
+      "first": float(np.mean(acc[:, 0])),
+      "best": float(np.max(np.mean(acc, axis=0))),
+      "last": float(np.mean(last)),
+      "last_se": float(np.std(last, ddof=1) / math.sqrt(len(last))) if len(last) > 1 else 0.0,
+    }
   return out
 
 
@@ -555,8 +591,10 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
   rows = summary(results, **kwargs)
   lines = [f"{'method':<12} {'first task':>10} {'best task':>10} {'last 10%':>10} {'(+- s.e.)':>10}"]
   for label, r in rows.items():
-    lines.append(f"{label:<12} {100 * r['first']:>9.2f}% {100 * r['best']:>9.2f}% "
-                 f"{100 * r['last']:>9.2f}% {100 * r['last_se']:>9.2f}%")
+    lines.append(
+      f"{label:<12} {100 * r['first']:>9.2f}% {100 * r['best']:>9.2f}% "
+      f"{100 * r['last']:>9.2f}% {100 * r['last_se']:>9.2f}%"
+    )
   return "\n".join(lines)
 
 
@@ -565,8 +603,13 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
 # ---------------------------------------------------------------------------
 
 
-def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
-              data: Mapping[str, jax.Array] | None = None) -> dict[str, dict[str, float]]:
+def benchmark(
+  config: Mapping[str, Any],
+  *,
+  steps: int = 3000,
+  repeats: int = 1,
+  data: Mapping[str, jax.Array] | None = None,
+) -> dict[str, dict[str, float]]:
   """Steps per second of each method of ``config``, run alone, one seed.
 
   Each method gets its own program (one task of ``steps`` examples, a tiny
@@ -585,9 +628,17 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
   data = load_data(base) if data is None else data
   out = {}
   for method in base["methods"]:
-    c = make_config(base, methods=[method], seeds=1, tasks=1, tasks_per_chunk=1,
-                    examples_per_task=steps * base["batch_size"], probe_size=8,
-                    hparams={method: protocol.variants(base, method)[0]}, sweep={})
+    c = make_config(
+      base,
+      methods=[method],
+      seeds=1,
+      tasks=1,
+      tasks_per_chunk=1,
+      examples_per_task=steps * base["batch_size"],
+      probe_size=8,
+      hparams={method: protocol.variants(base, method)[0]},
+      sweep={},
+    )
     init, chunk = make_batched(c)
     carry = init(seed_keys(c))
     compiled, compile_s = runner.compile_chunk(chunk, carry, (data,))
@@ -598,8 +649,12 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
       jax.block_until_ready(compiled(carry, jnp.asarray(0, jnp.int32), data))
       best = min(best, time.perf_counter() - tic)
       best_cpu = min(best_cpu, time.process_time() - cpu)
-    out[method] = {"steps_per_s": steps / best, "steps_per_cpu_s": steps / best_cpu,
-                   "seconds": best, "compile_seconds": compile_s}
+    out[method] = {
+      "steps_per_s": steps / best,
+      "steps_per_cpu_s": steps / best_cpu,
+      "seconds": best,
+      "compile_seconds": compile_s,
+    }
   return out
 
 
@@ -608,87 +663,141 @@ def benchmark(config: Mapping[str, Any], *, steps: int = 3000, repeats: int = 1,
 # ---------------------------------------------------------------------------
 
 
-def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any],
-                       data: Mapping[str, jax.Array]) -> int | None:
+def _benchmark_command(
+  args: argparse.Namespace, config: Mapping[str, Any], data: Mapping[str, jax.Array]
+) -> int | None:
   """``--benchmark``: steps/s of each method alone, printed; None without the flag."""
   if not args.benchmark:
     return None
   net = "-".join(["784"] + [str(config["width"])] * config["depth"] + ["10"])
-  print(f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
-        f"one seed, backend {jax.default_backend()}", file=sys.stderr)
-  for method, r in benchmark(config, steps=args.benchmark_steps,
-                             repeats=args.benchmark_repeats, data=data).items():
-    print(f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
-          f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)")
+  print(
+    f"benchmark: {net}, batch {config['batch_size']}, {args.benchmark_steps} steps, "
+    f"one seed, backend {jax.default_backend()}",
+    file=sys.stderr,
+  )
+  for method, r in benchmark(
+    config, steps=args.benchmark_steps, repeats=args.benchmark_repeats, data=data
+  ).items():
+    print(
+      f"{method:<6} {r['steps_per_s']:8.1f} steps/s  {r['steps_per_cpu_s']:8.1f} steps/CPU-s  "
+      f"({r['seconds']:.1f} s, compile {r['compile_seconds']:.1f} s)"
+    )
   return 0
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   plasticity_probes.add_arguments(p)
-  p.add_argument("--benchmark", action="store_true",
-                 help="measure steps/s of each method alone (one seed, one task) and exit")
+  p.add_argument(
+    "--benchmark",
+    action="store_true",
+    help="measure steps/s of each method alone (one seed, one task) and exit",
+  )
   p.add_argument("--benchmark-steps", type=int, default=3000)
   p.add_argument("--benchmark-repeats", type=int, default=1)
 
 
 EXPERIMENT = protocol.Experiment(
-    name="permuted_mnist", short="pmnist",
-    title="Online permuted MNIST (loss of plasticity), compiled and vmapped.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    points_per_chunk="tasks_per_chunk", x_label="task",
-    work_per_run_chunk=lambda c: c["examples_per_task"] * c["tasks_per_chunk"] // c["batch_size"],
-    validate=validate_config, summary=format_summary, load_data=load_data,
-    plot=lambda results, out: plot_results(results, out / "pmnist.png"), plots=("pmnist.png",),
-    label=protocol.at_step_size_label, run_info=optimizers.snp_shrink,
-    presets={
-        "paper": ("the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, "
-                  "784-2000-2000-2000-10", PAPER_OVERRIDES),
-        "reduced": ("the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, width "
-                    "100, step size 0.03, CBP rate 1e-4", REDUCED_OVERRIDES)},
-    flags=(
-        protocol.flag("--tasks", "tasks", type=int, help="number of tasks (default 800)"),
-        protocol.flag("--examples-per-task", "examples_per_task", type=int, help="default 60,000"),
-        protocol.flag("--tasks-per-chunk", "tasks_per_chunk", type=int,
-                      help="tasks per compiled chunk (progress/checkpoint granularity)"),
-        protocol.flag("--batch-size", "batch_size", type=int,
-                      help="examples per SGD step (default 1)"),
-        protocol.flag("--width", "width", type=int, help="hidden units per layer (default 2000)"),
-        protocol.flag("--depth", "depth", type=int, help="hidden layers (default 3)"),
-        protocol.flag("--probe-size", "probe_size", type=int,
-                      help="probe examples for the correlates (default 2000)"),
-        protocol.flag("--seed-axis", "seed_axis", choices=SEED_AXES,
-                      help="batch seeds with vmap (default) or lax.map"),
-        protocol.flag("--dataset", "dataset", choices=("mnist", "fashion_mnist")),
-        protocol.flag("--step-size", "hparams.*.step_size", SGD_METHODS, type=runner.parse_floats,
-                      help="step size(s) of the SGD methods (all but adam), comma-separated "
-                           "(several: a sweep)"),
-        protocol.flag("--adam-step-size", "hparams.adam.step_size", type=runner.parse_floats,
-                      help="Adam step size(s), comma-separated"),
-        protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float,
-                      help="CBP replacement rate (default 1e-6)"),
-        protocol.flag("--cbp-maturity", "hparams.cbp.maturity_threshold", type=int,
-                      help="CBP maturity threshold (default 100)"),
-        protocol.flag("--l2", "hparams.l2.weight_decay", type=float,
-                      help="L2 weight decay (default 1e-4)"),
-        protocol.flag("--snp-weight-decay", "hparams.snp.weight_decay", type=float,
-                      help="S&P weight decay: shrink = 1 - lr * wd"),
-        protocol.flag("--snp-noise", "hparams.snp.noise_scale", type=float,
-                      help="S&P noise standard deviation (default 1e-5)"),
-        protocol.flag("--injection-task", "hparams.injection.at_task", type=int,
-                      help="task (0-based) at whose start `injection` injects (default: the "
-                           "middle)"),
+  name="permuted_mnist",
+  short="pmnist",
+  title="Online permuted MNIST (loss of plasticity), compiled and vmapped.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  points_per_chunk="tasks_per_chunk",
+  x_label="task",
+  work_per_run_chunk=lambda c: c["examples_per_task"] * c["tasks_per_chunk"] // c["batch_size"],
+  validate=validate_config,
+  summary=format_summary,
+  load_data=load_data,
+  plot=lambda results, out: plot_results(results, out / "pmnist.png"),
+  plots=("pmnist.png",),
+  label=protocol.at_step_size_label,
+  run_info=optimizers.snp_shrink,
+  presets={
+    "paper": (
+      "the paper's configuration: 10 seeds x 800 tasks x 60,000 examples, 784-2000-2000-2000-10",
+      PAPER_OVERRIDES,
     ),
-    add_arguments=_add_arguments, overrides_from_args=plasticity_probes.overrides_from_args,
-    command=_benchmark_command,
-    describe=lambda c, _: (f"permuted MNIST: {c['seeds']} seeds x {c['tasks']} tasks x "
-                           f"{c['examples_per_task']:,} examples, width {c['width']}, runs "
-                           f"{', '.join(EXPERIMENT.run_labels(c))}"),
+    "reduced": (
+      "the ~10-minute configuration: 2 seeds x 40 tasks x 3,000 examples, width "
+      "100, step size 0.03, CBP rate 1e-4",
+      REDUCED_OVERRIDES,
+    ),
+  },
+  flags=(
+    protocol.flag("--tasks", "tasks", type=int, help="number of tasks (default 800)"),
+    protocol.flag("--examples-per-task", "examples_per_task", type=int, help="default 60,000"),
+    protocol.flag(
+      "--tasks-per-chunk",
+      "tasks_per_chunk",
+      type=int,
+      help="tasks per compiled chunk (progress/checkpoint granularity)",
+    ),
+    protocol.flag("--batch-size", "batch_size", type=int, help="examples per SGD step (default 1)"),
+    protocol.flag("--width", "width", type=int, help="hidden units per layer (default 2000)"),
+    protocol.flag("--depth", "depth", type=int, help="hidden layers (default 3)"),
+    protocol.flag(
+      "--probe-size", "probe_size", type=int, help="probe examples for the correlates (default 2000)"
+    ),
+    protocol.flag(
+      "--seed-axis", "seed_axis", choices=SEED_AXES, help="batch seeds with vmap (default) or lax.map"
+    ),
+    protocol.flag("--dataset", "dataset", choices=("mnist", "fashion_mnist")),
+    protocol.flag(
+      "--step-size",
+      "hparams.*.step_size",
+      SGD_METHODS,
+      type=runner.parse_floats,
+      help="step size(s) of the SGD methods (all but adam), comma-separated (several: a sweep)",
+    ),
+    protocol.flag(
+      "--adam-step-size",
+      "hparams.adam.step_size",
+      type=runner.parse_floats,
+      help="Adam step size(s), comma-separated",
+    ),
+    protocol.flag(
+      "--cbp-rate", "hparams.cbp.replacement_rate", type=float, help="CBP replacement rate (default 1e-6)"
+    ),
+    protocol.flag(
+      "--cbp-maturity",
+      "hparams.cbp.maturity_threshold",
+      type=int,
+      help="CBP maturity threshold (default 100)",
+    ),
+    protocol.flag("--l2", "hparams.l2.weight_decay", type=float, help="L2 weight decay (default 1e-4)"),
+    protocol.flag(
+      "--snp-weight-decay",
+      "hparams.snp.weight_decay",
+      type=float,
+      help="S&P weight decay: shrink = 1 - lr * wd",
+    ),
+    protocol.flag(
+      "--snp-noise", "hparams.snp.noise_scale", type=float, help="S&P noise standard deviation (default 1e-5)"
+    ),
+    protocol.flag(
+      "--injection-task",
+      "hparams.injection.at_task",
+      type=int,
+      help="task (0-based) at whose start `injection` injects (default: the middle)",
+    ),
+  ),
+  add_arguments=_add_arguments,
+  overrides_from_args=plasticity_probes.overrides_from_args,
+  command=_benchmark_command,
+  describe=lambda c, _: (
+    f"permuted MNIST: {c['seeds']} seeds x {c['tasks']} tasks x "
+    f"{c['examples_per_task']:,} examples, width {c['width']}, runs "
+    f"{', '.join(EXPERIMENT.run_labels(c))}"
+  ),
 )
 
 # The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
 # and ``chunk(carry, index, ...)`` over all seeds, cached per config.
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 
 
 if __name__ == "__main__":

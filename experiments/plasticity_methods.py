@@ -19,7 +19,8 @@ Numeric settings may arrive traced (vmapped variants).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,13 @@ NAMES = ("upgd", "redo", "regrama", "snr", "hare_tortoise", "ln_wd", "injection"
 # else marked user-chosen in README's method table). "at" of the injection is
 # the experiment's own unit (task or bin), set by each experiment.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "upgd": {"beta_utility": 0.999, "sigma": 0.01, "weight_decay": 0.0},
-    "redo": {"tau": 0.025, "period": 1000},
-    "regrama": {"tau": 0.025, "period": 1000},
-    "snr": {"eta": 0.01},
-    "hare_tortoise": {"decay": 0.999, "reset_period": 1000},
-    "ln_wd": {"weight_decay": 1e-4},
-    "injection": {},
+  "upgd": {"beta_utility": 0.999, "sigma": 0.01, "weight_decay": 0.0},
+  "redo": {"tau": 0.025, "period": 1000},
+  "regrama": {"tau": 0.025, "period": 1000},
+  "snr": {"eta": 0.01},
+  "hare_tortoise": {"decay": 0.999, "reset_period": 1000},
+  "ln_wd": {"weight_decay": 1e-4},
+  "injection": {},
 }
 
 
@@ -59,13 +60,18 @@ def layer_graph(model: Any, params: Any, x: jax.Array, activation: str = "relu")
   """
   if not getattr(model, "layer_norm", False):
     return cbp_jax.graph_from_params(params, activation=activation)
-  return cbp_jax.trace_graph(
-      lambda p, x: cbp_jax.apply_with_activations(model, p, x), params, x)
+  return cbp_jax.trace_graph(lambda p, x: cbp_jax.apply_with_activations(model, p, x), params, x)
 
 
-def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph, key: jax.Array,
-              *, init: str = "kaiming", sgd: optax.GradientTransformation | None = None
-              ) -> optax.GradientTransformationExtraArgs:
+def optimizer(
+  method: str,
+  hp: Mapping[str, Any],
+  graph: cbp_jax.LayerGraph,
+  key: jax.Array,
+  *,
+  init: str = "kaiming",
+  sgd: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """``method``'s optimizer around SGD of step ``hp["step_size"]`` (update takes ``activations=``).
 
   Args:
@@ -79,14 +85,21 @@ def optimizer(method: str, hp: Mapping[str, Any], graph: cbp_jax.LayerGraph, key
   """
   sgd = optax.sgd(hp["step_size"]) if sgd is None else sgd
   if method == "upgd":
-    tx = methods_lib.upgd(hp["step_size"], key=key, beta_utility=hp["beta_utility"],
-                          sigma=hp["sigma"], weight_decay=hp["weight_decay"])
+    tx = methods_lib.upgd(
+      hp["step_size"],
+      key=key,
+      beta_utility=hp["beta_utility"],
+      sigma=hp["sigma"],
+      weight_decay=hp["weight_decay"],
+    )
   elif method == "redo":
-    tx = optax.chain(sgd, methods_lib.redo(graph, key=key, tau=hp["tau"],
-                                           period=_int(hp["period"]), init=init))
+    tx = optax.chain(
+      sgd, methods_lib.redo(graph, key=key, tau=hp["tau"], period=_int(hp["period"]), init=init)
+    )
   elif method == "regrama":
-    tx = optax.chain(sgd, methods_lib.regrama(graph, key=key, tau=hp["tau"],
-                                              period=_int(hp["period"]), init=init))
+    tx = optax.chain(
+      sgd, methods_lib.regrama(graph, key=key, tau=hp["tau"], period=_int(hp["period"]), init=init)
+    )
   elif method == "snr":
     tx = optax.chain(sgd, methods_lib.snr(graph, key=key, eta=hp["eta"], init=init))
   elif method == "hare_tortoise":
@@ -140,8 +153,9 @@ def apply_with_activations(model: Any, params: Any, x: jax.Array) -> tuple[jax.A
   return apply(params, x), acts
 
 
-def inject(model: Any, learner: tuple[Any, Any], key: jax.Array, x: jax.Array,
-           when: jax.Array) -> tuple[Any, Any]:
+def inject(
+  model: Any, learner: tuple[Any, Any], key: jax.Array, x: jax.Array, when: jax.Array
+) -> tuple[Any, Any]:
   """Injects `injected_layers` of ``learner = (params, opt_state)`` when ``when`` (traced) holds."""
   params, opt_state = learner
   fresh = model.init(key, x)["params"]

@@ -42,12 +42,12 @@ from cbp_jax import metrics as metrics_lib
 from experiments import runner
 
 DEFAULT_PROBES: dict[str, Any] = {
-    "enabled": True,
-    "size": 128,                   # probe examples for the trainability probe and the Hessian
-    "trainability_steps": 20,
-    "trainability_step_size": 0.1,
-    "hessian_iterations": 8,
-    "heldout_size": 256,           # held-out inputs for the churn
+  "enabled": True,
+  "size": 128,  # probe examples for the trainability probe and the Hessian
+  "trainability_steps": 20,
+  "trainability_step_size": 0.1,
+  "hessian_iterations": 8,
+  "heldout_size": 256,  # held-out inputs for the churn
 }
 
 # Key streams of a probe point's key.
@@ -56,19 +56,24 @@ _LABELS, _FRESH, _LANCZOS = range(3)
 
 def validate(probes: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first bad ``probes`` entry."""
-  runner.require(isinstance(probes.get("enabled"), bool),
-                 f"probes.enabled must be true or false, got {probes.get('enabled')!r}")
-  runner.require_positive_ints(probes, ("size", "trainability_steps", "hessian_iterations",
-                                        "heldout_size"))
+  runner.require(
+    isinstance(probes.get("enabled"), bool),
+    f"probes.enabled must be true or false, got {probes.get('enabled')!r}",
+  )
+  runner.require_positive_ints(probes, ("size", "trainability_steps", "hessian_iterations", "heldout_size"))
   lr = probes["trainability_step_size"]
-  runner.require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
-                 f"probes.trainability_step_size must be a number > 0, got {lr!r}")
+  runner.require(
+    isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+    f"probes.trainability_step_size must be a number > 0, got {lr!r}",
+  )
 
 
 def cross_entropy(apply_logits: Callable[[Any, jax.Array], jax.Array]):
   """``loss(params, x, labels)``: mean softmax cross-entropy of ``apply_logits(params, x)``."""
+
   def loss(params, x, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply_logits(params, x), labels))
+
   return loss
 
 
@@ -77,18 +82,33 @@ def probe_labels(probes: Mapping[str, Any], key: jax.Array, num_classes: int) ->
   return jax.random.randint(jax.random.fold_in(key, _LABELS), (probes["size"],), 0, num_classes)
 
 
-def trainability(probes: Mapping[str, Any], apply_logits: Callable, params: Any, x: jax.Array,
-                 labels: jax.Array) -> dict[str, jax.Array]:
+def trainability(
+  probes: Mapping[str, Any], apply_logits: Callable, params: Any, x: jax.Array, labels: jax.Array
+) -> dict[str, jax.Array]:
   """`cbp_jax.metrics.trainability_probe` on ``(x[:size], labels)``: ``{"trainability", "trainability_loss"}``."""
   out = metrics_lib.trainability_probe(
-      cross_entropy(apply_logits), params, x[:probes["size"]], labels,
-      optax.sgd(probes["trainability_step_size"]), probes["trainability_steps"])
+    cross_entropy(apply_logits),
+    params,
+    x[: probes["size"]],
+    labels,
+    optax.sgd(probes["trainability_step_size"]),
+    probes["trainability_steps"],
+  )
   return {"trainability": out["loss_reduction"], "trainability_loss": out["loss_after"]}
 
 
-def learner_probes(probes: Mapping[str, Any], apply_logits: Callable, params: Any, init_params: Any,
-                   x: jax.Array, y: jax.Array, labels: jax.Array, key: jax.Array,
-                   heldout_before: jax.Array, heldout_x: jax.Array) -> tuple[dict, jax.Array]:
+def learner_probes(
+  probes: Mapping[str, Any],
+  apply_logits: Callable,
+  params: Any,
+  init_params: Any,
+  x: jax.Array,
+  y: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  heldout_before: jax.Array,
+  heldout_x: jax.Array,
+) -> tuple[dict, jax.Array]:
   """Every probe of one learner at one probe point.
 
   Args:
@@ -110,8 +130,8 @@ def learner_probes(probes: Mapping[str, Any], apply_logits: Callable, params: An
   loss = cross_entropy(apply_logits)
   out = trainability(probes, apply_logits, params, x, labels)
   out["hessian_top_eigenvalue"] = metrics_lib.top_hessian_eigenvalue(
-      lambda p: loss(p, x[:n], y[:n]), params, jax.random.fold_in(key, _LANCZOS),
-      probes["hessian_iterations"])
+    lambda p: loss(p, x[:n], y[:n]), params, jax.random.fold_in(key, _LANCZOS), probes["hessian_iterations"]
+  )
   for name, value in metrics_lib.parameter_drift(params, init_params).items():
     out["drift" if name == "overall" else f"drift/{name.removesuffix('/kernel')}"] = value
   heldout = apply_logits(params, heldout_x)
@@ -120,8 +140,14 @@ def learner_probes(probes: Mapping[str, Any], apply_logits: Callable, params: An
   return out, heldout
 
 
-def fresh_trainability(probes: Mapping[str, Any], apply_logits: Callable, init: Callable[[jax.Array], Any],
-                       x: jax.Array, labels: jax.Array, key: jax.Array) -> dict[str, jax.Array]:
+def fresh_trainability(
+  probes: Mapping[str, Any],
+  apply_logits: Callable,
+  init: Callable[[jax.Array], Any],
+  x: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+) -> dict[str, jax.Array]:
   """The reference: `trainability` of ``init(key')``, a fresh draw of the network's
   parameters for this probe point, on the same fresh task, as
   ``{"trainability_fresh_init", "trainability_loss_fresh_init"}``."""
@@ -137,10 +163,16 @@ def plotted(results: Mapping[str, Any]) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """``--no-probes`` (skip the probes) and ``--probe-steps`` (trainability steps)."""
-  parser.add_argument("--no-probes", action="store_true",
-                      help="do not compute the plasticity probes (trainability, Hessian, drift, churn)")
-  parser.add_argument("--probe-steps", type=int, help="SGD steps of the trainability probe (default "
-                      f"{DEFAULT_PROBES['trainability_steps']})")
+  parser.add_argument(
+    "--no-probes",
+    action="store_true",
+    help="do not compute the plasticity probes (trainability, Hessian, drift, churn)",
+  )
+  parser.add_argument(
+    "--probe-steps",
+    type=int,
+    help=f"SGD steps of the trainability probe (default {DEFAULT_PROBES['trainability_steps']})",
+  )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

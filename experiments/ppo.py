@@ -31,21 +31,28 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "gae",
-    "normalize_advantages",
-    "gaussian_log_prob",
-    "clipped_surrogate_loss",
-    "value_loss",
-    "minibatch_indices",
-    "PPOLossInfo",
+  "gae",
+  "normalize_advantages",
+  "gaussian_log_prob",
+  "clipped_surrogate_loss",
+  "value_loss",
+  "minibatch_indices",
+  "PPOLossInfo",
 ]
 
 _LOG_2PI = float(jnp.log(2.0 * jnp.pi))
 
 
-def gae(rewards: jax.Array, values: jax.Array, next_values: jax.Array, terminated: jax.Array,
-        episode_end: jax.Array, *, gamma: float | jax.Array,
-        lam: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+def gae(
+  rewards: jax.Array,
+  values: jax.Array,
+  next_values: jax.Array,
+  terminated: jax.Array,
+  episode_end: jax.Array,
+  *,
+  gamma: float | jax.Array,
+  lam: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Generalised advantage estimates and value targets of a time-major rollout.
 
   ``delta_t = r_t + gamma * (1 - terminated_t) * next_values_t - values_t``,
@@ -70,12 +77,14 @@ def gae(rewards: jax.Array, values: jax.Array, next_values: jax.Array, terminate
   rewards = jnp.asarray(rewards, jnp.float32)
   values = jnp.asarray(values, jnp.float32)
   next_values = jnp.asarray(next_values, jnp.float32)
-  if not (rewards.shape == values.shape == next_values.shape
-          == jnp.shape(terminated) == jnp.shape(episode_end)):
+  if not (
+    rewards.shape == values.shape == next_values.shape == jnp.shape(terminated) == jnp.shape(episode_end)
+  ):
     raise ValueError(
-        "gae: rewards, values, next_values, terminated and episode_end must have one shape, got "
-        f"{rewards.shape}, {values.shape}, {next_values.shape}, {jnp.shape(terminated)}, "
-        f"{jnp.shape(episode_end)}")
+      "gae: rewards, values, next_values, terminated and episode_end must have one shape, got "
+      f"{rewards.shape}, {values.shape}, {next_values.shape}, {jnp.shape(terminated)}, "
+      f"{jnp.shape(episode_end)}"
+    )
   not_terminal = 1.0 - jnp.asarray(terminated, jnp.float32)
   not_end = 1.0 - jnp.asarray(episode_end, jnp.float32)
   deltas = rewards + gamma * not_terminal * next_values - values
@@ -111,12 +120,14 @@ def gaussian_log_prob(mean: jax.Array, log_std: jax.Array, action: jax.Array) ->
 
 class PPOLossInfo(NamedTuple):
   """Diagnostics of a clipped-surrogate evaluation (means over the batch)."""
-  approx_kl: jax.Array       # mean of (ratio - 1) - log ratio (Schulman's k3 estimator), >= 0
-  clip_fraction: jax.Array   # fraction of samples with |ratio - 1| > clip_eps
+
+  approx_kl: jax.Array  # mean of (ratio - 1) - log ratio (Schulman's k3 estimator), >= 0
+  clip_fraction: jax.Array  # fraction of samples with |ratio - 1| > clip_eps
 
 
-def clipped_surrogate_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array,
-                           clip_eps: float | jax.Array) -> tuple[jax.Array, PPOLossInfo]:
+def clipped_surrogate_loss(
+  log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, clip_eps: float | jax.Array
+) -> tuple[jax.Array, PPOLossInfo]:
   """PPO's clipped surrogate policy loss (to minimise).
 
   ``mean(max(-ratio * A, -clip(ratio, 1 - eps, 1 + eps) * A))`` with
@@ -131,8 +142,9 @@ def clipped_surrogate_loss(log_prob: jax.Array, old_log_prob: jax.Array, advanta
   clipped = -jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
   loss = jnp.mean(jnp.maximum(unclipped, clipped))
   info = PPOLossInfo(
-      approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
-      clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)))
+    approx_kl=jnp.mean((ratio - 1.0) - log_ratio),
+    clip_fraction=jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)),
+  )
   return loss, info
 
 
@@ -153,7 +165,8 @@ def minibatch_indices(key: jax.Array, batch_size: int, num_minibatches: int) -> 
   """
   if num_minibatches < 1 or batch_size % num_minibatches:
     raise ValueError(
-        f"minibatch_indices: num_minibatches ({num_minibatches}) must be >= 1 and divide "
-        f"batch_size ({batch_size})")
+      f"minibatch_indices: num_minibatches ({num_minibatches}) must be >= 1 and divide "
+      f"batch_size ({batch_size})"
+    )
   perm = jax.random.permutation(key, batch_size).astype(jnp.int32)
   return perm.reshape(num_minibatches, batch_size // num_minibatches)

@@ -59,8 +59,14 @@ from typing import Any
 from experiments import runner
 
 # Short names of hyperparameters in run labels ("bp[lr=0.003]").
-SHORT_NAMES = {"step_size": "lr", "weight_decay": "wd", "noise_scale": "noise",
-               "replacement_rate": "rate", "maturity_threshold": "mt", "decay_rate": "decay"}
+SHORT_NAMES = {
+  "step_size": "lr",
+  "weight_decay": "wd",
+  "noise_scale": "noise",
+  "replacement_rate": "rate",
+  "maturity_threshold": "mt",
+  "decay_rate": "decay",
+}
 
 
 def is_number(v: Any) -> bool:
@@ -102,32 +108,39 @@ def validate_common(c: Mapping[str, Any], methods: tuple[str, ...]) -> None:
   ``methods``, ``hparams`` (every method's, with a numeric ``step_size >= 0``)
   and ``sweep`` (lists of numbers for numeric hyperparameters of known methods)."""
   need = runner.require
-  need(isinstance(c["seed"], int) and not isinstance(c["seed"], bool),
-       f"seed must be an int, got {c['seed']!r}")
+  need(
+    isinstance(c["seed"], int) and not isinstance(c["seed"], bool), f"seed must be an int, got {c['seed']!r}"
+  )
   runner.require_positive_ints(c, ("seeds",))
   runner.require_methods(c["methods"], methods)
   for m in c["methods"]:
     need(isinstance(c["hparams"].get(m), Mapping), f"hparams: no entry for method {m!r}")
   for m, hp in c["hparams"].items():
     need(m in methods, f"hparams: unknown method {m!r}; expected some of {methods}")
-    need(is_number(hp.get("step_size")) and hp["step_size"] >= 0,
-         f"hparams.{m}.step_size must be a number >= 0, got {hp.get('step_size')!r}")
+    need(
+      is_number(hp.get("step_size")) and hp["step_size"] >= 0,
+      f"hparams.{m}.step_size must be a number >= 0, got {hp.get('step_size')!r}",
+    )
   need(isinstance(c["sweep"], Mapping), f"sweep must be a dict, got {c['sweep']!r}")
   for m, swept in c["sweep"].items():
     need(m in methods, f"sweep: unknown method {m!r}")
     hp = c["hparams"][m]
     for k, values in swept.items():
-      need(k in hp and is_number(hp[k]),
-           f"sweep.{m}: {k!r} is not a numeric hyperparameter of {m} "
-           f"({[n for n, v in hp.items() if is_number(v)]})")
-      need(isinstance(values, list) and len(values) > 0 and all(map(is_number, values)),
-           f"sweep.{m}.{k} must be a non-empty list of numbers, got {values!r}")
-      need(all(v >= 0 for v in values) or k != "step_size",
-           f"sweep.{m}.step_size must be >= 0, got {values!r}")
+      need(
+        k in hp and is_number(hp[k]),
+        f"sweep.{m}: {k!r} is not a numeric hyperparameter of {m} "
+        f"({[n for n, v in hp.items() if is_number(v)]})",
+      )
+      need(
+        isinstance(values, list) and len(values) > 0 and all(map(is_number, values)),
+        f"sweep.{m}.{k} must be a non-empty list of numbers, got {values!r}",
+      )
+      need(
+        all(v >= 0 for v in values) or k != "step_size", f"sweep.{m}.step_size must be >= 0, got {values!r}"
+      )
 
 
-def upgrade(over: Mapping[str, Any] | None, methods: tuple[str, ...],
-            shared: tuple[str, ...] = ()) -> dict:
+def upgrade(over: Mapping[str, Any] | None, methods: tuple[str, ...], shared: tuple[str, ...] = ()) -> dict:
   """``over`` with entries of the old config shapes moved to the schema's,
   each with a ``DeprecationWarning`` naming the new key:
 
@@ -143,8 +156,7 @@ def upgrade(over: Mapping[str, Any] | None, methods: tuple[str, ...],
   hparams = over.setdefault("hparams", {})
 
   def moved(old: str, new: str) -> None:
-    warnings.warn(f"config entry {old!r} is deprecated; use {new!r}", DeprecationWarning,
-                  stacklevel=4)
+    warnings.warn(f"config entry {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=4)
 
   for m in methods:
     if isinstance(over.get(m), Mapping):
@@ -310,8 +322,16 @@ class Experiment:
   def entry_points(self) -> tuple[Callable, ...]:
     """``(make_config, run_labels, make_train, make_batched, run_experiment,
     parse_args, config_from_args, main)``: the names an experiment module exposes."""
-    return (self.make_config, self.run_labels, self.make_train, self.make_batched,
-            self.run_experiment, self.parse_args, self.config_from_args, self.main)
+    return (
+      self.make_config,
+      self.run_labels,
+      self.make_train,
+      self.make_batched,
+      self.run_experiment,
+      self.parse_args,
+      self.config_from_args,
+      self.main,
+    )
 
   # --- Configs ---------------------------------------------------------------
 
@@ -322,8 +342,13 @@ class Experiment:
     changes only that entry); ``sweep`` is replaced as a whole. Unknown keys
     raise; old-shape entries are converted (`upgrade`).
     """
-    return runner.build_config(self.defaults, self._upgrade(overrides), self._upgrade(kwargs),
-                               validate=self.validate_config, replace=("sweep",))
+    return runner.build_config(
+      self.defaults,
+      self._upgrade(overrides),
+      self._upgrade(kwargs),
+      validate=self.validate_config,
+      replace=("sweep",),
+    )
 
   def _upgrade(self, over: Mapping[str, Any] | None) -> dict:
     return upgrade(over, self.methods, self.shared_hparams)
@@ -349,8 +374,12 @@ class Experiment:
     """Jitted ``init(keys)`` and ``chunk(carry, index, *args)`` over all seeds,
     cached per config (`experiments.runner.batched_per_config`)."""
     return runner.batched_per_config(
-        self.make_chunked, make_config=self.make_config, num_args=int(self.load_data is not None),
-        squeeze_single=self.squeeze_single, ignore=self.cache_ignore)
+      self.make_chunked,
+      make_config=self.make_config,
+      num_args=int(self.load_data is not None),
+      squeeze_single=self.squeeze_single,
+      ignore=self.cache_ignore,
+    )
 
   def make_train(self, config: Mapping[str, Any], data: Any = None) -> Callable:
     """A pure ``train(key) -> {label: {name: array(points,)}}`` for one seed.
@@ -365,10 +394,17 @@ class Experiment:
       args = (self.load_data(config, None) if data is None else data,)
     return runner.whole_run(*self.make_chunked(config), self.num_chunks(config), *args)
 
-  def run_experiment(self, config: Mapping[str, Any], *, data: Any = None,
-                     data_dir: str | Path | None = None, out_dir: str | Path | None = None,
-                     plot: bool = True, progress: bool = True,
-                     **run_kwargs: Any) -> runner.RunResult:
+  def run_experiment(
+    self,
+    config: Mapping[str, Any],
+    *,
+    data: Any = None,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    plot: bool = True,
+    progress: bool = True,
+    **run_kwargs: Any,
+  ) -> runner.RunResult:
     """Runs every seed with `experiments.runner.run_seeds`.
 
     Writes ``out_dir/results.json`` (runner schema), ``out_dir/timing.json``
@@ -382,13 +418,22 @@ class Experiment:
     if self.load_data is not None:
       args = (self.load_data(config, data_dir) if data is None else data,)
     result = runner.run_seeds(
-        self.make_batched, config, args=args, experiment=self.name, name=self.short,
-        num_chunks=self.num_chunks(config), points_per_chunk=config[self.points_per_chunk],
-        x_step=self.x_step(config), x_label=self.x_label, runs=self.run_labels(config),
-        work_per_run_chunk=None if self.work_per_run_chunk is None
-        else self.work_per_run_chunk(config), work_label=self.work_label, progress=progress,
-        out_dir=out_dir,
-        **run_kwargs)
+      self.make_batched,
+      config,
+      args=args,
+      experiment=self.name,
+      name=self.short,
+      num_chunks=self.num_chunks(config),
+      points_per_chunk=config[self.points_per_chunk],
+      x_step=self.x_step(config),
+      x_label=self.x_label,
+      runs=self.run_labels(config),
+      work_per_run_chunk=None if self.work_per_run_chunk is None else self.work_per_run_chunk(config),
+      work_label=self.work_label,
+      progress=progress,
+      out_dir=out_dir,
+      **run_kwargs,
+    )
     if plot and out_dir is not None and self.plot is not None:
       self.plot(result.results, Path(out_dir))
     return result
@@ -405,15 +450,23 @@ class Experiment:
     p.add_argument("--seed", type=int, help=f"base seed (default {d['seed']})")
     p.add_argument("--methods", help=f"comma-separated, from {','.join(self.methods)}")
     if self.load_data is not None:
-      p.add_argument("--data-dir", help="root of the data sets (default $CBP_JAX_DATA_DIR or "
-                                        "../shared/data)")
+      p.add_argument("--data-dir", help="root of the data sets (default $CBP_JAX_DATA_DIR or ../shared/data)")
     for f in self.flags:
       p.add_argument(f.name, **f.kwargs)
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
-                   help="set any hyperparameter, e.g. cbp.maturity_threshold=100 (repeatable)")
-    p.add_argument("--sweep", action="append", default=[], metavar="METHOD.HPARAM=V1,V2,...",
-                   help="run one vmapped variant per value, e.g. bp.step_size=0.01,0.003 "
-                        "(repeatable)")
+    p.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="METHOD.HPARAM=VALUE",
+      help="set any hyperparameter, e.g. cbp.maturity_threshold=100 (repeatable)",
+    )
+    p.add_argument(
+      "--sweep",
+      action="append",
+      default=[],
+      metavar="METHOD.HPARAM=V1,V2,...",
+      help="run one vmapped variant per value, e.g. bp.step_size=0.01,0.003 (repeatable)",
+    )
     if self.add_arguments is not None:
       self.add_arguments(p)
     runner.add_run_arguments(p, out=f"results/{self.short}")
@@ -444,7 +497,8 @@ class Experiment:
     for text in args.sweep:
       method, name, values = runner.split_assignment(text, "--sweep", self.methods)
       over.setdefault("sweep", {}).setdefault(method, {})[name] = [
-          runner.parse_number(v) for v in values.split(",") if v]
+        runner.parse_number(v) for v in values.split(",") if v
+      ]
     return self.make_config(over)
 
   def main(self, argv: list[str] | None = None) -> int:
@@ -463,11 +517,15 @@ class Experiment:
       if status is not None:
         return status
     out = Path(args.out)
-    line = (self.describe(config, data) if self.describe is not None else
-            f"{self.name}: {config['seeds']} seeds, runs {', '.join(self.run_labels(config))}")
+    line = (
+      self.describe(config, data)
+      if self.describe is not None
+      else f"{self.name}: {config['seeds']} seeds, runs {', '.join(self.run_labels(config))}"
+    )
     print(f"{line}; results -> {out}/results.json", file=sys.stderr)
-    return runner.run_from_cli(args, functools.partial(self.run_experiment, config, data=data),
-                               summary=self.summary, plots=self.plots)
+    return runner.run_from_cli(
+      args, functools.partial(self.run_experiment, config, data=data), summary=self.summary, plots=self.plots
+    )
 
   def cli_data_of(self, config: Mapping[str, Any], args: argparse.Namespace) -> Any:
     """The data set of a command line's run (None without one)."""

@@ -109,35 +109,45 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from experiments import ppo
-from experiments import protocol
-from experiments import runner
+from experiments import ppo, protocol, runner
 
 METHODS = ("ppo", "ppo_ns", "l2", "cbp", "redo")
 DESCRIPTIONS = {
-    "ppo": "PPO (Adam betas 0.9, 0.999)",
-    "ppo_ns": "PPO, Adam betas (0.99, 0.99)",
-    "l2": "PPO+L2",
-    "cbp": "PPO+CBP+L2",
-    "redo": "PPO+ReDo",
+  "ppo": "PPO (Adam betas 0.9, 0.999)",
+  "ppo_ns": "PPO, Adam betas (0.99, 0.99)",
+  "l2": "PPO+L2",
+  "cbp": "PPO+CBP+L2",
+  "redo": "PPO+ReDo",
 }
 
 HPARAMS: dict[str, dict[str, Any]] = {
-    "ppo": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
-    "ppo_ns": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.0},
-    "l2": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-3},
-    "cbp": {
-        "step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
-        "replacement_rate": 1e-4,
-        "maturity_threshold": 10_000,
-        "decay_rate": 0.99,
-        "utility": "contribution",
-        "init": "lecun",
-        "accumulate": True,
-        "next_bias_correction": True,
-    },
-    "redo": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-4,
-             "tau": 0.1, "period": 100, "init": "lecun"},
+  "ppo": {"step_size": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+  "ppo_ns": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.0},
+  "l2": {"step_size": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "weight_decay": 1e-3},
+  "cbp": {
+    "step_size": 1e-4,
+    "b1": 0.99,
+    "b2": 0.99,
+    "eps": 1e-8,
+    "weight_decay": 1e-4,
+    "replacement_rate": 1e-4,
+    "maturity_threshold": 10_000,
+    "decay_rate": 0.99,
+    "utility": "contribution",
+    "init": "lecun",
+    "accumulate": True,
+    "next_bias_correction": True,
+  },
+  "redo": {
+    "step_size": 1e-4,
+    "b1": 0.99,
+    "b2": 0.99,
+    "eps": 1e-8,
+    "weight_decay": 1e-4,
+    "tau": 0.1,
+    "period": 100,
+    "init": "lecun",
+  },
 }
 _TRACED = ("step_size", "b1", "b2", "eps", "weight_decay")  # Per-method arrays (vmapped).
 
@@ -149,41 +159,41 @@ _TRACED = ("step_size", "b1", "b2", "eps", "weight_decay")  # Per-method arrays 
 # (network, optimiser, PPO and CBP settings) is the paper's. It is a smoke
 # run of the whole pipeline: far too short for loss of plasticity to appear.
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 1,
-    "total_steps": 204_800,            # environment steps per run (rounded up to whole chunks)
-    "num_envs": 16,
-    "rollout_len": 128,                # steps_per_update = 16 * 128 = 2048
-    "epochs": 10,
-    "minibatches": 16,
-    "gamma": 0.99,
-    "gae_lambda": 0.95,
-    "clip_eps": 0.2,
-    "max_grad_norm": 0.0,              # 0: no clipping (the reference's 1e9)
-    "normalize_advantages": True,
-    "bootstrap_truncation": True,
-    "hidden": [256, 256],
-    "episode_length": 1000,
-    "change_every": 40_960,            # environment steps between friction redraws
-    "friction_range": [0.02, 2.0],
-    "updates_per_point": 4,
-    "points_per_chunk": 5,
-    "dormant_tau": 0.1,
-    "methods": ["ppo", "ppo_ns", "l2", "cbp", "redo"],
-    "hparams": HPARAMS,
-    "sweep": {},
+  "seed": 0,
+  "seeds": 1,
+  "total_steps": 204_800,  # environment steps per run (rounded up to whole chunks)
+  "num_envs": 16,
+  "rollout_len": 128,  # steps_per_update = 16 * 128 = 2048
+  "epochs": 10,
+  "minibatches": 16,
+  "gamma": 0.99,
+  "gae_lambda": 0.95,
+  "clip_eps": 0.2,
+  "max_grad_norm": 0.0,  # 0: no clipping (the reference's 1e9)
+  "normalize_advantages": True,
+  "bootstrap_truncation": True,
+  "hidden": [256, 256],
+  "episode_length": 1000,
+  "change_every": 40_960,  # environment steps between friction redraws
+  "friction_range": [0.02, 2.0],
+  "updates_per_point": 4,
+  "points_per_chunk": 5,
+  "dormant_tau": 0.1,
+  "methods": ["ppo", "ppo_ns", "l2", "cbp", "redo"],
+  "hparams": HPARAMS,
+  "sweep": {},
 }
 
 # The paper's run: 50M steps, friction redrawn every 2M steps, one
 # environment with 2,048-step rollouts (the reference's buffer), 30 seeds.
 PAPER_OVERRIDES: dict[str, Any] = {
-    "seeds": 30,
-    "total_steps": 50_000_000,
-    "num_envs": 1,
-    "rollout_len": 2048,
-    "change_every": 2_000_000,
-    "updates_per_point": 10,
-    "points_per_chunk": 25,
+  "seeds": 30,
+  "total_steps": 50_000_000,
+  "num_envs": 1,
+  "rollout_len": 2048,
+  "change_every": 2_000_000,
+  "updates_per_point": 10,
+  "points_per_chunk": 25,
 }
 
 
@@ -196,9 +206,20 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "total_steps", "num_envs", "rollout_len", "epochs", "minibatches", "episode_length",
-      "change_every", "updates_per_point", "points_per_chunk"))
+  runner.require_positive_ints(
+    c,
+    (
+      "total_steps",
+      "num_envs",
+      "rollout_len",
+      "epochs",
+      "minibatches",
+      "episode_length",
+      "change_every",
+      "updates_per_point",
+      "points_per_chunk",
+    ),
+  )
   lo, hi = c["friction_range"]
   need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
   validate_learner(c, HPARAMS)
@@ -209,19 +230,24 @@ def validate_learner(c: Mapping[str, Any], defaults: Mapping[str, Mapping[str, A
   ``dormant_tau`` and every method's hyperparameters, ``defaults`` giving each
   method's names); raises ValueError naming the first bad one."""
   need = runner.require
-  need(steps_per_update(c) % c["minibatches"] == 0,
-       f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len "
-       f"({steps_per_update(c)})")
-  need(0 < c["gamma"] <= 1 and 0 <= c["gae_lambda"] <= 1, "gamma must be in (0, 1], "
-       "gae_lambda in [0, 1]")
+  need(
+    steps_per_update(c) % c["minibatches"] == 0,
+    f"minibatches ({c['minibatches']}) must divide num_envs * rollout_len ({steps_per_update(c)})",
+  )
+  need(0 < c["gamma"] <= 1 and 0 <= c["gae_lambda"] <= 1, "gamma must be in (0, 1], gae_lambda in [0, 1]")
   need(c["clip_eps"] > 0, f"clip_eps must be > 0, got {c['clip_eps']}")
   need(c.get("entropy_coef", 0.0) >= 0, f"entropy_coef must be >= 0, got {c.get('entropy_coef')}")
   need(c["max_grad_norm"] >= 0, f"max_grad_norm must be >= 0 (0: off), got {c['max_grad_norm']}")
-  need(len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
-       f"hidden must be a non-empty list of positive ints, got {c['hidden']}")
+  need(
+    len(c["hidden"]) >= 1 and all(isinstance(h, int) and h >= 1 for h in c["hidden"]),
+    f"hidden must be a non-empty list of positive ints, got {c['hidden']}",
+  )
   need(c["dormant_tau"] >= 0, "dormant_tau must be >= 0")
-  need(not c["sweep"], "no sweeps: the methods are the vmapped axis (set hparams, one config "
-                       f"per value), got sweep {c['sweep']}")
+  need(
+    not c["sweep"],
+    "no sweeps: the methods are the vmapped axis (set hparams, one config "
+    f"per value), got sweep {c['sweep']}",
+  )
   for m in defaults:
     hp = c["hparams"][m]
     need(set(hp) == set(defaults[m]), f"hparams.{m} must have exactly {sorted(defaults[m])}")
@@ -283,6 +309,7 @@ def friction_of_phase(config: Mapping[str, Any], key: jax.Array, phase: jax.Arra
 
 class EnvState(NamedTuple):
   """One environment's state: the Brax state, the episode's step and return."""
+
   brax: Any
   t: jax.Array
   ret: jax.Array
@@ -290,11 +317,11 @@ class EnvState(NamedTuple):
 
 class Transition(NamedTuple):
   obs: jax.Array
-  next_obs: jax.Array         # the observation the step produced (before any reset)
+  next_obs: jax.Array  # the observation the step produced (before any reset)
   reward: jax.Array
   terminated: jax.Array
   episode_end: jax.Array
-  episode_return: jax.Array   # the finished episode's return where episode_end, else 0
+  episode_return: jax.Array  # the finished episode's return where episode_end, else 0
 
 
 _ENV_CACHE: dict[str, Any] = {}
@@ -304,9 +331,11 @@ def brax_ant(backend: str = "mjx"):
   """Brax's ``ant`` environment (memoised; brax is imported here, not at module import)."""
   if backend not in _ENV_CACHE:
     import warnings
+
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       from brax import envs
+
       _ENV_CACHE[backend] = envs.get_environment("ant", backend=backend)
   return _ENV_CACHE[backend]
 
@@ -352,17 +381,23 @@ class SlipperyAnt:
     del friction, reset_state
     return state
 
-  def step(self, state: EnvState, action: jax.Array, friction: jax.Array,
-           reset_state: EnvState) -> tuple[EnvState, Transition]:
+  def step(
+    self, state: EnvState, action: jax.Array, friction: jax.Array, reset_state: EnvState
+  ) -> tuple[EnvState, Transition]:
     """One step under ``friction``; auto-resets to ``reset_state`` at an episode's end."""
     s = self.with_friction(friction).step(state.brax, action)
     t = state.t + 1
     ret = state.ret + s.reward
     terminated = s.done > 0.5
     end = terminated | (t >= self.episode_length)
-    tr = Transition(obs=state.brax.obs, next_obs=s.obs, reward=s.reward,
-                    terminated=terminated.astype(jnp.float32), episode_end=end.astype(jnp.float32),
-                    episode_return=jnp.where(end, ret, 0.0))
+    tr = Transition(
+      obs=state.brax.obs,
+      next_obs=s.obs,
+      reward=s.reward,
+      terminated=terminated.astype(jnp.float32),
+      episode_end=end.astype(jnp.float32),
+      episode_return=jnp.where(end, ret, 0.0),
+    )
     new = EnvState(brax=s, t=t, ret=ret)
     new = jax.tree.map(lambda r, n: jnp.where(end, r, n), reset_state, new)
     return new, tr
@@ -378,8 +413,10 @@ NETS = ("policy", "value")
 
 def make_nets(config: Mapping[str, Any], action_size: int):
   hidden = tuple(config["hidden"])
-  return {"policy": cbp_jax.models.MLP(hidden=hidden, outputs=action_size, init_scheme="lecun"),
-          "value": cbp_jax.models.MLP(hidden=hidden, outputs=1, init_scheme="lecun")}
+  return {
+    "policy": cbp_jax.models.MLP(hidden=hidden, outputs=action_size, init_scheme="lecun"),
+    "value": cbp_jax.models.MLP(hidden=hidden, outputs=1, init_scheme="lecun"),
+  }
 
 
 class GaussianPolicy:
@@ -404,22 +441,31 @@ class GaussianPolicy:
 GAUSSIAN = GaussianPolicy()
 
 
-def init_params(nets, key: jax.Array, obs_size: int, action_size: int,
-                policy=GAUSSIAN) -> dict:
+def init_params(nets, key: jax.Array, obs_size: int, action_size: int, policy=GAUSSIAN) -> dict:
   x = jnp.zeros((1, obs_size), jnp.float32)
   kp, kv = jax.random.split(key)
-  return {"policy": nets["policy"].init(kp, x)["params"],
-          "value": nets["value"].init(kv, x)["params"],
-          **policy.extra_params(action_size)}
+  return {
+    "policy": nets["policy"].init(kp, x)["params"],
+    "value": nets["value"].init(kv, x)["params"],
+    **policy.extra_params(action_size),
+  }
 
 
 def _prefixed(graph: cbp_jax.LayerGraph, prefix: str) -> list[cbp_jax.Layer]:
   def p(path):
     return None if path is None else f"{prefix}/{path}"
-  return [dataclasses.replace(
-      layer, name=p(layer.name), kernel=p(layer.kernel), bias=p(layer.bias), norm=p(layer.norm),
-      consumers=tuple(dataclasses.replace(c, kernel=p(c.kernel), bias=p(c.bias))
-                      for c in layer.consumers)) for layer in graph]
+
+  return [
+    dataclasses.replace(
+      layer,
+      name=p(layer.name),
+      kernel=p(layer.kernel),
+      bias=p(layer.bias),
+      norm=p(layer.norm),
+      consumers=tuple(dataclasses.replace(c, kernel=p(c.kernel), bias=p(c.bias)) for c in layer.consumers),
+    )
+    for layer in graph
+  ]
 
 
 def make_graph(params: Mapping[str, Any]) -> cbp_jax.LayerGraph:
@@ -440,8 +486,10 @@ def forward(nets, params, obs):
   flat = obs.reshape(-1, obs.shape[-1])  # The MLP flattens everything after axis 0.
   mean, acts_p = cbp_jax.apply_with_activations(nets["policy"], params["policy"], flat)
   value, acts_v = cbp_jax.apply_with_activations(nets["value"], params["value"], flat)
-  acts = {**{f"policy/{k}": v.reshape(lead + v.shape[-1:]) for k, v in acts_p.items()},
-          **{f"value/{k}": v.reshape(lead + v.shape[-1:]) for k, v in acts_v.items()}}
+  acts = {
+    **{f"policy/{k}": v.reshape(lead + v.shape[-1:]) for k, v in acts_p.items()},
+    **{f"value/{k}": v.reshape(lead + v.shape[-1:]) for k, v in acts_v.items()},
+  }
   return mean.reshape(lead + mean.shape[-1:]), value[:, 0].reshape(lead), acts
 
 
@@ -464,34 +512,46 @@ def _group_hparams(config, methods) -> dict[str, jax.Array]:
   hp = {k: jnp.asarray([config["hparams"][m][k] for m in methods], jnp.float32) for k in _TRACED}
   cb = config["hparams"]["cbp"]
   hp["replacement_rate"] = jnp.asarray(
-      [cb["replacement_rate"] if m == "cbp" else 0.0 for m in methods], jnp.float32)
+    [cb["replacement_rate"] if m == "cbp" else 0.0 for m in methods], jnp.float32
+  )
   return hp
 
 
-def make_optimizer(config: Mapping[str, Any], kind: str, hp: Mapping[str, jax.Array],
-                   graph: cbp_jax.LayerGraph, key: jax.Array) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(
+  config: Mapping[str, Any], kind: str, hp: Mapping[str, jax.Array], graph: cbp_jax.LayerGraph, key: jax.Array
+) -> optax.GradientTransformationExtraArgs:
   """The optimiser of one method (``hp``: its traced hyperparameters)."""
   parts = []
   if config["max_grad_norm"] > 0:
     parts.append(optax.clip_by_global_norm(config["max_grad_norm"]))
-  parts += [optax.add_decayed_weights(hp["weight_decay"]),
-            optax.adam(hp["step_size"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])]
+  parts += [
+    optax.add_decayed_weights(hp["weight_decay"]),
+    optax.adam(hp["step_size"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"]),
+  ]
   adam = optax.chain(*parts)
   if kind == "adam":
     return optax.with_extra_args_support(adam)
   if kind == "redo":
     r = config["hparams"]["redo"]
-    return cbp_jax.methods.redo(graph, key=key, tau=r["tau"], period=r["period"], init=r["init"],
-                                optimizer=adam)
+    return cbp_jax.methods.redo(
+      graph, key=key, tau=r["tau"], period=r["period"], init=r["init"], optimizer=adam
+    )
   c = config["hparams"]["cbp"]
   width = max(config["hidden"])
   bound = min(width, math.ceil(c["replacement_rate"] * width) + 1)
   return cbp_jax.cbp(
-      graph, key=key, replacement_rate=hp["replacement_rate"],
-      maturity_threshold=c["maturity_threshold"], decay_rate=c["decay_rate"],
-      utility=c["utility"], init=c["init"], accumulate=c["accumulate"],
-      next_bias_correction=c["next_bias_correction"], optimizer=adam,
-      max_replacements_per_step=bound)
+    graph,
+    key=key,
+    replacement_rate=hp["replacement_rate"],
+    maturity_threshold=c["maturity_threshold"],
+    decay_rate=c["decay_rate"],
+    utility=c["utility"],
+    init=c["init"],
+    accumulate=c["accumulate"],
+    next_bias_correction=c["next_bias_correction"],
+    optimizer=adam,
+    max_replacements_per_step=bound,
+  )
 
 
 def replaced_units(kind: str, opt_state: Any) -> jax.Array:
@@ -511,7 +571,7 @@ def replaced_units(kind: str, opt_state: Any) -> jax.Array:
 class Learner(NamedTuple):
   params: Any
   opt_state: Any
-  env: EnvState     # batched over num_envs
+  env: EnvState  # batched over num_envs
 
 
 def ppo_loss(nets, params, batch, clip_eps, policy=GAUSSIAN, entropy_coef: float = 0.0):
@@ -552,8 +612,9 @@ class _Group:
 
   def init(self, key, hp) -> Learner:
     c, env = self.config, self.env
-    params = init_params(self.nets, jax.random.fold_in(key, 1), env.observation_size,
-                         env.action_size, self.policy)
+    params = init_params(
+      self.nets, jax.random.fold_in(key, 1), env.observation_size, env.action_size, self.policy
+    )
     opt_state = self.tx(hp, jax.random.fold_in(key, 2)).init(params)
     env_state = jax.vmap(env.reset)(jax.random.split(jax.random.fold_in(key, 3), c["num_envs"]))
     return Learner(params, opt_state, env_state)
@@ -569,22 +630,28 @@ class _Group:
       obs = jax.vmap(env.observation, in_axes=(0, None))(env_state, task)
       out, value, _ = forward(nets, params, obs)
       action, logp = policy.sample(params, out, k)
-      env_state, tr = jax.vmap(env.step, in_axes=(0, 0, None, 0))(
-          env_state, action, task, reset_states)
+      env_state, tr = jax.vmap(env.step, in_axes=(0, 0, None, 0))(env_state, action, task, reset_states)
       return env_state, (tr, action, logp, value)
 
     start = jax.vmap(env.start_update, in_axes=(0, None, 0))(learner.env, task, reset_states)
     env_state, (tr, actions, logps, values) = jax.lax.scan(
-        act_step, start, jax.random.split(k_act, c["rollout_len"]))
+      act_step, start, jax.random.split(k_act, c["rollout_len"])
+    )
     _, next_values, _ = forward(nets, params, tr.next_obs)
     terminal = tr.terminated if c["bootstrap_truncation"] else tr.episode_end
-    adv, rets = ppo.gae(tr.reward, values, next_values, terminal, tr.episode_end,
-                        gamma=c["gamma"], lam=c["gae_lambda"])
+    adv, rets = ppo.gae(
+      tr.reward, values, next_values, terminal, tr.episode_end, gamma=c["gamma"], lam=c["gae_lambda"]
+    )
     if c["normalize_advantages"]:
       adv = ppo.normalize_advantages(adv)
     n = steps_per_update(c)
-    batch = {"obs": tr.obs.reshape(n, -1), "action": actions.reshape((n,) + actions.shape[2:]),
-             "log_prob": logps.reshape(n), "advantage": adv.reshape(n), "return": rets.reshape(n)}
+    batch = {
+      "obs": tr.obs.reshape(n, -1),
+      "action": actions.reshape((n,) + actions.shape[2:]),
+      "log_prob": logps.reshape(n),
+      "advantage": adv.reshape(n),
+      "return": rets.reshape(n),
+    }
 
     tx = self.tx(hp, jax.random.key(0))  # The optimiser's own key lives in its state.
 
@@ -592,8 +659,8 @@ class _Group:
       params, opt_state = carry
       mb = jax.tree.map(lambda a: a[idx], batch)
       grads, (acts, aux) = jax.grad(
-          lambda p: ppo_loss(nets, p, mb, c["clip_eps"], policy, c.get("entropy_coef", 0.0)),
-          has_aux=True)(params)
+        lambda p: ppo_loss(nets, p, mb, c["clip_eps"], policy, c.get("entropy_coef", 0.0)), has_aux=True
+      )(params)
       updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
       return (optax.apply_updates(params, updates), opt_state), aux
 
@@ -602,9 +669,13 @@ class _Group:
       return jax.lax.scan(minibatch_step, carry, idx)
 
     (params, opt_state), aux = jax.lax.scan(
-        epoch, (params, learner.opt_state), jax.random.split(k_epochs, c["epochs"]))
-    sums = {"return_sum": jnp.sum(tr.episode_return), "episodes": jnp.sum(tr.episode_end),
-            **{k: jnp.mean(v) for k, v in aux.items()}}
+      epoch, (params, learner.opt_state), jax.random.split(k_epochs, c["epochs"])
+    )
+    sums = {
+      "return_sum": jnp.sum(tr.episode_return),
+      "episodes": jnp.sum(tr.episode_end),
+      **{k: jnp.mean(v) for k, v in aux.items()},
+    }
     return Learner(params, opt_state, env_state), sums, batch["obs"]
 
   def probe(self, learner: Learner, obs) -> dict[str, jax.Array]:
@@ -614,14 +685,16 @@ class _Group:
     hs = list(acts.values())
     units = sum(h.shape[-1] for h in hs)
     dead = sum(metrics_lib.dead_unit_fraction(h) * h.shape[-1] for h in hs) / units
-    dormant = sum(metrics_lib.dormant_fraction(h, c["dormant_tau"]) * h.shape[-1]
-                  for h in hs) / units
+    dormant = sum(metrics_lib.dormant_fraction(h, c["dormant_tau"]) * h.shape[-1] for h in hs) / units
     last = f"policy/Dense_{len(c['hidden']) - 1}"
     weights = {net: learner.params[net] for net in NETS}
-    return {"dead_fraction": dead, "dormant_fraction": dormant,
-            "effective_rank": metrics_lib.effective_rank(acts[last]),
-            "weight_magnitude": metrics_lib.weight_magnitude(weights)["overall"],
-            "replaced_units": replaced_units(self.kind, learner.opt_state)}
+    return {
+      "dead_fraction": dead,
+      "dormant_fraction": dormant,
+      "effective_rank": metrics_lib.effective_rank(acts[last]),
+      "weight_magnitude": metrics_lib.weight_magnitude(weights)["overall"],
+      "replaced_units": replaced_units(self.kind, learner.opt_state),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -629,8 +702,9 @@ class _Group:
 # ---------------------------------------------------------------------------
 
 
-def point_metrics(groups: list[_Group], learners: Mapping[str, Learner], sums: Mapping[str, Any],
-                  obs: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+def point_metrics(
+  groups: list[_Group], learners: Mapping[str, Learner], sums: Mapping[str, Any], obs: Mapping[str, jax.Array]
+) -> dict[str, dict[str, jax.Array]]:
   """``{method: {name: scalar}}`` of one point: the mean return of the episodes
   that ended in it (NaN if none), their count, the plasticity correlates of
   the learners after it (`_Group.probe` on the last update's observations)
@@ -647,20 +721,40 @@ def point_metrics(groups: list[_Group], learners: Mapping[str, Learner], sums: M
     s = sums[g.kind]
     probed = jax.vmap(g.probe)(learners[g.kind], obs[g.kind][-1])
     episodes = jnp.sum(s["episodes"], axis=0)
-    ret = jnp.where(episodes > 0, jnp.sum(s["return_sum"], axis=0) / jnp.maximum(episodes, 1),
-                    jnp.nan)
+    ret = jnp.where(episodes > 0, jnp.sum(s["return_sum"], axis=0) / jnp.maximum(episodes, 1), jnp.nan)
     for v, m in enumerate(g.methods):
-      out[m] = {"episode_return": ret[v], "episodes": episodes[v],
-                **{k: probed[k][v] for k in ("dead_fraction", "dormant_fraction",
-                                             "effective_rank", "weight_magnitude",
-                                             "replaced_units")},
-                **{k: jnp.mean(s[k][:, v]) for k in ("policy_loss", "value_loss", "approx_kl")}}
+      out[m] = {
+        "episode_return": ret[v],
+        "episodes": episodes[v],
+        **{
+          k: probed[k][v]
+          for k in (
+            "dead_fraction",
+            "dormant_fraction",
+            "effective_rank",
+            "weight_magnitude",
+            "replaced_units",
+          )
+        },
+        **{k: jnp.mean(s[k][:, v]) for k in ("policy_loss", "value_loss", "approx_kl")},
+      }
   return out
 
 
-METRIC_NAMES = ("episode_return", "episodes", "friction", "phase", "dead_fraction",
-                "dormant_fraction", "effective_rank", "weight_magnitude", "policy_loss",
-                "value_loss", "approx_kl", "replaced_units")
+METRIC_NAMES = (
+  "episode_return",
+  "episodes",
+  "friction",
+  "phase",
+  "dead_fraction",
+  "dormant_fraction",
+  "effective_rank",
+  "weight_magnitude",
+  "policy_loss",
+  "value_loss",
+  "approx_kl",
+  "replaced_units",
+)
 
 
 def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
@@ -674,16 +768,15 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
   EXPERIMENT.validate_config(config)
   env = env or SlipperyAnt(config["episode_length"])
   nets = make_nets(config, env.action_size)
-  shapes = jax.eval_shape(lambda k: init_params(nets, k, env.observation_size, env.action_size),
-                          jax.random.key(0))
+  shapes = jax.eval_shape(
+    lambda k: init_params(nets, k, env.observation_size, env.action_size), jax.random.key(0)
+  )
   graph = make_graph(shapes)
-  groups = [_Group(config, kind, ms, env, nets, graph)
-            for kind, ms in method_groups(config).items()]
+  groups = [_Group(config, kind, ms, env, nets, graph) for kind, ms in method_groups(config).items()]
   upp, ppc = config["updates_per_point"], config["points_per_chunk"]
 
   def init(key):
-    return {"key": key,
-            "learners": {g.kind: jax.vmap(g.init, in_axes=(None, 0))(key, g.hp) for g in groups}}
+    return {"key": key, "learners": {g.kind: jax.vmap(g.init, in_axes=(None, 0))(key, g.hp) for g in groups}}
 
   def one_update(carry, update):
     key = carry["key"]
@@ -692,16 +785,22 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
     k = jax.random.fold_in(jax.random.fold_in(key, 4), update)  # Shared by all methods.
     learners, sums, obs = {}, {}, {}
     for g in groups:
-      learners[g.kind], sums[g.kind], obs[g.kind] = jax.vmap(
-          g.update, in_axes=(0, 0, None, None))(carry["learners"][g.kind], g.hp, k, friction)
+      learners[g.kind], sums[g.kind], obs[g.kind] = jax.vmap(g.update, in_axes=(0, 0, None, None))(
+        carry["learners"][g.kind], g.hp, k, friction
+      )
     return {"key": key, "learners": learners}, (sums, obs, friction, phase)
 
   def one_point(carry, point):
     updates = point * upp + jnp.arange(upp, dtype=jnp.int32)
     carry, (sums, obs, friction, phase) = jax.lax.scan(one_update, carry, updates)
     out = point_metrics(groups, carry["learners"], sums, obs)
-    out = {m: {k: {**out[m], "friction": friction[-1], "phase": phase[-1]}[k].astype(jnp.float32)
-               for k in METRIC_NAMES} for m in config["methods"]}
+    out = {
+      m: {
+        k: {**out[m], "friction": friction[-1], "phase": phase[-1]}[k].astype(jnp.float32)
+        for k in METRIC_NAMES
+      }
+      for m in config["methods"]
+    }
     return carry, out
 
   chunk = runner.scan_points(one_point, ppc)
@@ -718,8 +817,9 @@ def make_chunked(config: Mapping[str, Any], env: SlipperyAnt | None = None):
 
   def unpack(packed):
     it = iter(packed)
-    return jax.tree.unflatten(treedef, [
-        jnp.zeros(*empty[i]) if i in empty else next(it) for i in range(len(leaves))])
+    return jax.tree.unflatten(
+      treedef, [jnp.zeros(*empty[i]) if i in empty else next(it) for i in range(len(leaves))]
+    )
 
   def packed_init(key):
     return pack(init(key))
@@ -742,7 +842,7 @@ def phase_returns(results: Mapping[str, Any], tail: float = 0.5) -> dict[str, np
     table = np.full((ret.shape[0], len(phases)), np.nan)
     for j, p in enumerate(phases):
       cols = np.flatnonzero(phase == p)
-      cols = cols[int(len(cols) * (1 - tail)):] if len(cols) > 1 else cols
+      cols = cols[int(len(cols) * (1 - tail)) :] if len(cols) > 1 else cols
       with np.errstate(all="ignore"), _quiet():
         table[:, j] = np.nanmean(ret[:, cols], axis=1)
     out[label] = table
@@ -752,6 +852,7 @@ def phase_returns(results: Mapping[str, Any], tail: float = 0.5) -> dict[str, np
 class _quiet:
   def __enter__(self):
     import warnings
+
     self._w = warnings.catch_warnings()
     self._w.__enter__()
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -770,18 +871,22 @@ def format_summary(results: Mapping[str, Any]) -> str:
   frictions = [float(fr[0][np.flatnonzero(phase == p)[0]]) for p in np.unique(phase)]
   w = max([len("method")] + [len(k) for k in table])
   head = "  ".join(f"ph{j}({f:.2f})".rjust(11) for j, f in enumerate(frictions))
-  lines = [f"{'method':<{w}}  {head}  {'dead':>6}  {'dormant':>7}  {'eff.rank':>8}  {'|w|':>6}"
-           f"  {'replaced':>8}"]
+  lines = [
+    f"{'method':<{w}}  {head}  {'dead':>6}  {'dormant':>7}  {'eff.rank':>8}  {'|w|':>6}  {'replaced':>8}"
+  ]
   for label, t in table.items():
     named = results["metrics"][label]
-    last = {k: float(np.nanmean(np.asarray(named[k], np.float64)[:, -1])) for k in
-            ("dead_fraction", "dormant_fraction", "effective_rank", "weight_magnitude",
-             "replaced_units")}
+    last = {
+      k: float(np.nanmean(np.asarray(named[k], np.float64)[:, -1]))
+      for k in ("dead_fraction", "dormant_fraction", "effective_rank", "weight_magnitude", "replaced_units")
+    }
     with _quiet():
       row = "  ".join(f"{v:11.1f}" for v in np.nanmean(t, axis=0))
-    lines.append(f"{label:<{w}}  {row}  {last['dead_fraction']:6.3f}  "
-                 f"{last['dormant_fraction']:7.3f}  {last['effective_rank']:8.1f}  "
-                 f"{last['weight_magnitude']:6.4f}  {last['replaced_units']:8.0f}")
+    lines.append(
+      f"{label:<{w}}  {row}  {last['dead_fraction']:6.3f}  "
+      f"{last['dormant_fraction']:7.3f}  {last['effective_rank']:8.1f}  "
+      f"{last['weight_magnitude']:6.4f}  {last['replaced_units']:8.0f}"
+    )
   return "\n".join(lines)
 
 
@@ -789,16 +894,21 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
   """``slippery_ant.png`` (return and correlates over steps, phase changes
   marked) and ``phases.png`` (mean return per friction phase)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   if not isinstance(results, Mapping):
     results = runner.load_results(results)
   out_dir = Path(out_dir)
-  paths = [runner.plot_results(
-      results, out_dir / "slippery_ant.png",
+  paths = [
+    runner.plot_results(
+      results,
+      out_dir / "slippery_ant.png",
       metrics=("episode_return", "dead_fraction", "effective_rank", "weight_magnitude"),
-      title=f"slippery Ant, PPO ({runner.BAND_LABEL} over {results['config']['seeds']} seeds)")]
+      title=f"slippery Ant, PPO ({runner.BAND_LABEL} over {results['config']['seeds']} seeds)",
+    )
+  ]
   table = phase_returns(results)
   first = next(iter(results["metrics"].values()))
   phase = np.asarray(first["phase"], np.float64)[0]
@@ -808,10 +918,17 @@ def plot_results(results: Mapping[str, Any] | str | Path, out_dir: str | Path) -
   for i, (label, t) in enumerate(table.items()):
     mean, se = runner.mean_and_stderr(t)
     xs = np.arange(len(mean))
-    ax.errorbar(xs + 0.08 * (i - len(table) / 2), mean, yerr=se, marker="o", ms=3,
-                capsize=2, color=f"C{i % 10}", label=label)
-  ax.set_xticks(range(len(frictions)), [f"{j}\n{f:.2f}" for j, f in enumerate(frictions)],
-                fontsize=7)
+    ax.errorbar(
+      xs + 0.08 * (i - len(table) / 2),
+      mean,
+      yerr=se,
+      marker="o",
+      ms=3,
+      capsize=2,
+      color=f"C{i % 10}",
+      label=label,
+    )
+  ax.set_xticks(range(len(frictions)), [f"{j}\n{f:.2f}" for j, f in enumerate(frictions)], fontsize=7)
   ax.set_xlabel("friction phase (friction)")
   ax.set_ylabel("episode return (2nd half of phase)")
   ax.grid(alpha=0.3)
@@ -829,8 +946,7 @@ def benchmark(config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]
   return env_steps_benchmark(make_batched, make_config(config), chunks=chunks)
 
 
-def env_steps_benchmark(make_batched, config: Mapping[str, Any], *,
-                        chunks: int = 2) -> dict[str, float]:
+def env_steps_benchmark(make_batched, config: Mapping[str, Any], *, chunks: int = 2) -> dict[str, float]:
   """Environment steps per second of a PPO experiment's compiled chunk
   (`experiments.runner.time_chunks`; ``config`` complete).
 
@@ -848,8 +964,11 @@ def env_steps_benchmark(make_batched, config: Mapping[str, Any], *,
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--benchmark", action="store_true",
-                 help="print environment steps/s (PPO alone and PPO+CBP alone) and exit")
+  p.add_argument(
+    "--benchmark",
+    action="store_true",
+    help="print environment steps/s (PPO alone and PPO+CBP alone) and exit",
+  )
 
 
 def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -> int | None:
@@ -858,23 +977,26 @@ def _benchmark_command(args: argparse.Namespace, config: Mapping[str, Any], _) -
     return None
   for methods in (["ppo"], ["cbp"]):
     b = benchmark({**config, "methods": methods})
-    print(f"{'+'.join(methods)}: {b['env_steps_per_s']:,.0f} env steps/s "
-          f"({config['seeds']} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
-          f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)")
+    print(
+      f"{'+'.join(methods)}: {b['env_steps_per_s']:,.0f} env steps/s "
+      f"({config['seeds']} seeds, {b['seconds_per_chunk']:.1f} s per chunk of "
+      f"{steps_per_chunk(config):,} steps/run, compile {b['compile_s']:.0f} s)"
+    )
   return 0
 
 
 PPO_FLAGS = (
-    protocol.flag("--steps", "total_steps", type=int,
-                  help="environment steps per run (rounded up to chunks)"),
-    protocol.flag("--change-every", "change_every", type=int,
-                  help="environment steps between task changes"),
-    protocol.flag("--num-envs", "num_envs", type=int),
-    protocol.flag("--rollout-len", "rollout_len", type=int),
-    protocol.flag("--updates-per-point", "updates_per_point", type=int),
-    protocol.flag("--points-per-chunk", "points_per_chunk", type=int,
-                  help="metric points per compiled chunk: progress/partial-results/checkpoint "
-                       "granularity"),
+  protocol.flag("--steps", "total_steps", type=int, help="environment steps per run (rounded up to chunks)"),
+  protocol.flag("--change-every", "change_every", type=int, help="environment steps between task changes"),
+  protocol.flag("--num-envs", "num_envs", type=int),
+  protocol.flag("--rollout-len", "rollout_len", type=int),
+  protocol.flag("--updates-per-point", "updates_per_point", type=int),
+  protocol.flag(
+    "--points-per-chunk",
+    "points_per_chunk",
+    type=int,
+    help="metric points per compiled chunk: progress/partial-results/checkpoint granularity",
+  ),
 )
 
 
@@ -882,29 +1004,48 @@ def ppo_experiment(**kwargs: Any) -> protocol.Experiment:
   """The protocol declaration of a PPO experiment on this learner (points of
   ``updates_per_point`` updates; ``x`` counts environment steps)."""
   return protocol.Experiment(
-      points_per_chunk="points_per_chunk", x_label="environment steps",
-      x_step=lambda c: steps_per_update(c) * c["updates_per_point"],
-      work_per_run_chunk=steps_per_chunk, work_label="env-steps", squeeze_single=False,
-      **kwargs)
+    points_per_chunk="points_per_chunk",
+    x_label="environment steps",
+    x_step=lambda c: steps_per_update(c) * c["updates_per_point"],
+    work_per_run_chunk=steps_per_chunk,
+    work_label="env-steps",
+    squeeze_single=False,
+    **kwargs,
+  )
 
 
 EXPERIMENT = ppo_experiment(
-    name="slippery_ant", short="slippery_ant",
-    title="Slippery Ant: PPO with and without CBP on Brax/MJX, compiled and vmapped.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    validate=validate_config, summary=format_summary, plot=plot_results,
-    plots=("slippery_ant.png", "phases.png"),
-    run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
-    presets={"paper": ("the paper's run: 30 seeds x 50M steps, friction every 2M, one env with "
-                       "2048-step rollouts", PAPER_OVERRIDES)},
-    flags=PPO_FLAGS, add_arguments=_add_arguments, command=_benchmark_command,
-    describe=lambda c, _: (f"slippery ant: {c['seeds']} seeds x "
-                           f"{num_chunks(c) * steps_per_chunk(c):,} steps, friction every "
-                           f"{c['change_every']:,}, runs {', '.join(EXPERIMENT.run_labels(c))}"),
+  name="slippery_ant",
+  short="slippery_ant",
+  title="Slippery Ant: PPO with and without CBP on Brax/MJX, compiled and vmapped.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  validate=validate_config,
+  summary=format_summary,
+  plot=plot_results,
+  plots=("slippery_ant.png", "phases.png"),
+  run_info=lambda m, hp: {"description": DESCRIPTIONS[m]},
+  presets={
+    "paper": (
+      "the paper's run: 30 seeds x 50M steps, friction every 2M, one env with 2048-step rollouts",
+      PAPER_OVERRIDES,
+    )
+  },
+  flags=PPO_FLAGS,
+  add_arguments=_add_arguments,
+  command=_benchmark_command,
+  describe=lambda c, _: (
+    f"slippery ant: {c['seeds']} seeds x "
+    f"{num_chunks(c) * steps_per_chunk(c):,} steps, friction every "
+    f"{c['change_every']:,}, runs {', '.join(EXPERIMENT.run_labels(c))}"
+  ),
 )
 
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 
 
 if __name__ == "__main__":

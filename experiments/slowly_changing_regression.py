@@ -74,8 +74,8 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +86,7 @@ import optax
 
 import cbp_jax
 from cbp_jax import metrics as metrics_lib
-from experiments import optimizers
-from experiments import plasticity_methods
-from experiments import protocol
-from experiments import runner
+from experiments import optimizers, plasticity_methods, protocol, runner
 
 METHODS = ("linear", "bp", "l2", "snp", "cbp") + plasticity_methods.NAMES
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "swish", "elu", "selu")
@@ -108,81 +105,95 @@ SLOW_BITS_MODES = ("redraw", "flip_one")
 #   (BP 1.22, linear 0.85 in the same runs.) S&P's wd 1e-2 is also the
 #   reference config's (relu_snp.json, which sweeps only the noise).
 HPARAMS: dict[str, dict[str, Any]] = {
-    "linear": {"step_size": 0.01},
-    "bp": {"step_size": 0.01},
-    "l2": {"step_size": 0.01, "weight_decay": 1e-2},
-    "snp": {"step_size": 0.01, "weight_decay": 1e-2, "noise_scale": 1e-4},
-    "cbp": {
-        "step_size": 0.01,
-        "replacement_rate": 1e-4,
-        "maturity_threshold": 10,
-        "decay_rate": 0.99,
-        "utility": "adaptable_contribution",
-        "init": "kaiming",
-        "accumulate": False,
-        "next_bias_correction": True,
-    },
-    # The newer methods (`experiments.plasticity_methods`; not in the paper,
-    # settings not tuned for this problem). "injection" injects the learner's
-    # hidden and output layers at the start of bin ``at_bin`` (the middle of
-    # the default 50 bins).
-    **{m: {"step_size": 0.01, **v} for m, v in plasticity_methods.DEFAULTS.items()},
-    "injection": {"step_size": 0.01, "at_bin": 25},
+  "linear": {"step_size": 0.01},
+  "bp": {"step_size": 0.01},
+  "l2": {"step_size": 0.01, "weight_decay": 1e-2},
+  "snp": {"step_size": 0.01, "weight_decay": 1e-2, "noise_scale": 1e-4},
+  "cbp": {
+    "step_size": 0.01,
+    "replacement_rate": 1e-4,
+    "maturity_threshold": 10,
+    "decay_rate": 0.99,
+    "utility": "adaptable_contribution",
+    "init": "kaiming",
+    "accumulate": False,
+    "next_bias_correction": True,
+  },
+  # The newer methods (`experiments.plasticity_methods`; not in the paper,
+  # settings not tuned for this problem). "injection" injects the learner's
+  # hidden and output layers at the start of bin ``at_bin`` (the middle of
+  # the default 50 bins).
+  **{m: {"step_size": 0.01, **v} for m, v in plasticity_methods.DEFAULTS.items()},
+  "injection": {"step_size": 0.01, "at_bin": 25},
 }
 SHORT_NAMES = protocol.SHORT_NAMES
 
 DEFAULT_CONFIG: dict[str, Any] = {
-    "seed": 0,
-    "seeds": 30,
-    "steps": 1_000_000,
-    "bin_size": 20_000,
-    "bins_per_chunk": 5,
-    # Problem.
-    "num_inputs": 20,
-    "num_slow_bits": 15,
-    "change_every": 10_000,
-    "slow_bits_mode": "redraw",
-    "target_hidden": 100,
-    "beta": 0.7,
-    # Learner.
-    "hidden": 5,
-    "activation": "relu",
-    "probe_size": 2000,
-    # Methods, their hyperparameters, and sweeps: {method: {numeric hparam:
-    # [values]}}; a method's variants are the Cartesian product of its swept
-    # values (vmapped together), labelled e.g. "bp[lr=0.003]".
-    "methods": ["bp", "cbp", "l2", "snp", "linear"],
-    "hparams": HPARAMS,
-    "sweep": {},
+  "seed": 0,
+  "seeds": 30,
+  "steps": 1_000_000,
+  "bin_size": 20_000,
+  "bins_per_chunk": 5,
+  # Problem.
+  "num_inputs": 20,
+  "num_slow_bits": 15,
+  "change_every": 10_000,
+  "slow_bits_mode": "redraw",
+  "target_hidden": 100,
+  "beta": 0.7,
+  # Learner.
+  "hidden": 5,
+  "activation": "relu",
+  "probe_size": 2000,
+  # Methods, their hyperparameters, and sweeps: {method: {numeric hparam:
+  # [values]}}; a method's variants are the Cartesian product of its swept
+  # values (vmapped together), labelled e.g. "bp[lr=0.003]".
+  "methods": ["bp", "cbp", "l2", "snp", "linear"],
+  "hparams": HPARAMS,
+  "sweep": {},
 }
 
 # The paper's figure: 100 runs x 1M examples; BP and the linear learner at step
 # sizes 0.01, 0.003 and 0.001.
 PAPER_OVERRIDES: dict[str, Any] = {
-    "seeds": 100,
-    "steps": 1_000_000,
-    "sweep": {"bp": {"step_size": [0.01, 0.003, 0.001]},
-              "linear": {"step_size": [0.01, 0.003, 0.001]}},
+  "seeds": 100,
+  "steps": 1_000_000,
+  "sweep": {"bp": {"step_size": [0.01, 0.003, 0.001]}, "linear": {"step_size": [0.01, 0.003, 0.001]}},
 }
-
 
 
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry of the problem or a
   method's hyperparameters (the common entries are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(c, (
-      "seeds", "steps", "bin_size", "bins_per_chunk", "num_inputs", "change_every", "target_hidden",
-      "hidden", "probe_size"))
-  need(isinstance(c["num_slow_bits"], int) and 0 <= c["num_slow_bits"] <= c["num_inputs"],
-       f"num_slow_bits must be in [0, num_inputs], got {c['num_slow_bits']}")
-  need(c["steps"] % (c["bin_size"] * c["bins_per_chunk"]) == 0,
-       f"steps ({c['steps']}) must be a multiple of bin_size * bins_per_chunk "
-       f"({c['bin_size']} * {c['bins_per_chunk']})")
-  need(c["slow_bits_mode"] in SLOW_BITS_MODES,
-       f"slow_bits_mode must be one of {SLOW_BITS_MODES}, got {c['slow_bits_mode']!r}")
-  need(c["activation"] in ACTIVATIONS,
-       f"activation must be one of {ACTIVATIONS}, got {c['activation']!r}")
+  runner.require_positive_ints(
+    c,
+    (
+      "seeds",
+      "steps",
+      "bin_size",
+      "bins_per_chunk",
+      "num_inputs",
+      "change_every",
+      "target_hidden",
+      "hidden",
+      "probe_size",
+    ),
+  )
+  need(
+    isinstance(c["num_slow_bits"], int) and 0 <= c["num_slow_bits"] <= c["num_inputs"],
+    f"num_slow_bits must be in [0, num_inputs], got {c['num_slow_bits']}",
+  )
+  need(
+    c["steps"] % (c["bin_size"] * c["bins_per_chunk"]) == 0,
+    f"steps ({c['steps']}) must be a multiple of bin_size * bins_per_chunk "
+    f"({c['bin_size']} * {c['bins_per_chunk']})",
+  )
+  need(
+    c["slow_bits_mode"] in SLOW_BITS_MODES,
+    f"slow_bits_mode must be one of {SLOW_BITS_MODES}, got {c['slow_bits_mode']!r}",
+  )
+  need(c["activation"] in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c['activation']!r}")
   for m in c["methods"]:
     for hp in protocol.variants(c, m):
       need(hp["step_size"] > 0, f"{m}: step_size must be > 0, got {hp['step_size']}")
@@ -190,8 +201,10 @@ def validate_config(c: Mapping[str, Any]) -> None:
         need(hp["weight_decay"] >= 0, f"{m}: weight_decay must be >= 0")
       if m == "snp":
         need(hp["noise_scale"] >= 0, "snp: noise_scale must be >= 0")
-        need(0 <= hp["step_size"] * hp["weight_decay"] < 1,
-             "snp: step_size * weight_decay must be in [0, 1) (shrink = 1 - lr * wd)")
+        need(
+          0 <= hp["step_size"] * hp["weight_decay"] < 1,
+          "snp: step_size * weight_decay must be in [0, 1) (shrink = 1 - lr * wd)",
+        )
       if m == "cbp":
         need(0 <= hp["replacement_rate"] <= 1, "cbp: replacement_rate must be in [0, 1]")
         need(0 <= hp["decay_rate"] < 1, "cbp: decay_rate must be in [0, 1)")
@@ -246,8 +259,7 @@ def target_output(target: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
 
 
 def _segment_bits(config, keys, segment):
-  return jax.random.bernoulli(jax.random.fold_in(keys["slow"], segment), 0.5,
-                              (config["num_slow_bits"],))
+  return jax.random.bernoulli(jax.random.fold_in(keys["slow"], segment), 0.5, (config["num_slow_bits"],))
 
 
 def init_stream(config: Mapping[str, Any], key: jax.Array) -> jax.Array:
@@ -255,8 +267,9 @@ def init_stream(config: Mapping[str, Any], key: jax.Array) -> jax.Array:
   return _segment_bits(config, _data_keys(key), 0)
 
 
-def stream_bin(config: Mapping[str, Any], key: jax.Array, bin_index: jax.Array,
-               state: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def stream_bin(
+  config: Mapping[str, Any], key: jax.Array, bin_index: jax.Array, state: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The inputs and targets of one bin.
 
   Args:
@@ -281,6 +294,7 @@ def stream_bin(config: Mapping[str, Any], key: jax.Array, bin_index: jax.Array,
   if config["slow_bits_mode"] == "redraw":
     seg_bits = jax.vmap(lambda s: _segment_bits(config, keys, s))(segments)
   else:  # flip_one: segment s = segment s-1 with one uniformly chosen bit flipped.
+
     def advance(bits_prev, s):
       j = jax.random.randint(jax.random.fold_in(keys["flip"], s), (), 0, f)
       flipped = bits_prev ^ (jnp.arange(f) == j)
@@ -288,6 +302,7 @@ def stream_bin(config: Mapping[str, Any], key: jax.Array, bin_index: jax.Array,
       # bin starts mid-segment (or at t = 0) and nothing flips at `first`.
       new = jnp.where((s > 0) & (s * T >= start) & (s <= last), flipped, bits_prev)
       return new, new
+
     _, seg_bits = jax.lax.scan(advance, state, segments)
   slow = seg_bits[t // T - first]
   fast = jax.random.bernoulli(jax.random.fold_in(keys["fast"], bin_index), 0.5, (L, m - f))
@@ -300,8 +315,9 @@ def stream_bin(config: Mapping[str, Any], key: jax.Array, bin_index: jax.Array,
 def probe_inputs(config: Mapping[str, Any], key: jax.Array) -> jax.Array:
   """The seed's fixed probe set for the plasticity correlates: ``probe_size``
   uniformly random 20-bit inputs (all bits random, i.e. every slow setting)."""
-  return jax.random.bernoulli(_data_keys(key)["probe"], 0.5,
-                              (config["probe_size"], config["num_inputs"])).astype(jnp.float32)
+  return jax.random.bernoulli(
+    _data_keys(key)["probe"], 0.5, (config["probe_size"], config["num_inputs"])
+  ).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -312,16 +328,18 @@ def probe_inputs(config: Mapping[str, Any], key: jax.Array) -> jax.Array:
 def _model(config, method):
   if method == "linear":
     return cbp_jax.models.MLP(hidden=(), outputs=1, activation="linear")
-  return cbp_jax.models.MLP(hidden=(config["hidden"],), outputs=1,
-                            activation=config["activation"],
-                            layer_norm=plasticity_methods.layer_norm(method))
+  return cbp_jax.models.MLP(
+    hidden=(config["hidden"],),
+    outputs=1,
+    activation=config["activation"],
+    layer_norm=plasticity_methods.layer_norm(method),
+  )
 
 
 def _hparams(config, method) -> dict[str, jax.Array]:
   """Numeric hyperparameters of ``method``'s variants as float32 arrays ``(V,)``."""
   vs = protocol.variants(config, method)
-  hp = {k: np.asarray([v[k] for v in vs], np.float64) for k, x in vs[0].items()
-        if protocol.is_number(x)}
+  hp = {k: np.asarray([v[k] for v in vs], np.float64) for k, x in vs[0].items() if protocol.is_number(x)}
   if method == "snp":
     hp["shrink"] = 1.0 - hp["step_size"] * hp["weight_decay"]
   return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
@@ -336,8 +354,9 @@ def _optimizer(config, method, hp, graph, key):
     # per step statically from the largest rate, as the concrete-rate default would.
     max_rate = max(v["replacement_rate"] for v in protocol.variants(config, "cbp"))
     bound = min(config["hidden"], math.ceil(max_rate * config["hidden"]) + 1)
-  return optimizers.optimizer(method, settings, graph, key, max_replacements_per_step=bound,
-                              init=config["hparams"]["cbp"]["init"])
+  return optimizers.optimizer(
+    method, settings, graph, key, max_replacements_per_step=bound, init=config["hparams"]["cbp"]["init"]
+  )
 
 
 class Learner:
@@ -357,8 +376,7 @@ class Learner:
   def init(self, key, hp, variant):
     x = jnp.zeros((1, self.config["num_inputs"]), jnp.float32)
     params = self.model.init(jax.random.fold_in(key, 1), x)["params"]
-    opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index),
-                                 variant)
+    opt_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), self.index), variant)
     if self.method == "injection":
       params = plasticity_methods.injectable(params)
     tx = _optimizer(self.config, self.method, hp, self.graph, opt_key)
@@ -369,8 +387,9 @@ class Learner:
     if self.method != "injection":
       return state
     x = jnp.zeros((1, self.config["num_inputs"]), jnp.float32)
-    return plasticity_methods.inject(self.model, state, jax.random.fold_in(key, 3), x,
-                                     bin_index == hp["at_bin"])
+    return plasticity_methods.inject(
+      self.model, state, jax.random.fold_in(key, 3), x, bin_index == hp["at_bin"]
+    )
 
   def step(self, state, hp, x, y):
     params, opt_state = state
@@ -398,8 +417,7 @@ class Learner:
       out["dead_fraction"] = metrics_lib.dead_unit_fraction(h)
       out["effective_rank"] = metrics_lib.effective_rank(h)
     if self.method == "cbp":
-      out["replaced_units"] = cbp_jax.unit_stats(opt_state)["Dense_0"]["replaced"].astype(
-          jnp.float32)
+      out["replaced_units"] = cbp_jax.unit_stats(opt_state)["Dense_0"]["replaced"].astype(jnp.float32)
     if self.method in ("redo", "regrama", "snr"):
       out["replaced_units"] = cbp_jax.methods.replaced_total(opt_state).astype(jnp.float32)
     return out
@@ -428,23 +446,27 @@ def make_chunked(config: Mapping[str, Any]):
   def init(key):
     learners = {}
     for m in methods:
-      learners[m.method] = jax.vmap(m.init, in_axes=(None, 0, 0))(
-          key, m.hp, jnp.arange(m.variants))
+      learners[m.method] = jax.vmap(m.init, in_axes=(None, 0, 0))(key, m.hp, jnp.arange(m.variants))
     return {"key": key, "stream": init_stream(config, key), "learners": learners}
 
   def one_bin(carry, bin_index):
     key = carry["key"]
     x, y, stream = stream_bin(config, key, bin_index, carry["stream"])
     bin_key = jax.random.fold_in(jax.random.fold_in(key, 4), bin_index)
-    start = {m.method: jax.vmap(m.start_bin, in_axes=(0, 0, None, None))(
-        carry["learners"][m.method], m.hp, bin_key, bin_index) for m in methods}
+    start = {
+      m.method: jax.vmap(m.start_bin, in_axes=(0, 0, None, None))(
+        carry["learners"][m.method], m.hp, bin_key, bin_index
+      )
+      for m in methods
+    }
 
     def body(learners, xy):
       xt, yt = xy
       new, losses = {}, {}
       for m in methods:
         new[m.method], losses[m.method] = jax.vmap(m.step, in_axes=(0, 0, None, None))(
-            learners[m.method], m.hp, xt, yt)
+          learners[m.method], m.hp, xt, yt
+        )
       return new, losses
 
     learners, losses = jax.lax.scan(body, start, (x, y))
@@ -464,10 +486,12 @@ def make_chunked(config: Mapping[str, Any]):
 def plot_results(results: Mapping[str, Any], out_dir: Path) -> None:
   """``out_dir/scr.png``: error, dead units, effective rank and weight magnitude per bin."""
   c = results["config"]
-  runner.plot_results(results, out_dir / "scr.png",
-                      metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
-                      title=f"slowly-changing regression ({c['activation']}, "
-                            f"{c['seeds']} seeds, {runner.BAND_LABEL})")
+  runner.plot_results(
+    results,
+    out_dir / "scr.png",
+    metrics=("error", "dead_fraction", "effective_rank", "weight_magnitude"),
+    title=f"slowly-changing regression ({c['activation']}, {c['seeds']} seeds, {runner.BAND_LABEL})",
+  )
 
 
 def summary(results: Mapping[str, Any], early_bins: int = 1, late_bins: int | None = None) -> dict:
@@ -478,10 +502,13 @@ def summary(results: Mapping[str, Any], early_bins: int = 1, late_bins: int | No
     err = np.asarray(named["error"], np.float64)
     n = err.shape[-1]
     late = late_bins or max(1, n // 10)
-    out[label] = {"early": float(np.mean(err[:, :early_bins])),
-                  "late": float(np.mean(err[:, n - late:])),
-                  "late_se": float(np.std(np.mean(err[:, n - late:], axis=1), ddof=1)
-                                   / math.sqrt(err.shape[0])) if err.shape[0] > 1 else 0.0}
+    out[label] = {
+      "early": float(np.mean(err[:, :early_bins])),
+      "late": float(np.mean(err[:, n - late :])),
+      "late_se": float(np.std(np.mean(err[:, n - late :], axis=1), ddof=1) / math.sqrt(err.shape[0]))
+      if err.shape[0] > 1
+      else 0.0,
+    }
   return out
 
 
@@ -500,51 +527,81 @@ def format_summary(results: Mapping[str, Any], **kwargs) -> str:
 # ---------------------------------------------------------------------------
 
 EXPERIMENT = protocol.Experiment(
-    name="slowly_changing_regression", short="scr",
-    title="Slowly-changing regression (loss of plasticity), compiled and vmapped.",
-    defaults=DEFAULT_CONFIG, methods=METHODS, make_chunked=make_chunked, num_chunks=num_chunks,
-    points_per_chunk="bins_per_chunk", x_label="examples", x_step=lambda c: c["bin_size"],
-    work_per_run_chunk=lambda c: c["bin_size"] * c["bins_per_chunk"],
-    validate=validate_config, summary=format_summary, plot=plot_results, plots=("scr.png",),
-    run_info=optimizers.snp_shrink, squeeze_single=False,
-    # The base seed only enters through the keys in the carry, not the program.
-    cache_ignore=("seed",),
-    presets={"paper": ("the paper's configuration: 100 seeds x 1M examples, BP and linear at "
-                       "step sizes 0.01, 0.003, 0.001", PAPER_OVERRIDES)},
-    flags=(
-        protocol.flag("--steps", "steps", type=int, help="examples per run (default 1,000,000)"),
-        protocol.flag("--bin-size", "bin_size", type=int,
-                      help="examples per error bin (default 20,000)"),
-        protocol.flag("--bins-per-chunk", "bins_per_chunk", type=int,
-                      help="bins per compiled chunk: progress, partial-results and checkpoint "
-                           "granularity (default 5)"),
-        protocol.flag("--activation", "activation", choices=ACTIVATIONS),
-        protocol.flag("--hidden", "hidden", type=int, help="learner hidden units (default 5)"),
-        protocol.flag("--slow-bits-mode", "slow_bits_mode", choices=SLOW_BITS_MODES),
-        protocol.flag("--change-every", "change_every", type=int,
-                      help="examples between slow-bit changes (10,000)"),
-        protocol.flag("--step-size", "hparams.*.step_size", type=float,
-                      help="step size of every method (default 0.01)"),
-        protocol.flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float,
-                      help="CBP replacement rate (default 1e-4)"),
-        protocol.flag("--cbp-accumulate", "hparams.cbp.accumulate", action="store_const", const=True,
-                      help="accumulate fractional replacements (default: probabilistic, as the "
-                           "reference)"),
-        protocol.flag("--l2", "hparams.l2.weight_decay", type=float,
-                      help="L2 weight decay (default 1e-2)"),
-        protocol.flag("--snp-weight-decay", "hparams.snp.weight_decay", type=float,
-                      help="S&P weight decay, shrink = 1 - lr * wd (default 1e-2)"),
-        protocol.flag("--snp-noise", "hparams.snp.noise_scale", type=float,
-                      help="S&P noise standard deviation (default 1e-4)"),
+  name="slowly_changing_regression",
+  short="scr",
+  title="Slowly-changing regression (loss of plasticity), compiled and vmapped.",
+  defaults=DEFAULT_CONFIG,
+  methods=METHODS,
+  make_chunked=make_chunked,
+  num_chunks=num_chunks,
+  points_per_chunk="bins_per_chunk",
+  x_label="examples",
+  x_step=lambda c: c["bin_size"],
+  work_per_run_chunk=lambda c: c["bin_size"] * c["bins_per_chunk"],
+  validate=validate_config,
+  summary=format_summary,
+  plot=plot_results,
+  plots=("scr.png",),
+  run_info=optimizers.snp_shrink,
+  squeeze_single=False,
+  # The base seed only enters through the keys in the carry, not the program.
+  cache_ignore=("seed",),
+  presets={
+    "paper": (
+      "the paper's configuration: 100 seeds x 1M examples, BP and linear at step sizes 0.01, 0.003, 0.001",
+      PAPER_OVERRIDES,
+    )
+  },
+  flags=(
+    protocol.flag("--steps", "steps", type=int, help="examples per run (default 1,000,000)"),
+    protocol.flag("--bin-size", "bin_size", type=int, help="examples per error bin (default 20,000)"),
+    protocol.flag(
+      "--bins-per-chunk",
+      "bins_per_chunk",
+      type=int,
+      help="bins per compiled chunk: progress, partial-results and checkpoint granularity (default 5)",
     ),
-    describe=lambda c, _: (f"slowly-changing regression: {c['seeds']} seeds x {c['steps']:,} "
-                           f"examples, runs {', '.join(EXPERIMENT.run_labels(c))}"),
+    protocol.flag("--activation", "activation", choices=ACTIVATIONS),
+    protocol.flag("--hidden", "hidden", type=int, help="learner hidden units (default 5)"),
+    protocol.flag("--slow-bits-mode", "slow_bits_mode", choices=SLOW_BITS_MODES),
+    protocol.flag(
+      "--change-every", "change_every", type=int, help="examples between slow-bit changes (10,000)"
+    ),
+    protocol.flag(
+      "--step-size", "hparams.*.step_size", type=float, help="step size of every method (default 0.01)"
+    ),
+    protocol.flag(
+      "--cbp-rate", "hparams.cbp.replacement_rate", type=float, help="CBP replacement rate (default 1e-4)"
+    ),
+    protocol.flag(
+      "--cbp-accumulate",
+      "hparams.cbp.accumulate",
+      action="store_const",
+      const=True,
+      help="accumulate fractional replacements (default: probabilistic, as the reference)",
+    ),
+    protocol.flag("--l2", "hparams.l2.weight_decay", type=float, help="L2 weight decay (default 1e-2)"),
+    protocol.flag(
+      "--snp-weight-decay",
+      "hparams.snp.weight_decay",
+      type=float,
+      help="S&P weight decay, shrink = 1 - lr * wd (default 1e-2)",
+    ),
+    protocol.flag(
+      "--snp-noise", "hparams.snp.noise_scale", type=float, help="S&P noise standard deviation (default 1e-4)"
+    ),
+  ),
+  describe=lambda c, _: (
+    f"slowly-changing regression: {c['seeds']} seeds x {c['steps']:,} "
+    f"examples, runs {', '.join(EXPERIMENT.run_labels(c))}"
+  ),
 )
 
 # The module's entry points; ``make_batched(config)`` gives the jitted ``init(keys)``
 # and ``chunk(carry, index, ...)`` over all seeds, cached per config.
-(make_config, run_labels, make_train, make_batched, run_experiment, parse_args,
- config_from_args, main) = EXPERIMENT.entry_points()
+(make_config, run_labels, make_train, make_batched, run_experiment, parse_args, config_from_args, main) = (
+  EXPERIMENT.entry_points()
+)
 variants = protocol.variants
 
 

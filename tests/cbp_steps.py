@@ -52,10 +52,20 @@ class FanOut(nn.Module):
 
 
 def fan_out_graph():
-  return cbp_jax.LayerGraph([cbp_jax.Layer(
-      name="Dense_0", kernel="Dense_0/kernel", bias="Dense_0/bias", norm="LayerNorm_0",
-      consumers=[cbp_jax.Consumer("Dense_1/kernel", "Dense_1/bias"),
-                 cbp_jax.Consumer("Dense_2/kernel", "Dense_2/bias")])])
+  return cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        name="Dense_0",
+        kernel="Dense_0/kernel",
+        bias="Dense_0/bias",
+        norm="LayerNorm_0",
+        consumers=[
+          cbp_jax.Consumer("Dense_1/kernel", "Dense_1/bias"),
+          cbp_jax.Consumer("Dense_2/kernel", "Dense_2/bias"),
+        ],
+      )
+    ]
+  )
 
 
 class WithBatchNorm(nn.Module):

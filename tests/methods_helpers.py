@@ -6,7 +6,6 @@ import numpy as np
 
 import cbp_jax
 
-
 NAMES = ("Dense_0", "Dense_1", "Dense_2")  # Two hidden layers and the head.
 
 
@@ -33,4 +32,5 @@ def loss_fn(model, x, y):
   def loss(p):
     out, acts = cbp_jax.apply_with_activations(model, p, x)
     return jnp.mean((out - y) ** 2), acts
+
   return loss

@@ -20,17 +20,20 @@ def grads_and_acts(model, params, x, y):
   def loss(p):
     out, acts = cbp_jax.apply_with_activations(model, p, x)
     return jnp.mean((out - y) ** 2), acts
+
   (_, acts), g = jax.value_and_grad(loss, has_aux=True)(params)
   return g, acts
 
 
 def jitted_step(model, tx, x, y):
   """One jitted training step of ``tx`` (with activations) on ``(x, y)``."""
+
   @jax.jit
   def step(p, state):
     g, acts = grads_and_acts(model, p, x, y)
     u, state = tx.update(g, state, p, activations=acts)
     return optax.apply_updates(p, u), state
+
   return step
 
 
@@ -57,5 +60,6 @@ def check_unit_reset(old, new, plain, layer, consumer, units):
   np.testing.assert_array_equal(np.asarray(new[layer]["bias"])[units], 0.0)
   np.testing.assert_array_equal(np.asarray(new[consumer]["kernel"])[units], 0.0)
   rows = [i for i in range(k_new.shape[1]) if i not in units]
-  np.testing.assert_array_equal(np.asarray(new[consumer]["kernel"])[rows],
-                                np.asarray(plain[consumer]["kernel"])[rows])
+  np.testing.assert_array_equal(
+    np.asarray(new[consumer]["kernel"])[rows], np.asarray(plain[consumer]["kernel"])[rows]
+  )

@@ -21,19 +21,19 @@ class NumpyUnitStats:
     d = self.decay
     h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
     self.age += 1
-    correction = 1 - d ** self.age
+    correction = 1 - d**self.age
     self.mean = d * self.mean + (1 - d) * h.mean(axis=0)
     f_hat = self.mean / correction
     out_mag = np.mean([np.abs(w).mean(axis=1) for w in w_outs], axis=0)
     in_mag = np.abs(np.asarray(w_in, np.float64)).reshape(-1, h.shape[-1]).mean(axis=0)
     deviation = np.abs(h - f_hat).mean(axis=0)
     new = {
-        "contribution": out_mag * np.abs(h).mean(axis=0),
-        "adaptable_contribution": out_mag * deviation / in_mag,
-        "zero_contribution": out_mag * deviation,
-        "adaptation": 1 / in_mag,
-        "weight": out_mag,
-        "feature_by_input": deviation / in_mag,
+      "contribution": out_mag * np.abs(h).mean(axis=0),
+      "adaptable_contribution": out_mag * deviation / in_mag,
+      "zero_contribution": out_mag * deviation,
+      "adaptation": 1 / in_mag,
+      "weight": out_mag,
+      "feature_by_input": deviation / in_mag,
     }[kind]
     self.utility = d * self.utility + (1 - d) * new
     return self.utility / correction, f_hat

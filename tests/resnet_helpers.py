@@ -7,11 +7,12 @@ import jax
 import cbp_jax
 from cbp_jax import resnet
 
-
 STAGES = (1, 1)  # Two blocks: block1_0 (identity skip) and block2_0 (strided 1x1 shortcut).
 WIDTH = 4
-MODELS = {conv: resnet.ResNet18(num_classes=3, width=WIDTH, stage_sizes=STAGES, conv=conv)
-          for conv in ("xla", "im2col")}  # One instance each: compiled functions are reused.
+MODELS = {
+  conv: resnet.ResNet18(num_classes=3, width=WIDTH, stage_sizes=STAGES, conv=conv)
+  for conv in ("xla", "im2col")
+}  # One instance each: compiled functions are reused.
 
 
 def small_resnet(conv="xla"):
@@ -24,7 +25,12 @@ def small_resnet(conv="xla"):
 @functools.partial(jax.jit, static_argnums=0)
 def forward(model, variables, x):
   """Train-mode forward: (logits, new batch_stats, activations, conv2 outputs)."""
-  out, col = model.apply(variables, x, train=True, capture_intermediates=True,
-                         mutable=["batch_stats", "activations", "intermediates"])
+  out, col = model.apply(
+    variables,
+    x,
+    train=True,
+    capture_intermediates=True,
+    mutable=["batch_stats", "activations", "intermediates"],
+  )
   conv2 = {b: col["intermediates"][b]["conv2"]["__call__"][0] for b in resnet.block_names(STAGES)}
   return out, col["batch_stats"], cbp_jax.collect_activations(col["activations"]), conv2

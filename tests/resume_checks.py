@@ -78,13 +78,15 @@ def _tail(path: Path, lines: int = 30) -> str:
 def run_cli(cmd: list[str], log: Path, timeout: float) -> None:
   """Runs ``cmd`` to completion (output in ``log``); fails the test, showing the log, if it fails."""
   with open(log, "w") as f:
-    rc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                        timeout=timeout).returncode
+    rc = subprocess.run(
+      cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+    ).returncode
   assert rc == 0, f"{' '.join(cmd)} exited with {rc}:\n{_tail(log)}"
 
 
-def assert_resume_after_sigkill_is_bit_for_bit(cmd: list[str], tmp_path: Path, *,
-                                               timeout: float = 600) -> int:
+def assert_resume_after_sigkill_is_bit_for_bit(
+  cmd: list[str], tmp_path: Path, *, timeout: float = 600
+) -> int:
   """Runs ``cmd`` straight through, and again killed (SIGKILL) as soon as its first
   checkpoint exists, then ``--resume``d; asserts both results files are byte-identical.
 
@@ -96,8 +98,9 @@ def assert_resume_after_sigkill_is_bit_for_bit(cmd: list[str], tmp_path: Path, *
   total = json.loads((full / "results.json").read_text())["num_chunks"]
   log = tmp_path / "cut.log"
   with open(log, "w") as f:
-    proc = subprocess.Popen(cmd + ["--out", str(cut)], cwd=ROOT, env=_env(), stdout=f,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      cmd + ["--out", str(cut)], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT
+    )
   try:
     deadline = time.monotonic() + timeout
     while not (cut / "checkpoints" / "1").is_dir():

@@ -21,8 +21,7 @@ def test_rows_count_replacements_and_ratios_are_relative_to_bp():
   for r in rows:
     assert r["steps_per_s"] > 0 and len(r["ratio_vs_bp_per_repeat"]) == 2
     # ratio = BP's median time / the method's: steps/s of the method over BP's.
-    np.testing.assert_allclose(r["ratio_vs_bp"],
-                               r["steps_per_s"] / by_method["bp"]["steps_per_s"], rtol=1e-9)
+    np.testing.assert_allclose(r["ratio_vs_bp"], r["steps_per_s"] / by_method["bp"]["steps_per_s"], rtol=1e-9)
   assert by_method["cbp"]["replaced"] == 1 and by_method["cbp_k10"]["replaced"] == 1
   assert by_method["bp"]["replaced"] is None
   json.dumps(rows)  # What goes into the results file is JSON.

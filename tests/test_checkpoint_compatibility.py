@@ -24,9 +24,25 @@ from tests.test_runner import POINTS, run_toy
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "scr_checkpoint_a51cc87"
 MODULE = "experiments.slowly_changing_regression"
 # The fixture's command (README there), through flags every version of the CLI keeps.
-FLAGS = ["--seeds", "2", "--steps", "6000", "--bin-size", "1000", "--bins-per-chunk", "2",
-         "--methods", "bp,cbp", "--set", "cbp.replacement_rate=0.01",
-         "--set", "cbp.maturity_threshold=10", "--checkpoint-every", "1", "--no-plot"]
+FLAGS = [
+  "--seeds",
+  "2",
+  "--steps",
+  "6000",
+  "--bin-size",
+  "1000",
+  "--bins-per-chunk",
+  "2",
+  "--methods",
+  "bp,cbp",
+  "--set",
+  "cbp.replacement_rate=0.01",
+  "--set",
+  "cbp.maturity_threshold=10",
+  "--checkpoint-every",
+  "1",
+  "--no-plot",
+]
 
 
 def record(step_dir: Path) -> dict:
@@ -53,8 +69,9 @@ def must_not_compile(carry, index):
   raise AssertionError("the chunk was traced: the checkpoint was not checked before compiling")
 
 
-def test_a_checkpoint_written_before_the_redesign_resumes_or_is_refused_by_name(tmp_path, monkeypatch,
-                                                                               capsys, old_checkpoint):
+def test_a_checkpoint_written_before_the_redesign_resumes_or_is_refused_by_name(
+  tmp_path, monkeypatch, capsys, old_checkpoint
+):
   # This code's own checkpoint of the same command says what a resumable one must match.
   assert cli(monkeypatch, "--out", str(tmp_path / "now")) == 0
   now, old = record(tmp_path / "now" / "checkpoints" / "3"), record(old_checkpoint / "2")
@@ -63,7 +80,8 @@ def test_a_checkpoint_written_before_the_redesign_resumes_or_is_refused_by_name(
   code = cli(monkeypatch, "--out", str(old_checkpoint.parent), "--resume")
   err = capsys.readouterr().err
   if all(old[k] == now[k] for k in ("experiment", "config", "carry_structure", "metrics_structure")) and (
-      old["leaves"]["carry"] == now["leaves"]["carry"]):
+    old["leaves"]["carry"] == now["leaves"]["carry"]
+  ):
     # Nothing that the run depends on changed: it continues to the old code's results, byte for byte.
     assert code == 0, err
     assert f"resumed from {old_checkpoint} at chunk 2/3" in err
@@ -79,14 +97,25 @@ def test_an_old_checkpoint_of_another_carry_is_refused_before_compiling(tmp_path
   old = record(old_checkpoint / "2")
   carry = {"key": jax.random.key(0), "learners": {"cbp": (jnp.zeros(3), jnp.zeros(2))}}
   with pytest.raises(runner.IncompatibleCheckpointError) as err:
-    runner.run(must_not_compile, carry, num_chunks=3, config=old["config"], experiment=old["experiment"],
-               points_per_chunk=2, out_dir=tmp_path / "out", checkpoint_dir=old_checkpoint, resume=True,
-               progress=runner.Progress("scr", 3, stream=None))
+    runner.run(
+      must_not_compile,
+      carry,
+      num_chunks=3,
+      config=old["config"],
+      experiment=old["experiment"],
+      points_per_chunk=2,
+      out_dir=tmp_path / "out",
+      checkpoint_dir=old_checkpoint,
+      resume=True,
+      progress=runner.Progress("scr", 3, stream=None),
+    )
   message = str(err.value)
-  assert message.startswith(f"refusing to resume from {old_checkpoint / '2'} (chunk 2): it was written by "
-                            "another version of the code (checkpoint format 1, from before the format was "
-                            f"recorded; this code writes format {runner.checkpoints.FORMAT}): the carry's "
-                            "structure differs from this code's, at character ")
+  assert message.startswith(
+    f"refusing to resume from {old_checkpoint / '2'} (chunk 2): it was written by "
+    "another version of the code (checkpoint format 1, from before the format was "
+    f"recorded; this code writes format {runner.checkpoints.FORMAT}): the carry's "
+    "structure differs from this code's, at character "
+  )
   assert "at character 35:\n  checkpoint: PyTreeDef({'key': *, 'learners': {'bp': ({'Dense_0': " in message
   assert "\n  now:        PyTreeDef({'key': *, 'learners': {'cbp': (*, *)}})\n" in message
   assert f"rerun with --fresh (it deletes {old_checkpoint})" in message
@@ -96,16 +125,25 @@ def test_an_old_checkpoint_of_another_carry_is_refused_before_compiling(tmp_path
 def test_a_long_structure_text_is_shown_around_its_first_difference():
   saved, now = "a" * 200 + "X" + "b" * 200, "a" * 200 + "Y"
   assert runner.checkpoints._where_texts_differ(saved, now, context=5) == (
-      "at character 200:\n  checkpoint: ...aaaaaXbbbbb...\n  now:        ...aaaaaY")
+    "at character 200:\n  checkpoint: ...aaaaaXbbbbb...\n  now:        ...aaaaaY"
+  )
 
 
 def test_an_old_checkpoint_of_another_config_schema_is_refused_by_name(tmp_path, old_checkpoint):
   old = record(old_checkpoint / "2")
 
   def resume(config):
-    runner.run(must_not_compile, {"x": jnp.zeros(1)}, num_chunks=3, config=config,
-               experiment=old["experiment"], points_per_chunk=2, checkpoint_dir=old_checkpoint,
-               resume=True, progress=runner.Progress("scr", 3, stream=None))
+    runner.run(
+      must_not_compile,
+      {"x": jnp.zeros(1)},
+      num_chunks=3,
+      config=config,
+      experiment=old["experiment"],
+      points_per_chunk=2,
+      checkpoint_dir=old_checkpoint,
+      resume=True,
+      progress=runner.Progress("scr", 3, stream=None),
+    )
 
   renamed = json.loads(json.dumps(old["config"]))
   renamed["hparams"]["bp"]["lr"] = renamed["hparams"]["bp"].pop("step_size")
@@ -131,9 +169,11 @@ def test_the_format_is_recorded_and_an_unknown_one_refused_by_name(tmp_path):
   assert meta["carry_paths"] == ["['key']", "['x']"]
   meta["format"] = 3
   (ckpt / "2" / "meta" / "metadata").write_text(json.dumps(meta))
-  with pytest.raises(runner.IncompatibleCheckpointError,
-                     match=r"\(checkpoint format 3; this code writes format 2\): this code reads formats "
-                           r"\[1, 2\] only\. Nothing was restored"):
+  with pytest.raises(
+    runner.IncompatibleCheckpointError,
+    match=r"\(checkpoint format 3; this code writes format 2\): this code reads formats "
+    r"\[1, 2\] only\. Nothing was restored",
+  ):
     run_toy(tmp_path / "out", chunks=2, checkpoint_dir=ckpt, resume=True)
 
 
@@ -146,6 +186,7 @@ def _state_swapped():
   class State(NamedTuple):  # Same name and structure text, fields in the other order.
     b: jax.Array
     a: jax.Array
+
   return State
 
 
@@ -158,8 +199,14 @@ def test_reordered_fields_of_the_same_structure_text_are_refused(tmp_path):
   swapped = _state_swapped()
   carry = State(a=jnp.zeros(2), b=jnp.ones(2))
   assert str(jax.tree.structure(carry)) == str(jax.tree.structure(swapped(b=carry.b, a=carry.a)))
-  kwargs = dict(num_chunks=2, config={"n": 1}, experiment="state", points_per_chunk=POINTS,
-                checkpoint_dir=tmp_path / "ckpt", progress=runner.Progress("state", 2, stream=None))
+  kwargs = dict(
+    num_chunks=2,
+    config={"n": 1},
+    experiment="state",
+    points_per_chunk=POINTS,
+    checkpoint_dir=tmp_path / "ckpt",
+    progress=runner.Progress("state", 2, stream=None),
+  )
   runner.run(state_chunk, carry, **kwargs)
   with pytest.raises(runner.IncompatibleCheckpointError, match=r"the carry's leaves are in another order"):
     runner.run(state_chunk, swapped(b=carry.b, a=carry.a), resume=True, **kwargs)

@@ -15,22 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.data import load_dataset, shared_data_dir
 from experiments import continual_imagenet as ci
-from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
-                                 assert_resume_after_sigkill_is_bit_for_bit)
+from experiments.data import load_dataset, shared_data_dir
+from tests.resume_checks import (
+  assert_interrupt_and_resume_is_bit_for_bit,
+  assert_resume_after_sigkill_is_bit_for_bit,
+)
 
 FMNIST = shared_data_dir() / "fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
-    not any((FMNIST / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
-    reason=f"Fashion-MNIST IDX files not found in {FMNIST} (tests never download data)")
+  not any((FMNIST / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+  reason=f"Fashion-MNIST IDX files not found in {FMNIST} (tests never download data)",
+)
 
 
 def synthetic_data(classes=4, per_class=5, seed=0):
   """A class array whose every image is constant: 10 * class + index."""
   values = 10 * np.arange(classes)[:, None] + np.arange(per_class)[None, :]
-  images = np.broadcast_to(values[:, :, None, None, None].astype(np.uint8),
-                           (classes, per_class, 32, 32, 3)).copy()
+  images = np.broadcast_to(
+    values[:, :, None, None, None].astype(np.uint8), (classes, per_class, 32, 32, 3)
+  ).copy()
   rng = np.random.default_rng(seed)
   images[:, :, :16] = rng.integers(0, 256, images[:, :, :16].shape, dtype=np.uint8)
   return images
@@ -54,9 +58,11 @@ def test_to_32x32x3_pads_centred_and_repeats_the_channel():
   np.testing.assert_array_equal(ci.to_32x32x3(rgb), rgb)
   odd = ci.to_32x32x3(np.full((1, 27, 30, 1), 9, np.uint8))
   assert odd[0, 2:29, 1:31].min() == 9 and odd.sum() == 9 * 27 * 30 * 3
-  for bad, message in [(np.zeros((1, 33, 33, 3), np.uint8), "larger"),
-                       (np.zeros((1, 28, 28, 1), np.float32), "uint8"),
-                       (np.zeros((1, 28, 28, 2), np.uint8), "1 or 3")]:
+  for bad, message in [
+    (np.zeros((1, 33, 33, 3), np.uint8), "larger"),
+    (np.zeros((1, 28, 28, 1), np.float32), "uint8"),
+    (np.zeros((1, 28, 28, 2), np.uint8), "1 or 3"),
+  ]:
     with pytest.raises(ValueError, match=message):
       ci.to_32x32x3(bad)
 
@@ -99,8 +105,12 @@ def test_tasks_walk_random_permutations_in_pairs(num_classes):
   config = ci.make_config()
   key = ci.seed_key(config, 0)
   pairs_per_pass = num_classes // 2
-  passes = [np.stack([np.asarray(ci.task_classes(key, p * pairs_per_pass + i, num_classes))
-                      for i in range(pairs_per_pass)]) for p in range(3)]
+  passes = [
+    np.stack(
+      [np.asarray(ci.task_classes(key, p * pairs_per_pass + i, num_classes)) for i in range(pairs_per_pass)]
+    )
+    for p in range(3)
+  ]
   for pairs in passes:
     used = pairs.reshape(-1)
     assert len(set(used.tolist())) == 2 * pairs_per_pass  # Every class at most once a pass.
@@ -110,7 +120,8 @@ def test_tasks_walk_random_permutations_in_pairs(num_classes):
   np.testing.assert_array_equal(traced, passes[1][1])
   other = np.asarray(ci.task_classes(ci.seed_key(config, 1), 0, num_classes))
   assert not np.array_equal(other, passes[0][0]) or not np.array_equal(
-      np.asarray(ci.task_classes(ci.seed_key(config, 1), 1, num_classes)), passes[0][1])
+    np.asarray(ci.task_classes(ci.seed_key(config, 1), 1, num_classes)), passes[0][1]
+  )
 
 
 def test_task_data_are_the_two_classes_images_with_labels_0_and_1():
@@ -147,19 +158,22 @@ def test_config_schema_old_shapes_and_flags():
   c = ci.make_config()
   assert all(c["hparams"][m]["momentum"] == 0.9 for m in ci.METHODS)
   with pytest.warns(DeprecationWarning) as record:
-    old = ci.make_config(step_size={"bp": 0.02, "cbp": 0.03}, momentum=0.5,
-                         cbp={"replacement_rate": 1e-3})
-  assert {"'hparams.METHOD.momentum'", "'hparams.cbp'"} <= {
-      str(w.message).split("use ")[-1] for w in record}
-  assert old == ci.make_config(hparams={
-      **{m: {"momentum": 0.5} for m in ci.METHODS}, "bp": {"step_size": 0.02, "momentum": 0.5},
-      "cbp": {"step_size": 0.03, "momentum": 0.5, "replacement_rate": 1e-3}})
+    old = ci.make_config(step_size={"bp": 0.02, "cbp": 0.03}, momentum=0.5, cbp={"replacement_rate": 1e-3})
+  assert {"'hparams.METHOD.momentum'", "'hparams.cbp'"} <= {str(w.message).split("use ")[-1] for w in record}
+  assert old == ci.make_config(
+    hparams={
+      **{m: {"momentum": 0.5} for m in ci.METHODS},
+      "bp": {"step_size": 0.02, "momentum": 0.5},
+      "cbp": {"step_size": 0.03, "momentum": 0.5, "replacement_rate": 1e-3},
+    }
+  )
   with pytest.raises(ValueError, match="no sweeps"):
     ci.make_config(sweep={"bp": {"step_size": [0.1, 0.2]}})
   with pytest.raises(ValueError, match="hparams.l2.momentum must be in"):
     ci.make_config(hparams={"l2": {"momentum": 1.0}})
-  args = ci.parse_args(["--reduced", "--step-size", "0.05", "--cbp-rate", "1e-2",
-                        "--set", "cbp.reset_optimizer=false"])
+  args = ci.parse_args(
+    ["--reduced", "--step-size", "0.05", "--cbp-rate", "1e-2", "--set", "cbp.reset_optimizer=false"]
+  )
   c = ci.config_from_args(args)
   assert {c["hparams"][m]["step_size"] for m in ci.METHODS} == {0.05}
   assert c["hparams"]["cbp"]["replacement_rate"] == 1e-2 and c["hparams"]["cbp"]["reset_optimizer"] is False
@@ -218,8 +232,10 @@ def test_evaluation_counts_and_dead_units():
   out = jax.jit(m.evaluate)((params, opt_state), x, y)
   assert float(out["accuracy"]) == pytest.approx(4 / 6)
   _, acts = jax.jit(m.apply)(params, x)
-  dead = sum(int(np.sum(~np.any(np.asarray(acts[n]) > 0, axis=(0, 1, 2) if acts[n].ndim == 4 else 0)))
-             for n in ci.HIDDEN)
+  dead = sum(
+    int(np.sum(~np.any(np.asarray(acts[n]) > 0, axis=(0, 1, 2) if acts[n].ndim == 4 else 0)))
+    for n in ci.HIDDEN
+  )
   total = sum(acts[n].shape[-1] for n in ci.HIDDEN)
   assert float(out["dead_fraction"]) == pytest.approx(dead / total)
   assert float(out["replaced_units"]) == 0.0
@@ -230,9 +246,15 @@ def test_evaluation_counts_and_dead_units():
 
 # The tiny run the run tests share (compiled once: `make_batched` caches it).
 TINY_RUN = dict(
-    dataset="fashion_mnist", tasks=2, epochs_per_task=2, train_per_class=50, test_per_class=10,
-    tasks_per_chunk=1, methods=["bp", "cbp"],
-    hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}})
+  dataset="fashion_mnist",
+  tasks=2,
+  epochs_per_task=2,
+  train_per_class=50,
+  test_per_class=10,
+  tasks_per_chunk=1,
+  methods=["bp", "cbp"],
+  hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}},
+)
 
 
 def test_tiny_run_through_the_runner(tmp_path):
@@ -265,9 +287,10 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first task (chunk) and resumed from the checkpoint: the same
   results file and final carry as the uninterrupted run."""
   data = {"images": jnp.asarray(synthetic_data(classes=4, per_class=60))}
-  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
-      ci.run_experiment, ci.make_config(TINY_RUN), data=data, plot=False, progress=False),
-      tmp_path)
+  assert_interrupt_and_resume_is_bit_for_bit(
+    functools.partial(ci.run_experiment, ci.make_config(TINY_RUN), data=data, plot=False, progress=False),
+    tmp_path,
+  )
 
 
 @pytest.mark.slow
@@ -275,7 +298,19 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """SIGKILL the CLI (Fashion-MNIST pairs, full-size ConvNet) after its first
   checkpoint, then --resume: the uninterrupted run's results file, byte for byte."""
-  args = ["--dataset", "fashion_mnist", "--tasks", "4", "--epochs-per-task", "1",
-          "--methods", "bp,cbp", "--cbp-maturity", "0", "--no-plot"]
+  args = [
+    "--dataset",
+    "fashion_mnist",
+    "--tasks",
+    "4",
+    "--epochs-per-task",
+    "1",
+    "--methods",
+    "bp,cbp",
+    "--cbp-maturity",
+    "0",
+    "--no-plot",
+  ]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.continual_imagenet"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.continual_imagenet"] + args, tmp_path
+  )

@@ -19,7 +19,9 @@ pytest.importorskip("gymnax", reason="gymnax is not installed: continual MinAtar
 from experiments import continual_minatar as cm  # noqa: E402
 from experiments import runner  # noqa: E402
 from tests.resume_checks import (  # noqa: E402
-    assert_interrupt_and_resume_is_bit_for_bit, assert_resume_after_sigkill_is_bit_for_bit)
+  assert_interrupt_and_resume_is_bit_for_bit,
+  assert_resume_after_sigkill_is_bit_for_bit,
+)
 
 GAMES = ["Breakout", "SpaceInvaders"]
 
@@ -32,8 +34,7 @@ def env():
 def test_task_schedule_by_hand():
   """2 games x 2 permutations, tasks every 100 steps, 48-step updates: the task of
   each update is the one holding its first step, cycling 0, 1, 2, 3, 0, ..."""
-  c = cm.make_config(games=GAMES, permutations=2, num_envs=4, rollout_len=12, minibatches=4,
-                     change_every=100)
+  c = cm.make_config(games=GAMES, permutations=2, num_envs=4, rollout_len=12, minibatches=4, change_every=100)
   assert cm.num_tasks(c) == 4
   key, size = jax.random.key(3), 600
   tasks = [cm.task_of_update(c, key, jnp.int32(u), size) for u in range(20)]
@@ -45,14 +46,14 @@ def test_task_schedule_by_hand():
   by_task = {}
   for t in tasks:
     perm = np.asarray(t.permutation)
-    assert sorted(perm.tolist()) == list(range(size))            # a permutation
+    assert sorted(perm.tolist()) == list(range(size))  # a permutation
     if int(t.index) < 2:
-      np.testing.assert_array_equal(perm, np.arange(size))       # permutation 0: identity
+      np.testing.assert_array_equal(perm, np.arange(size))  # permutation 0: identity
     else:
       assert np.mean(perm == np.arange(size)) < 0.05
     # A task keeps its permutation whenever it comes back.
     np.testing.assert_array_equal(by_task.setdefault(int(t.index), perm), perm)
-  np.testing.assert_array_equal(by_task[2], by_task[3])          # one permutation per index
+  np.testing.assert_array_equal(by_task[2], by_task[3])  # one permutation per index
   other = cm.task_of_update(c, jax.random.key(4), jnp.int32(5), size)
   assert int(other.index) == 2 and not np.array_equal(np.asarray(other.permutation), by_task[2])
 
@@ -65,23 +66,23 @@ def test_the_active_game_is_the_one_stepped(env):
   s0 = env.start_update(env.reset(jax.random.key(0)), _task(0, 0), env.reset(jax.random.key(1)))
   reset = env.reset(jax.random.key(2))
   step = jax.jit(env.step)
-  breakout, space = step(s0, jnp.int32(3), _task(0, 0), reset), step(s0, jnp.int32(3),
-                                                                      _task(1, 1), reset)
+  breakout, space = step(s0, jnp.int32(3), _task(0, 0), reset), step(s0, jnp.int32(3), _task(1, 1), reset)
   for played, (new, tr) in ((0, breakout), (1, space)):
     idle = 1 - played
-    assert _same(new.games[idle], s0.games[idle])                # the other game did not move
+    assert _same(new.games[idle], s0.games[idle])  # the other game did not move
     assert not _same(new.games[played], s0.games[played])
     assert int(new.t) == 1
     obs = np.asarray(tr.next_obs).reshape(10, 10, 6)
     raw = np.asarray(env.envs[played].get_obs(new.games[played]))
-    np.testing.assert_array_equal(obs[..., :raw.shape[-1]], raw)
-    assert not obs[..., raw.shape[-1]:].any()                    # padding channels are empty
+    np.testing.assert_array_equal(obs[..., : raw.shape[-1]], raw)
+    assert not obs[..., raw.shape[-1] :].any()  # padding channels are empty
   # Breakout: "right" (3) moves the paddle from column 4 to 5.
   assert int(breakout[0].games[0].pos) == 5
   # A permuted task: the agent sees the observation's entries permuted.
   perm = jax.random.permutation(jax.random.key(7), 600).astype(jnp.int32)
-  np.testing.assert_array_equal(env.observation(s0, _task(0, 0, perm)),
-                                np.asarray(env.observation(s0, _task(0, 0)))[np.asarray(perm)])
+  np.testing.assert_array_equal(
+    env.observation(s0, _task(0, 0, perm)), np.asarray(env.observation(s0, _task(0, 0)))[np.asarray(perm)]
+  )
   # start_update: same task keeps the state, another task starts from the reset state.
   kept = env.start_update(breakout[0], _task(0, 0), reset)
   assert _same(kept, breakout[0])
@@ -107,10 +108,10 @@ def test_episodes_end_and_auto_reset(env):
   length, total = 0, 0.0
   for i in range(80):
     length, total = length + 1, total + reward[i]
-    assert end[i] == (term[i] or length == 30), i                # truncated exactly at 30
+    assert end[i] == (term[i] or length == 30), i  # truncated exactly at 30
     if end[i]:
       np.testing.assert_allclose(ret[i], total, rtol=1e-6)
-      assert t[i] == 0                                           # reset after the end
+      assert t[i] == 0  # reset after the end
       length, total = 0, 0.0
     else:
       assert ret[i] == 0 and t[i] == length
@@ -143,8 +144,9 @@ def test_config_validation():
     cm.make_config(sweep={"ppo": {"step_size": [1e-4, 3e-4]}})
   with pytest.warns(DeprecationWarning, match="use 'hparams.l2.step_size'"):
     assert cm.make_config(hparams={"l2": {"lr": 1e-3}})["hparams"]["l2"]["step_size"] == 1e-3
-  c = cm.config_from_args(cm.parse_args(["--tiny", "--games", "Breakout,Freeway",
-                                         "--set", "cbp.step_size=1e-3"]))
+  c = cm.config_from_args(
+    cm.parse_args(["--tiny", "--games", "Breakout,Freeway", "--set", "cbp.step_size=1e-3"])
+  )
   assert c["games"] == ["Breakout", "Freeway"] and c["hparams"]["cbp"]["step_size"] == 1e-3
   assert c["hparams"]["cbp"]["maturity_threshold"] == 1  # --tiny's, merged with the defaults
   c = cm.make_config()
@@ -154,9 +156,21 @@ def test_config_validation():
 
 # The tiny configuration the run tests share (compiled once: `make_batched` caches it).
 TINY = dict(
-    seeds=2, games=GAMES, total_steps=256, num_envs=2, rollout_len=16, epochs=1, minibatches=2,
-    hidden=[8, 8], episode_length=12, change_every=64, updates_per_point=1, points_per_chunk=4,
-    methods=["ppo", "cbp"], hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}})
+  seeds=2,
+  games=GAMES,
+  total_steps=256,
+  num_envs=2,
+  rollout_len=16,
+  epochs=1,
+  minibatches=2,
+  hidden=[8, 8],
+  episode_length=12,
+  change_every=64,
+  updates_per_point=1,
+  points_per_chunk=4,
+  methods=["ppo", "cbp"],
+  hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}},
+)
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -188,8 +202,9 @@ def test_tiny_run_end_to_end(tmp_path):
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first chunk and resumed from the checkpoint (game states, Adam
   and CBP statistics, keys): the uninterrupted run's results file and final carry."""
-  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
-      cm.run_experiment, cm.make_config(TINY), plot=False, progress=False), tmp_path)
+  assert_interrupt_and_resume_is_bit_for_bit(
+    functools.partial(cm.run_experiment, cm.make_config(TINY), plot=False, progress=False), tmp_path
+  )
 
 
 def test_vmapped_seeds_are_independent():
@@ -205,15 +220,18 @@ def test_vmapped_seeds_are_independent():
   copied = jax.tree.map(lambda a: a.at[1].set(a[0]), carry)
   mixed_carry, mixed_out = chunk(mixed, jnp.int32(0))
   copied_carry, copied_out = chunk(copied, jnp.int32(0))
-  for a, b, c, d in zip(jax.tree.leaves((base_carry, base)),
-                        jax.tree.leaves((mixed_carry, mixed_out)),
-                        jax.tree.leaves((copied_carry, copied_out)),
-                        jax.tree.leaves((base_carry, base))):
+  for a, b, c, d in zip(
+    jax.tree.leaves((base_carry, base)),
+    jax.tree.leaves((mixed_carry, mixed_out)),
+    jax.tree.leaves((copied_carry, copied_out)),
+    jax.tree.leaves((base_carry, base)),
+  ):
     a, b, c, d = (_bits(x) for x in (a, b, c, d))
-    np.testing.assert_array_equal(a[0], b[0])                    # seed 0 untouched
-    np.testing.assert_array_equal(c[1], d[0])                    # a copy of seed 0 is seed 0
-  assert not np.array_equal(_bits(base["cbp"]["episode_return"])[1],
-                            _bits(mixed_out["cbp"]["episode_return"])[1])
+    np.testing.assert_array_equal(a[0], b[0])  # seed 0 untouched
+    np.testing.assert_array_equal(c[1], d[0])  # a copy of seed 0 is seed 0
+  assert not np.array_equal(
+    _bits(base["cbp"]["episode_return"])[1], _bits(mixed_out["cbp"]["episode_return"])[1]
+  )
 
 
 @pytest.mark.slow
@@ -222,21 +240,19 @@ def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   run's results, byte for byte."""
   args = ["--tiny", "--methods", "ppo,cbp", "--points-per-chunk", "1", "--no-plot"]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.continual_minatar"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.continual_minatar"] + args, tmp_path
+  )
 
 
 def _task(index, game, perm=None):
   perm = jnp.arange(600, dtype=jnp.int32) if perm is None else perm
-  return cm.Task(phase=jnp.int32(index), index=jnp.int32(index), game=jnp.int32(game),
-                 permutation=perm)
+  return cm.Task(phase=jnp.int32(index), index=jnp.int32(index), game=jnp.int32(game), permutation=perm)
 
 
 def _bits(x):
   x = jnp.asarray(x)
-  return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                    else x)
+  return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
 
 
 def _same(a, b) -> bool:
-  return all(np.array_equal(_bits(x), _bits(y)) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(np.array_equal(_bits(x), _bits(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -17,18 +17,16 @@ from experiments import data
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 IDX_NAMES = [
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
+  "train-images-idx3-ubyte.gz",
+  "train-labels-idx1-ubyte.gz",
+  "t10k-images-idx3-ubyte.gz",
+  "t10k-labels-idx1-ubyte.gz",
 ]
 
 
 def _write_idx(path: Path, array: np.ndarray, type_code: int = 0x08) -> None:
   """Writes ``array`` as an IDX file, gzipped when ``path`` ends in .gz."""
-  header = bytes([0, 0, type_code, array.ndim]) + b"".join(
-      d.to_bytes(4, "big") for d in array.shape
-  )
+  header = bytes([0, 0, type_code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
   payload = header + array.astype(np.uint8).tobytes()
   path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
 
@@ -49,16 +47,15 @@ def _write_mnist_like(folder: Path, n: int = 6, seed: int = 0, gz: bool = True):
 # Real data sets.
 
 needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "mnist").is_dir()
-    or not (SHARED_DATA / "fashion-mnist").is_dir(),
-    reason=f"offline MNIST / Fashion-MNIST copies not found in {SHARED_DATA}",
+  not (SHARED_DATA / "mnist").is_dir() or not (SHARED_DATA / "fashion-mnist").is_dir(),
+  reason=f"offline MNIST / Fashion-MNIST copies not found in {SHARED_DATA}",
 )
 
 
 @needs_shared_data
 @pytest.mark.parametrize(
-    "name, train_counts",
-    [("mnist", MNIST_TRAIN_COUNTS), ("fashion-mnist", [6000] * 10)],
+  "name, train_counts",
+  [("mnist", MNIST_TRAIN_COUNTS), ("fashion-mnist", [6000] * 10)],
 )
 def test_real_mnist_and_fashion_mnist(name, train_counts):
   for split, n in (("train", 60000), ("test", 10000)):
@@ -159,17 +156,17 @@ def _label_out_of_range(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "corrupt, bad_file, what",
-    [
-        (_truncate_gzip, "train-images", "cannot read or decompress"),
-        (_not_gzip, "train-images", "cannot read or decompress"),
-        (_bad_magic, "train-images", "bad IDX magic"),
-        (_missing_pixels, "train-images", "truncated"),
-        (_extra_bytes, "train-images", "truncated or corrupt"),
-        (_wrong_image_size, "train-images", "expected 28x28"),
-        (_too_few_labels, "train-labels", "6 images but"),
-        (_label_out_of_range, "train-labels", "out of range"),
-    ],
+  "corrupt, bad_file, what",
+  [
+    (_truncate_gzip, "train-images", "cannot read or decompress"),
+    (_not_gzip, "train-images", "cannot read or decompress"),
+    (_bad_magic, "train-images", "bad IDX magic"),
+    (_missing_pixels, "train-images", "truncated"),
+    (_extra_bytes, "train-images", "truncated or corrupt"),
+    (_wrong_image_size, "train-images", "expected 28x28"),
+    (_too_few_labels, "train-labels", "6 images but"),
+    (_label_out_of_range, "train-labels", "out of range"),
+  ],
 )
 def test_corrupt_idx_file_is_rejected(tmp_path, corrupt, bad_file, what):
   folder = tmp_path / "mnist"
@@ -237,8 +234,8 @@ def _prepare_tfds(data_dir, tfds_name, version, num_classes, splits, extra=False
   builder_name, _, config_name = tfds_name.partition("/")
   image_shape = next(iter(splits.values()))[0].shape[1:]
   features = {
-      "image": tfds.features.Image(shape=image_shape),
-      "label": tfds.features.ClassLabel(num_classes=num_classes),
+    "image": tfds.features.Image(shape=image_shape),
+    "label": tfds.features.ClassLabel(num_classes=num_classes),
   }
   if extra:
     features["id"] = tfds.features.Text()
@@ -247,14 +244,10 @@ def _prepare_tfds(data_dir, tfds_name, version, num_classes, splits, extra=False
   class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = builder_name
     VERSION = tfds.core.Version(version)
-    BUILDER_CONFIGS = (
-        [tfds.core.BuilderConfig(name=config_name)] if config_name else []
-    )
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config_name)] if config_name else []
 
     def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict(features)
-      )
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
       return {s: self._generate_examples(*arrays) for s, arrays in splits.items()}
@@ -270,19 +263,18 @@ def _prepare_tfds(data_dir, tfds_name, version, num_classes, splits, extra=False
         yield i, example
 
   builder = Builder(
-      data_dir=str(data_dir), config=config_name or None,
-      file_format="array_record",
+    data_dir=str(data_dir),
+    config=config_name or None,
+    file_format="array_record",
   )
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 def _random_split(n, shape, num_classes, seed):
   rng = np.random.default_rng(seed)
   return (
-      rng.integers(0, 256, (n, *shape), dtype=np.uint8),
-      rng.integers(0, num_classes, (n,), dtype=np.int32),
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+    rng.integers(0, num_classes, (n,), dtype=np.int32),
   )
 
 
@@ -303,8 +295,8 @@ def _assert_same_examples(ds, images, labels):
 
 def test_tfds_cifar100_roundtrip(tmp_path, offline):
   splits = {
-      "train": _random_split(20, (32, 32, 3), 100, seed=1),
-      "test": _random_split(8, (32, 32, 3), 100, seed=2),
+    "train": _random_split(20, (32, 32, 3), 100, seed=1),
+    "test": _random_split(8, (32, 32, 3), 100, seed=2),
   }
   _prepare_tfds(tmp_path, "cifar100", "3.0.2", 100, splits, extra=True)
   for split, (images, labels) in splits.items():
@@ -319,12 +311,13 @@ def test_tfds_cifar100_roundtrip(tmp_path, offline):
 def test_tfds_imagenet_resized_config(tmp_path, offline):
   images, labels = _random_split(12, (32, 32, 3), 1000, seed=3)
   _prepare_tfds(
-      tmp_path, "imagenet_resized/32x32", "0.1.0", 1000,
-      {"validation": (images, labels)},
+    tmp_path,
+    "imagenet_resized/32x32",
+    "0.1.0",
+    1000,
+    {"validation": (images, labels)},
   )
-  ds = data.load_dataset(
-      "imagenet_resized/32x32", "validation", source="tfds", data_dir=tmp_path
-  )
+  ds = data.load_dataset("imagenet_resized/32x32", "validation", source="tfds", data_dir=tmp_path)
   _assert_same_examples(ds, images, labels)
   assert ds.num_classes == 1000
 
@@ -341,8 +334,11 @@ def test_tfds_grayscale_and_auto_fallback(tmp_path, offline):
 
 def test_tfds_wrong_class_count_is_rejected(tmp_path, offline):
   _prepare_tfds(
-      tmp_path, "cifar100", "3.0.2", 10,
-      {"train": _random_split(4, (32, 32, 3), 10, seed=5)},
+    tmp_path,
+    "cifar100",
+    "3.0.2",
+    10,
+    {"train": _random_split(4, (32, 32, 3), 10, seed=5)},
   )
   with pytest.raises(ValueError, match="10 classes, expected 100"):
     data.load_dataset("cifar100", source="tfds", data_dir=tmp_path)
@@ -351,9 +347,7 @@ def test_tfds_wrong_class_count_is_rejected(tmp_path, offline):
 def test_tfds_missing_data_names_data_dir_and_build_command(tmp_path, offline):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(FileNotFoundError) as err:
-    data.load_dataset(
-        "imagenet_resized/32x32", source="tfds", data_dir=tmp_path / "tfds"
-    )
+    data.load_dataset("imagenet_resized/32x32", source="tfds", data_dir=tmp_path / "tfds")
   message = str(err.value)
   assert str(tmp_path / "tfds") in message
   assert "tfds build imagenet_resized/32x32 --file_format=array_record" in message
@@ -383,13 +377,11 @@ def test_read_records_grayscale_layouts_and_bad_shape(tmp_path):
   images, labels = _random_split(3, (28, 28, 1), 10, seed=6)
   # One image decoded as (H, W), the others as (H, W, 1).
   examples = [
-      {"image": images[0, ..., 0], "label": labels[0]},
-      {"image": images[1], "label": labels[1]},
-      {"image": images[2], "label": labels[2]},
+    {"image": images[0, ..., 0], "label": labels[0]},
+    {"image": images[1], "label": labels[1]},
+    {"image": images[2], "label": labels[2]},
   ]
-  got_images, got_labels = data._read_records(
-      _FakeSource(examples), (28, 28, 1), tmp_path
-  )
+  got_images, got_labels = data._read_records(_FakeSource(examples), (28, 28, 1), tmp_path)
   np.testing.assert_array_equal(got_images, images)
   np.testing.assert_array_equal(got_labels, labels)
   examples[2] = {"image": np.zeros((32, 32, 3), np.uint8), "label": 0}

@@ -10,11 +10,20 @@ from experiments import permuted_mnist
 
 
 def tiny():
-  config = dm.make_config(tasks=2, tasks_per_chunk=1, examples_per_task=40, width=8, depth=2,
-                          seeds=2, hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 3}})
+  config = dm.make_config(
+    tasks=2,
+    tasks_per_chunk=1,
+    examples_per_task=40,
+    width=8,
+    depth=2,
+    seeds=2,
+    hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 3}},
+  )
   rng = np.random.default_rng(0)
-  data = {"images": jnp.asarray(rng.integers(0, 256, (50, 784)), jnp.uint8),
-          "labels": jnp.asarray(rng.integers(0, 10, 50), jnp.int32)}
+  data = {
+    "images": jnp.asarray(rng.integers(0, 256, (50, 784)), jnp.uint8),
+    "labels": jnp.asarray(rng.integers(0, 10, 50), jnp.int32),
+  }
   return config, data
 
 
@@ -44,9 +53,9 @@ def test_twins_share_every_step_before_the_cut_and_cut_zero_is_plain_sgd():
   assert len(resets) >= 2, "the tiny config must reset units"
   cut = int(resets[1])
   twin = {k: np.asarray(v) for k, v in run(key, cut, -1, jax.random.key(0)).items()}
-  np.testing.assert_array_equal(twin["loss"][:cut + 1], never["loss"][:cut + 1])
+  np.testing.assert_array_equal(twin["loss"][: cut + 1], never["loss"][: cut + 1])
   assert not np.any(twin["replaced"][cut:]) and np.all(twin["replaced"][:cut] == never["replaced"][:cut])
-  assert not np.allclose(twin["loss"][cut + 1:], never["loss"][cut + 1:])
+  assert not np.allclose(twin["loss"][cut + 1 :], never["loss"][cut + 1 :])
 
   # Cut 0: plain SGD on the same examples, computed here without cbp.
   bp = np.asarray(run(key, 0, -1, jax.random.key(0))["loss"])
@@ -76,6 +85,6 @@ def test_a_kick_replaces_the_reset_by_a_change_of_its_size():
   never = {k: np.asarray(v) for k, v in run(key, dm.NEVER, -1, jax.random.key(0)).items()}
   t = int(np.flatnonzero(never["replaced"])[0])
   kicked = {k: np.asarray(v) for k, v in run(key, dm.NEVER, t, jax.random.key(0)).items()}
-  np.testing.assert_array_equal(kicked["loss"][:t + 1], never["loss"][:t + 1])
+  np.testing.assert_array_equal(kicked["loss"][: t + 1], never["loss"][: t + 1])
   np.testing.assert_allclose(kicked["change"][t], never["change"][t], rtol=1e-6)
   assert kicked["loss"][t + 1] != never["loss"][t + 1]

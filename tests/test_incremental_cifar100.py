@@ -18,14 +18,28 @@ import numpy as np
 import pytest
 
 import cbp_jax
-from experiments.data import shared_data_dir
 from experiments import incremental_cifar100 as ic
-from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
-                                 assert_resume_after_sigkill_is_bit_for_bit)
+from experiments.data import shared_data_dir
+from tests.resume_checks import (
+  assert_interrupt_and_resume_is_bit_for_bit,
+  assert_resume_after_sigkill_is_bit_for_bit,
+)
 
-TINY = dict(dataset="fashion_mnist", classes_per_task=2, tasks=2, epochs_per_task=3, batch_size=10,
-            eval_batch_size=10, train_per_class=5, val_per_class=3, test_per_class=4, width=2,
-            stage_sizes=[1, 1], probe_size=10, augment=False)
+TINY = dict(
+  dataset="fashion_mnist",
+  classes_per_task=2,
+  tasks=2,
+  epochs_per_task=3,
+  batch_size=10,
+  eval_batch_size=10,
+  train_per_class=5,
+  val_per_class=3,
+  test_per_class=4,
+  width=2,
+  stage_sizes=[1, 1],
+  probe_size=10,
+  augment=False,
+)
 
 
 class Split(NamedTuple):
@@ -77,15 +91,17 @@ def test_validation_comes_first_then_training_then_test_in_class_rank_order():
   np.testing.assert_allclose(x, (expected / 255.0 - host["mean"]) / host["std"], rtol=1e-5, atol=1e-6)
   cifar = ic.make_config(TINY, dataset="cifar100", classes_per_task=5, batch_size=5)
   np.testing.assert_array_equal(
-      ic.build_data(cifar, synthetic_split(100, 8, 0), synthetic_split(100, 4, 1))["mean"],
-      np.float32(ic.CIFAR100_MEAN))
+    ic.build_data(cifar, synthetic_split(100, 8, 0), synthetic_split(100, 4, 1))["mean"],
+    np.float32(ic.CIFAR100_MEAN),
+  )
 
 
 def test_step_size_schedule_of_the_paper():
   config = ic.make_config()  # 200 epochs per task: 0.1, x0.2 at epochs 60, 120, 160.
   step_size = config["hparams"]["plain"]["step_size"]
-  lrs = [float(ic.learning_rate(config, jnp.int32(e), step_size))
-         for e in (0, 59, 60, 119, 120, 159, 160, 199)]
+  lrs = [
+    float(ic.learning_rate(config, jnp.int32(e), step_size)) for e in (0, 59, 60, 119, 120, 159, 160, 199)
+  ]
   np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6)
 
 
@@ -111,8 +127,10 @@ def test_rotation_and_augmentation():
 
 
 def test_cbp_step_masks_unseen_classes_and_resets_batch_norm_of_replaced_units():
-  config = ic.make_config(TINY, hparams={"cbp": {"weight_decay": 0.0, "momentum": 0.0,
-                                                 "replacement_rate": 0.5, "maturity_threshold": 0}})
+  config = ic.make_config(
+    TINY,
+    hparams={"cbp": {"weight_decay": 0.0, "momentum": 0.0, "replacement_rate": 0.5, "maturity_threshold": 0}},
+  )
   learner = ic.Learner(config, "cbp", 4)
   state = learner.init(ic.seed_key(config, 0))
   x = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
@@ -131,8 +149,9 @@ def test_cbp_step_masks_unseen_classes_and_resets_batch_norm_of_replaced_units()
       got = np.asarray(new["batch_stats"][block]["bn1"][stat])
       np.testing.assert_array_equal(got[mask], value)  # Replaced units: reset exactly.
       np.testing.assert_allclose(got[~mask], np.asarray(stats[block]["bn1"][stat])[~mask], rtol=1e-5)
-    np.testing.assert_allclose(new["batch_stats"][block]["bn2"]["mean"], stats[block]["bn2"]["mean"],
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+      new["batch_stats"][block]["bn2"]["mean"], stats[block]["bn2"]["mean"], rtol=1e-5, atol=1e-8
+    )
   assert 0 <= int(correct) <= 6
 
 
@@ -206,8 +225,7 @@ def test_probe_metrics_against_numpy():
 
 
 # The tiny run the run tests share (compiled once: `make_batched` caches it).
-TINY_RUN = dict(TINY, methods=["cbp"],
-                hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}})
+TINY_RUN = dict(TINY, methods=["cbp"], hparams={"cbp": {"replacement_rate": 0.05, "maturity_threshold": 0}})
 
 
 def test_tiny_run_with_early_stopping(tmp_path):
@@ -217,9 +235,17 @@ def test_tiny_run_with_early_stopping(tmp_path):
   res = json.loads((tmp_path / "results.json").read_text())
   assert res["status"] == "complete" and res["x"] == [2.0, 4.0]
   named = res["metrics"]["cbp"]
-  for name in ("accuracy", "val_accuracy", "train_accuracy", "dormant_fraction",
-               "dormant_fraction_last", "stable_rank", "effective_rank", "weight_magnitude",
-               "replaced_units"):
+  for name in (
+    "accuracy",
+    "val_accuracy",
+    "train_accuracy",
+    "dormant_fraction",
+    "dormant_fraction_last",
+    "stable_rank",
+    "effective_rank",
+    "weight_magnitude",
+    "replaced_units",
+  ):
     assert np.asarray(named[name]).shape == (1, 2) and np.all(np.isfinite(named[name])), name
   assert named["replaced_units"][0][1] > 0
   assert (tmp_path / "icifar.png").stat().st_size > 0
@@ -228,8 +254,11 @@ def test_tiny_run_with_early_stopping(tmp_path):
   state = jax.tree.map(lambda a: a[0], result.carry["learners"]["cbp"])
   order = ic.class_order(ic.seed_keys(config)[0], 10)
   learner = ic.Learner(config, "cbp", 0)
-  evaluate = jax.jit(lambda s: [ic.evaluate_accuracy(config, data, order, learner, s, split, jnp.int32(4))
-                                for split in ("val", "test")])
+  evaluate = jax.jit(
+    lambda s: [
+      ic.evaluate_accuracy(config, data, order, learner, s, split, jnp.int32(4)) for split in ("val", "test")
+    ]
+  )
   val, test = evaluate(state)
   assert float(val) == pytest.approx(named["val_accuracy"][0][1])
   assert float(test) == pytest.approx(named["accuracy"][0][1])
@@ -242,9 +271,12 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first task (chunk) and resumed from the checkpoint: the same
   results file and final carry (best-epoch states included) as the uninterrupted run."""
   config = ic.make_config(TINY_RUN)
-  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
-      ic.run_experiment, config, data=jax.device_put(tiny_data(config)), plot=False,
-      progress=False), tmp_path)
+  assert_interrupt_and_resume_is_bit_for_bit(
+    functools.partial(
+      ic.run_experiment, config, data=jax.device_put(tiny_data(config)), plot=False, progress=False
+    ),
+    tmp_path,
+  )
 
 
 FMNIST = shared_data_dir() / "fashion-mnist"
@@ -252,15 +284,16 @@ FMNIST = shared_data_dir() / "fashion-mnist"
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not any((FMNIST / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
-    reason=f"Fashion-MNIST IDX files not found in {FMNIST} (tests never download data)")
+  not any((FMNIST / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+  reason=f"Fashion-MNIST IDX files not found in {FMNIST} (tests never download data)",
+)
 def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """SIGKILL the CLI (--tiny: class-incremental Fashion-MNIST, width-4 ResNet-18) after
   its first checkpoint, then --resume: the uninterrupted run's results, byte for byte."""
-  args = ["--tiny", "--tasks", "3", "--epochs-per-task", "1", "--methods", "plain,cbp",
-          "--no-plot"]
+  args = ["--tiny", "--tasks", "3", "--epochs-per-task", "1", "--methods", "plain,cbp", "--no-plot"]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.incremental_cifar100"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.incremental_cifar100"] + args, tmp_path
+  )
 
 
 def test_reduced_preset_is_a_valid_fashion_mnist_config():

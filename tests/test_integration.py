@@ -26,8 +26,7 @@ def graph_of(params):
 
 @pytest.mark.parametrize("opt", [optax.sgd(0.01), optax.adam(1e-3), optax.adamw(1e-3)])
 def test_last_in_a_chain_after_common_optimizers(opt):
-  tx = lambda p: optax.chain(opt, cbp_jax.cbp(graph_of(p), key=0, replacement_rate=0.1,
-                                               maturity_threshold=2))
+  tx = lambda p: optax.chain(opt, cbp_jax.cbp(graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2))
   params, state = run(tx)
   assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
@@ -36,8 +35,7 @@ def test_last_in_a_chain_after_common_optimizers(opt):
 def wrapped_state_check(inner, fresh_value):
   """Wrapping form: replaced entries' statistics restart, the others don't."""
   model, params = mlp(hidden=(6,))
-  tx = cbp_jax.cbp(graph_of(params), key=0, replacement_rate=1 / 6, maturity_threshold=3,
-                   optimizer=inner)
+  tx = cbp_jax.cbp(graph_of(params), key=0, replacement_rate=1 / 6, maturity_threshold=3, optimizer=inner)
   state = tx.init(params)
   ref_state = inner.init(params)
   update = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))
@@ -79,8 +77,11 @@ def test_wrapped_adagrad_restarts_at_its_initial_accumulator():
 def test_under_multisteps():
   model, params = mlp()
   tx = optax.MultiSteps(
-      cbp_jax.cbp(graph_of(params), key=0, replacement_rate=0.2, maturity_threshold=1,
-                  optimizer=optax.sgd(0.01)), every_k_schedule=2)
+    cbp_jax.cbp(
+      graph_of(params), key=0, replacement_rate=0.2, maturity_threshold=1, optimizer=optax.sgd(0.01)
+    ),
+    every_k_schedule=2,
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   for x, y in batches(10):
@@ -92,10 +93,10 @@ def test_under_multisteps():
 
 
 class NnxMLP(nnx.Module):
-
   def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs),
-                            nnx.Linear(5, 3, rngs=rngs)])
+    self.layers = nnx.List(
+      [nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 5, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)]
+    )
 
   def __call__(self, x):
     for layer in self.layers[:-1]:
@@ -107,8 +108,7 @@ def test_nnx_optimizer_update_with_activations():
   model = NnxMLP(nnx.Rngs(0))
   graph = cbp_jax.graph_from_params(nnx.state(model, nnx.Param))
   assert graph.names == ("layers/0", "layers/1")
-  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.2, maturity_threshold=1,
-                   optimizer=optax.adam(1e-2))
+  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.2, maturity_threshold=1, optimizer=optax.adam(1e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -116,6 +116,7 @@ def test_nnx_optimizer_update_with_activations():
     def loss_fn(model):
       out, records = nnx.capture(model, nnx.Intermediate)(x)
       return jnp.mean((out - y) ** 2), cbp_jax.collect_activations(records)
+
     (loss, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads, activations=acts)
     return loss
@@ -132,12 +133,12 @@ def test_vmap_over_keys_gives_different_reinitialisations():
   x, y = next(batches(1))
 
   def one_seed(key):
-    tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(graph, key=key, replacement_rate=1 / 6,
-                                                  maturity_threshold=0))
+    tx = optax.chain(
+      optax.sgd(0.0), cbp_jax.cbp(graph, key=key, replacement_rate=1 / 6, maturity_threshold=0)
+    )
     state = tx.init(params)
     _, acts = cbp_jax.apply_with_activations(model, params, x)
-    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params,
-                               activations=acts)
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params, activations=acts)
     return optax.apply_updates(params, updates)["Dense_0"]["kernel"]
 
   kernels = jax.jit(jax.vmap(one_seed))(jax.random.split(jax.random.key(0), 3))
@@ -152,15 +153,24 @@ def test_traced_hyperparameters_in_a_vmapped_scanned_sweep():
   ys = jax.random.normal(jax.random.key(1), (20, 8, 3))
 
   def train(rate, maturity, decay):
-    tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-        graph, key=0, replacement_rate=rate, maturity_threshold=maturity, decay_rate=decay,
-        max_replacements_per_step=8))
+    tx = optax.chain(
+      optax.sgd(0.01),
+      cbp_jax.cbp(
+        graph,
+        key=0,
+        replacement_rate=rate,
+        maturity_threshold=maturity,
+        decay_rate=decay,
+        max_replacements_per_step=8,
+      ),
+    )
 
     def body(carry, batch):
       p, s = carry
       x, y = batch
       loss_fn = lambda p: (lambda o: (jnp.mean((o[0] - y) ** 2), o[1]))(
-          cbp_jax.apply_with_activations(model, p, x))
+        cbp_jax.apply_with_activations(model, p, x)
+      )
       (_, acts), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
       u, s = tx.update(g, s, p, activations=acts)
       return (optax.apply_updates(p, u), s), None
@@ -189,8 +199,9 @@ def test_no_recompilation_on_second_call():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_low_and_single_precision_params(dtype):
-  tx = lambda p: optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-      graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2))
+  tx = lambda p: optax.chain(
+    optax.sgd(0.01), cbp_jax.cbp(graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2)
+  )
   params, state = run(tx, dtype=dtype)
   assert all(x.dtype == dtype for x in jax.tree.leaves(params))
   assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
@@ -199,8 +210,9 @@ def test_low_and_single_precision_params(dtype):
 
 def test_double_precision_params():
   with jax.enable_x64(True):
-    tx = lambda p: optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-        graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2))
+    tx = lambda p: optax.chain(
+      optax.sgd(0.01), cbp_jax.cbp(graph_of(p), key=0, replacement_rate=0.1, maturity_threshold=2)
+    )
     params, state = run(tx, dtype=jnp.float64)
     assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
     assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) > 0
@@ -209,7 +221,9 @@ def test_double_precision_params():
 # --- Errors ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"replacement_rate": -0.1}, "replacement_rate must be in \\[0.0, 1.0\\], got -0.1"),
     ({"replacement_rate": 1.5}, "replacement_rate must be in \\[0.0, 1.0\\], got 1.5"),
     ({"decay_rate": 1.0}, "decay_rate must be in \\[0.0, 1.0\\), got 1.0"),
@@ -220,7 +234,8 @@ def test_double_precision_params():
     ({"init": lambda key, shape, dtype: jnp.zeros(3)}, "must return an array of the requested shape"),
     ({"count_basis": "all"}, "count_basis must be one of .* got 'all'"),
     ({"max_replacements_per_step": 0}, "max_replacements_per_step must be a positive int"),
-])
+  ],
+)
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
   _, params = mlp()
   with pytest.raises(ValueError, match=message):
@@ -241,19 +256,24 @@ def test_a_state_initialised_for_other_widths_names_the_layer_and_both_widths():
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, wider)
   _, acts = cbp_jax.apply_with_activations(model.clone(hidden=(8, 5)), wider, jnp.ones((2, 4)))
-  with pytest.raises(ValueError, match="layer 'Dense_0' has 8 units in these params but the state "
-                                       "was initialised for 6"):
+  with pytest.raises(
+    ValueError, match="layer 'Dense_0' has 8 units in these params but the state was initialised for 6"
+  ):
     tx.update(grads, state, wider, activations=acts)
 
 
 def test_reset_batch_stats_without_the_norms_statistics_says_what_to_pass():
   from tests.cbp_steps import WithBatchNorm
+
   model = WithBatchNorm()
   variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
   graph = cbp_jax.graph_from_params(variables["params"])
   state = cbp_jax.cbp(graph, key=0).init(variables["params"])
-  with pytest.raises(ValueError, match=r"none of the norms' running statistics.*"
-                                       r"pass variables\['batch_stats'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"none of the norms' running statistics.*"
+    r"pass variables\['batch_stats'\]",
+  ):
     cbp_jax.reset_batch_stats(variables, graph, state)
   with pytest.raises(ValueError, match="It holds parameters"):
     cbp_jax.reset_batch_stats(variables["params"], graph, state)
@@ -267,7 +287,9 @@ def test_activation_errors_name_the_layer():
   _, acts = cbp_jax.apply_with_activations(model, params, jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="activations has no entry for layer 'Dense_1'"):
     tx.update(grads, state, params, activations={"Dense_0": acts["Dense_0"]})
-  with pytest.raises(ValueError, match="layer 'Dense_1' must have the layer's 5 units .* got shape \\(2, 7\\)"):
+  with pytest.raises(
+    ValueError, match="layer 'Dense_1' must have the layer's 5 units .* got shape \\(2, 7\\)"
+  ):
     tx.update(grads, state, params, activations={**acts, "Dense_1": jnp.ones((2, 7))})
   with pytest.raises(ValueError, match="needs the keyword argument activations"):
     tx.update(grads, state, params)

@@ -32,10 +32,13 @@ def test_cbp_with_layer_norm_and_weight_decay():
   model, params, x, y = mlp(layer_norm=True)
   graph = cbp_jax.graph_from_params(params)
   params = jax.tree.map(lambda a: a, params)
-  params["LayerNorm_0"] = {"scale": params["LayerNorm_0"]["scale"] * 2.0 + 0.5,
-                           "bias": params["LayerNorm_0"]["bias"] + 0.3}
-  tx = optax.chain(M.l2(1e-3), optax.sgd(0.01),
-                   cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0))
+  params["LayerNorm_0"] = {
+    "scale": params["LayerNorm_0"]["scale"] * 2.0 + 0.5,
+    "bias": params["LayerNorm_0"]["bias"] + 0.3,
+  }
+  tx = optax.chain(
+    M.l2(1e-3), optax.sgd(0.01), cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0)
+  )
   state = tx.init(params)
   p, state = jitted_step(model, tx, x, y)(params, state)
   replaced = np.asarray(state[2].last_replaced["Dense_0"])
@@ -50,9 +53,9 @@ def test_chains_of_new_methods_run_jitted():
   model, params, x, y = mlp()
   graph = cbp_jax.graph_from_params(params)
   txs = [
-      cbp_jax.cbp(graph, key=0, optimizer=M.upgd(0.01, key=1)),
-      optax.chain(optax.sgd(0.01), cbp_jax.cbp(graph, key=0), M.hare_tortoise(0.99, 2)),
-      optax.chain(M.regrama(graph, key=0, optimizer=optax.sgd(0.01)), M.snr(graph, key=1)),
+    cbp_jax.cbp(graph, key=0, optimizer=M.upgd(0.01, key=1)),
+    optax.chain(optax.sgd(0.01), cbp_jax.cbp(graph, key=0), M.hare_tortoise(0.99, 2)),
+    optax.chain(M.regrama(graph, key=0, optimizer=optax.sgd(0.01)), M.snr(graph, key=1)),
   ]
   for tx in txs:
     state = tx.init(params)

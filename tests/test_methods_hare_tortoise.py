@@ -23,7 +23,8 @@ def test_hare_tortoise_matches_numpy():
   for t in range(1, 8):
     g = [rng.normal(size=l.shape) for l in leaves]
     u, state = jax.jit(tx.update)(
-        jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in g]), state, p)
+      jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in g]), state, p
+    )
     p = optax.apply_updates(p, u)
     hare = [h - lr * gi for h, gi in zip(hare, g)]
     tortoise = [decay * s + (1 - decay) * h for s, h in zip(tortoise, hare)]

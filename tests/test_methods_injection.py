@@ -29,14 +29,14 @@ def test_injection_output_unchanged_and_only_the_fresh_copy_learns():
   p1, state = step(p, state)  # Before the injection: the base learns, the copies do not.
   assert not np.allclose(p1.base["Dense_2"]["kernel"], p.base["Dense_2"]["kernel"])
   for part in (p1.fresh, p1.anchor):
-    np.testing.assert_array_equal(np.asarray(part["Dense_2/kernel"]),
-                                  np.asarray(p.fresh["Dense_2/kernel"]))
+    np.testing.assert_array_equal(np.asarray(part["Dense_2/kernel"]), np.asarray(p.fresh["Dense_2/kernel"]))
   before = apply(p1, x)
   fresh = model.init(jax.random.key(9), x)["params"]
   p2, state = jax.jit(M.inject)(p1, state, fresh)
   np.testing.assert_array_equal(np.asarray(apply(p2, x)), np.asarray(before))  # Bitwise.
-  np.testing.assert_array_equal(np.asarray(p2.fresh["Dense_2/kernel"]),
-                                np.asarray(fresh["Dense_2"]["kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(p2.fresh["Dense_2/kernel"]), np.asarray(fresh["Dense_2"]["kernel"])
+  )
   p3, state = step(p2, state)
   for path in ("Dense_2/kernel", "Dense_2/bias"):
     layer, leaf = path.split("/")
@@ -46,8 +46,9 @@ def test_injection_output_unchanged_and_only_the_fresh_copy_learns():
   assert not np.allclose(p3.base["Dense_0"]["kernel"], p2.base["Dense_0"]["kernel"])
   # A second injection changes nothing.
   p4, _ = M.inject(p3, state, model.init(jax.random.key(10), x)["params"])
-  np.testing.assert_array_equal(np.asarray(p4.fresh["Dense_2/kernel"]),
-                                np.asarray(p3.fresh["Dense_2/kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(p4.fresh["Dense_2/kernel"]), np.asarray(p3.fresh["Dense_2/kernel"])
+  )
 
 
 def test_injection_inside_a_scan_vmapped_over_seeds():
@@ -63,8 +64,7 @@ def test_injection_inside_a_scan_vmapped_over_seeds():
 
     def body(carry, t):
       p, state = carry
-      p, state = M.inject(p, state, model.init(jax.random.fold_in(key, 1), x)["params"],
-                          when=t == at)
+      p, state = M.inject(p, state, model.init(jax.random.fold_in(key, 1), x)["params"], when=t == at)
       u, state = tx.update(jax.grad(loss)(p), state, p)
       return (optax.apply_updates(p, u), state), loss(p)
 

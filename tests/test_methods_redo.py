@@ -96,9 +96,12 @@ def test_redo_resets_exactly_the_dead_units_on_period_steps():
   for name, units in dead.items():
     np.testing.assert_array_equal(np.flatnonzero(redo_state.last_replaced[name]), sorted(units))
   # Outgoing weights are 0, so the network's output does not jump.
-  np.testing.assert_allclose(model.apply({"params": new}, x),
-                             model.apply({"params": optax.apply_updates(before, ref)}, x),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    model.apply({"params": new}, x),
+    model.apply({"params": optax.apply_updates(before, ref)}, x),
+    rtol=1e-6,
+    atol=1e-6,
+  )
   # Steps after the reset and before the next period pass updates through.
   params = new
   up, ref, state, _ = step(params, state)
@@ -126,11 +129,13 @@ def with_reference(tx, inner, inner_state=None):
   inner_state) when ``inner_state`` is given. Comparing within one jit keeps
   XLA's arithmetic the same on both sides, so untouched entries match bitwise.
   """
+
   def fn(g, s, p, a):
     up, s = tx.update(g, s, p, activations=a)
     st = inner.init(p) if inner_state is None else inner_state
     ref_up, ref_st = inner.update(g, st, p)
     return up, s, (ref_up if inner_state is None else (ref_up, ref_st))
+
   return fn
 
 
@@ -146,10 +151,8 @@ def test_redo_tau_threshold_and_bias_correction():
   assert expect == {"Dense_0": {1, 4}, "Dense_1": set()}
   graph = cbp_jax.graph_from_params(params)
   for correction in (False, True):
-    tx = optax.chain(optax.sgd(lr), M.redo(graph, key=1, tau=tau, period=1,
-                                           next_bias_correction=correction))
-    up, state, ref = jax.jit(with_reference(tx, optax.sgd(lr)))(
-        grads, tx.init(params), params, acts)
+    tx = optax.chain(optax.sgd(lr), M.redo(graph, key=1, tau=tau, period=1, next_bias_correction=correction))
+    up, state, ref = jax.jit(with_reference(tx, optax.sgd(lr)))(grads, tx.init(params), params, acts)
     ref = optax.apply_updates(params, ref)
     new = optax.apply_updates(params, up)
     dead = {"Dense_0": {1, 4}}
@@ -216,8 +219,7 @@ def test_redo_only_on_period_steps_with_persistent_dormant_unit():
   kernels = []
   for t in range(1, 5):
     up, state, ref = step(grads, state, params, acts)
-    same = all(np.array_equal(bits(a), bits(b))
-               for a, b in zip(jax.tree.leaves(up), jax.tree.leaves(ref)))
+    same = all(np.array_equal(bits(a), bits(b)) for a, b in zip(jax.tree.leaves(up), jax.tree.leaves(ref)))
     assert same == (t % 2 == 1), t
     assert int(state[1].replaced_total["Dense_0"]) == t // 2
     if t % 2 == 0:
@@ -252,12 +254,21 @@ def test_redo_chained_after_cbp_resets_both_selections():
   graph = cbp_jax.graph_from_params(params)
   adam = optax.adam(1e-2)
   tx = optax.chain(
-      cbp_jax.cbp(graph, key=2, replacement_rate=1 / 8, maturity_threshold=0, utility="weight",
-                  next_bias_correction=False, optimizer=adam),
-      M.redo(graph, key=3, tau=0.0, period=1))
+    cbp_jax.cbp(
+      graph,
+      key=2,
+      replacement_rate=1 / 8,
+      maturity_threshold=0,
+      utility="weight",
+      next_bias_correction=False,
+      optimizer=adam,
+    ),
+    M.redo(graph, key=3, tau=0.0, period=1),
+  )
   # Eager on both sides, so untouched entries can be compared bitwise (as above).
   up, state, (ref_up, ref_state) = with_reference(tx, adam, adam.init(params))(
-      grads, tx.init(params), params, acts)
+    grads, tx.init(params), params, acts
+  )
   cbp_state, redo_state = state
   by_cbp = {n: set(np.flatnonzero(cbp_state.last_replaced[n])) for n in NAMES[:2]}
   by_redo = {n: set(np.flatnonzero(redo_state.last_replaced[n])) for n in NAMES[:2]}
@@ -273,8 +284,9 @@ def test_redo_chained_after_cbp_resets_both_selections():
         m = masks[name][leaf]
         g = np.asarray(getattr(got, moment)[name][leaf])
         np.testing.assert_array_equal(g[m], 0.0)
-        assert_bitwise(g[~m], np.asarray(getattr(want, moment)[name][leaf])[~m],
-                       err_msg=f"{moment} {name}/{leaf}")
+        assert_bitwise(
+          g[~m], np.asarray(getattr(want, moment)[name][leaf])[~m], err_msg=f"{moment} {name}/{leaf}"
+        )
 
 
 def test_redo_and_cbp_do_not_nest():
@@ -283,9 +295,10 @@ def test_redo_and_cbp_do_not_nest():
   adam = optax.adam(1e-2)
   with pytest.raises(ValueError, match=r"optimizer=.*redo: init needs the parameters.*optax\.chain\(cbp"):
     cbp_jax.cbp(graph, key=0, optimizer=M.redo(graph, key=1, optimizer=adam)).init(params)
-  for inner in (cbp_jax.cbp(graph, key=1, optimizer=adam),
-                optax.chain(optax.sgd(0.1), M.redo(graph, key=1))):
-    with pytest.raises(ValueError, match=r"redo: optimizer= holds a cbp, redo, regrama or snr transform.*optax\.chain"):
+  for inner in (cbp_jax.cbp(graph, key=1, optimizer=adam), optax.chain(optax.sgd(0.1), M.redo(graph, key=1))):
+    with pytest.raises(
+      ValueError, match=r"redo: optimizer= holds a cbp, redo, regrama or snr transform.*optax\.chain"
+    ):
       M.redo(graph, key=0, optimizer=inner).init(params)
 
 

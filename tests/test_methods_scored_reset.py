@@ -30,27 +30,32 @@ def test_reset_methods_vmap_over_keys_and_traced_hyperparameters():
   params = kill(params, "Dense_0", 3)
   graph = cbp_jax.graph_from_params(params)
   makers = {
-      "regrama": lambda k, a, b: optax.chain(
-          optax.sgd(0.1), M.regrama(graph, key=k, tau=a, period=b.astype(jnp.int32))),
-      "snr": lambda k, a, b: optax.chain(optax.sgd(0.1), M.snr(graph, key=k, eta=a)),
-      "hare_tortoise": lambda k, a, b: optax.chain(
-          optax.sgd(0.1), M.hare_tortoise(a, b.astype(jnp.int32))),
+    "regrama": lambda k, a, b: optax.chain(
+      optax.sgd(0.1), M.regrama(graph, key=k, tau=a, period=b.astype(jnp.int32))
+    ),
+    "snr": lambda k, a, b: optax.chain(optax.sgd(0.1), M.snr(graph, key=k, eta=a)),
+    "hare_tortoise": lambda k, a, b: optax.chain(optax.sgd(0.1), M.hare_tortoise(a, b.astype(jnp.int32))),
   }
-  settings = {"regrama": ([0.0, 0.5], [1.0, 3.0]), "snr": ([0.3, 0.9], [0.0, 0.0]),
-              "hare_tortoise": ([0.5, 0.9], [2.0, 1.0])}
+  settings = {
+    "regrama": ([0.0, 0.5], [1.0, 3.0]),
+    "snr": ([0.3, 0.9], [0.0, 0.0]),
+    "hare_tortoise": ([0.5, 0.9], [2.0, 1.0]),
+  }
   keys = jax.random.split(jax.random.key(5), 2)
   for name, make in makers.items():
+
     def run(k, a, b):
       tx = make(k, a, b)
-      return jax.lax.fori_loop(0, 2, lambda _, c: jitted_step(model, tx, x, y)(*c),
-                               (params, tx.init(params)))[0]
+      return jax.lax.fori_loop(
+        0, 2, lambda _, c: jitted_step(model, tx, x, y)(*c), (params, tx.init(params))
+      )[0]
+
     a, b = (jnp.asarray(v, jnp.float32) for v in settings[name])
     batched = jax.jit(jax.vmap(run))(keys, a, b)
     for i in range(2):
       single = run(keys[i], a[i], b[i])
       for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
-        np.testing.assert_allclose(np.asarray(got)[i], np.asarray(want), rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(np.asarray(got)[i], np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=name)
     if name != "snr":  # SNR resets nothing in two steps here (its rule is tested above).
       leaf = np.asarray(batched["Dense_0"]["kernel"])
       assert not np.allclose(leaf[0], leaf[1]), name  # The settings matter.

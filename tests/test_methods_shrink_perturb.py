@@ -91,22 +91,27 @@ def test_shrink_and_perturb_per_seed_noise_under_vmap():
   np.testing.assert_array_equal(out[1], run(keys[1]))
   a, b = run(7), M.shrink_and_perturb(1.0, 1.0, key=jax.random.key(7))
   np.testing.assert_array_equal(a, b.update(updates, b.init(params), params)[0]["w"])
+
   # Traced shrink (a vmapped sweep) is accepted and applied.
   def sweep(shrink):
     tx = M.shrink_and_perturb(shrink, 0.0, key=0)
     p = {"w": jnp.ones(3)}
     return optax.apply_updates(p, tx.update({"w": jnp.zeros(3)}, tx.init(p), p)[0])["w"]
+
   np.testing.assert_allclose(jax.vmap(sweep)(jnp.array([0.5, 1.0])), [[0.5] * 3, [1.0] * 3])
 
 
-@pytest.mark.parametrize("kwargs, name", [
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
     (dict(shrink=0.0, noise_scale=0.1), "shrink"),
     (dict(shrink=1.5, noise_scale=0.1), "shrink"),
     (dict(shrink=float("nan"), noise_scale=0.1), "shrink"),
     (dict(shrink=0.9, noise_scale=-0.1), "noise_scale"),
     (dict(shrink=0.9, noise_scale=0.1, every=0), "every"),
     (dict(shrink=0.9, noise_scale=0.1, every=1.5), "every"),
-])
+  ],
+)
 def test_shrink_and_perturb_validates(kwargs, name):
   with pytest.raises(ValueError, match=name):
     M.shrink_and_perturb(key=0, **kwargs)

@@ -68,8 +68,9 @@ def test_snr_resets_when_the_streak_is_improbable():
 
 
 def test_snr_statistics_by_hand():
-  rate, seen, streak = M.update_firing(jnp.array([0.5, 0.0]), jnp.array([4.0, 4.0]),
-                                       jnp.array([0.0, 4.0]), jnp.array([[1.0, -1.0], [0.0, 0.0]]))
+  rate, seen, streak = M.update_firing(
+    jnp.array([0.5, 0.0]), jnp.array([4.0, 4.0]), jnp.array([0.0, 4.0]), jnp.array([[1.0, -1.0], [0.0, 0.0]])
+  )
   np.testing.assert_allclose(np.asarray(rate), [(2 + 1) / 6, 0.0])
   np.testing.assert_allclose(np.asarray(seen), [6.0, 6.0])
   np.testing.assert_allclose(np.asarray(streak), [0.0, 6.0])

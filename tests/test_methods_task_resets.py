@@ -52,13 +52,13 @@ def optimizer(name, graph):
   """The optimizers `reset_optimizer_for` is tested on, by name."""
   adam = optax.adam(1e-2)
   return {
-      "adam": adam,
-      "momentum": optax.sgd(1e-2, momentum=0.9),
-      "l2_init+adam": optax.chain(M.l2_init(1e-3), adam),
-      "cbp(adam)": cbp_jax.cbp(graph, key=0, optimizer=adam),
-      "l2_init+cbp(adam)": optax.chain(M.l2_init(1e-3), cbp_jax.cbp(graph, key=0, optimizer=adam)),
-      "redo(momentum)": M.redo(graph, key=0, optimizer=optax.sgd(1e-2, momentum=0.9)),
-      "cbp(adam)+redo": optax.chain(cbp_jax.cbp(graph, key=0, optimizer=adam), M.redo(graph, key=1)),
+    "adam": adam,
+    "momentum": optax.sgd(1e-2, momentum=0.9),
+    "l2_init+adam": optax.chain(M.l2_init(1e-3), adam),
+    "cbp(adam)": cbp_jax.cbp(graph, key=0, optimizer=adam),
+    "l2_init+cbp(adam)": optax.chain(M.l2_init(1e-3), cbp_jax.cbp(graph, key=0, optimizer=adam)),
+    "redo(momentum)": M.redo(graph, key=0, optimizer=optax.sgd(1e-2, momentum=0.9)),
+    "cbp(adam)+redo": optax.chain(cbp_jax.cbp(graph, key=0, optimizer=adam), M.redo(graph, key=1)),
   }[name]
 
 
@@ -68,9 +68,18 @@ def same_leaf(a, b):
   return np.array_equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("opt, n_stats", [
-    ("adam", 4), ("momentum", 2), ("l2_init+adam", 6), ("cbp(adam)", 4), ("l2_init+cbp(adam)", 6),
-    ("redo(momentum)", 2), ("cbp(adam)+redo", 4)])
+@pytest.mark.parametrize(
+  "opt, n_stats",
+  [
+    ("adam", 4),
+    ("momentum", 2),
+    ("l2_init+adam", 6),
+    ("cbp(adam)", 4),
+    ("l2_init+cbp(adam)", 6),
+    ("redo(momentum)", 2),
+    ("cbp(adam)+redo", 4),
+  ],
+)
 def test_reset_optimizer_for(opt, n_stats):
   """Exactly the statistics of Dense_2's kernel and bias restart (n_stats leaves: Adam's
   mu and nu, the momentum trace, l2_init's initial parameters), also inside cbp/redo
@@ -113,10 +122,14 @@ def test_reset_optimizer_for_errors():
     M.reset_optimizer_for(tx, tx.init(params), params, "Dense_7")
   # An init that cannot take optax's placeholder, outside cbp/redo: nothing to go by.
   opaque = optax.GradientTransformation(
-      lambda p: {"w": jnp.zeros_like(p["Dense_0"]["kernel"])}, lambda u, s, p=None: (u, s))
+    lambda p: {"w": jnp.zeros_like(p["Dense_0"]["kernel"])}, lambda u, s, p=None: (u, s)
+  )
   with pytest.raises(ValueError, match="tree_map_params"):
     M.reset_optimizer_for(opaque, opaque.init(params), params, "Dense_2")
   with pytest.raises(ValueError, match="structure"):
-    M.reset_optimizer_for(optimizer("cbp(adam)", cbp_jax.graph_from_params(params)),
-                          optimizer("redo(momentum)", cbp_jax.graph_from_params(params)).init(params),
-                          params, "Dense_2")
+    M.reset_optimizer_for(
+      optimizer("cbp(adam)", cbp_jax.graph_from_params(params)),
+      optimizer("redo(momentum)", cbp_jax.graph_from_params(params)).init(params),
+      params,
+      "Dense_2",
+    )

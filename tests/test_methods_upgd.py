@@ -29,9 +29,9 @@ def upgd_numpy(params_list, grads_list, key, lr, beta, sigma, wd, hess_list=None
     draw = np.asarray(jax.random.normal(noise_key, (sum(g.size for g in grads),)), np.float64)
     offset = 0
     for i, g in enumerate(grads):
-      noise = draw[offset:offset + g.size].reshape(g.shape) * sigma
+      noise = draw[offset : offset + g.size].reshape(g.shape) * sigma
       offset += g.size
-      s = 1 / (1 + np.exp(-(avg[i] / (1 - beta ** t)) / gmax))
+      s = 1 / (1 + np.exp(-(avg[i] / (1 - beta**t)) / gmax))
       w[i] = w[i] * (1 - lr * wd) - lr * (g + noise) * (1 - s)
   return w
 
@@ -51,12 +51,12 @@ def test_upgd_matches_numpy(order):
     g = jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in grads_list[t]])
     extra = {}
     if order == 2:
-      extra["hessian_diag"] = jax.tree.unflatten(
-          treedef, [jnp.asarray(a, jnp.float32) for a in hess_list[t]])
+      extra["hessian_diag"] = jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float32) for a in hess_list[t]])
     u, state = jax.jit(tx.update)(g, state, p, **extra)
     p = optax.apply_updates(p, u)
-  want = upgd_numpy([np_leaves(params)], grads_list, jax.random.key(7), lr, beta, sigma, wd,
-                    hess_list if order == 2 else None)
+  want = upgd_numpy(
+    [np_leaves(params)], grads_list, jax.random.key(7), lr, beta, sigma, wd, hess_list if order == 2 else None
+  )
   for got, w in zip(np_leaves(p), want):
     np.testing.assert_allclose(got, w, rtol=2e-5, atol=2e-6)
 
@@ -84,8 +84,9 @@ def test_upgd_in_a_chain_equals_upgd():
   _, params, _, _ = mlp()
   g = jax.tree.map(lambda p: jnp.cos(p) * 0.3, params)
   full = M.upgd(0.05, key=3, sigma=0.1)
-  chained = optax.chain(optax.clip_by_global_norm(1e9), M.scale_by_upgd(key=3, sigma=0.1),
-                        optax.scale_by_learning_rate(0.05))
+  chained = optax.chain(
+    optax.clip_by_global_norm(1e9), M.scale_by_upgd(key=3, sigma=0.1), optax.scale_by_learning_rate(0.05)
+  )
   u1, _ = jax.jit(full.update)(g, full.init(params), params)
   u2, _ = jax.jit(chained.update)(g, chained.init(params), params)
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
@@ -111,8 +112,12 @@ def test_upgd_vmaps_over_keys_and_traced_hyperparameters():
 
 
 def test_upgd_validates():
-  for kwargs, match in (({"beta_utility": 1.0}, "beta_utility"), ({"sigma": -1.0}, "sigma"),
-                        ({"order": 3}, "order"), ({"weight_decay": -1.0}, "weight_decay")):
+  for kwargs, match in (
+    ({"beta_utility": 1.0}, "beta_utility"),
+    ({"sigma": -1.0}, "sigma"),
+    ({"order": 3}, "order"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+  ):
     with pytest.raises(ValueError, match=match):
       M.upgd(0.1, key=0, **kwargs)
   tx = M.upgd(0.1, key=0, order=2)

@@ -23,8 +23,9 @@ def np_saturated_fraction(h, low, high, margin, threshold):
 
 def np_linearised_fraction(h, threshold):
   units = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
-  return float(np.mean([np.count_nonzero(units[:, i] > 0) / units.shape[0] >= threshold
-                        for i in range(units.shape[1])]))
+  return float(
+    np.mean([np.count_nonzero(units[:, i] > 0) / units.shape[0] >= threshold for i in range(units.shape[1])])
+  )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -32,8 +33,10 @@ def np_linearised_fraction(h, threshold):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("activation, fn, low, high", [("tanh", np.tanh, -1.0, 1.0),
-                                                        ("sigmoid", lambda z: 1 / (1 + np.exp(-z)), 0.0, 1.0)])
+@pytest.mark.parametrize(
+  "activation, fn, low, high",
+  [("tanh", np.tanh, -1.0, 1.0), ("sigmoid", lambda z: 1 / (1 + np.exp(-z)), 0.0, 1.0)],
+)
 @pytest.mark.parametrize("shape", [(64, 12), (8, 3, 3, 12)])
 def test_saturated_fraction_against_numpy(activation, fn, low, high, shape):
   rng = np.random.default_rng(0)
@@ -59,20 +62,27 @@ def test_linearised_fraction_against_numpy(threshold):
   rng = np.random.default_rng(1)
   z = rng.normal(size=(50, 4, 20)) + np.linspace(-3, 3, 20)  # from always-off to always-on units
   h = np.maximum(z, 0).astype(np.float32)
-  assert float(M.linearised_fraction(h, threshold)) == pytest.approx(np_linearised_fraction(h, threshold), abs=1e-6)
+  assert float(M.linearised_fraction(h, threshold)) == pytest.approx(
+    np_linearised_fraction(h, threshold), abs=1e-6
+  )
 
 
 def test_layer_metrics_picks_the_counts_that_fit_the_activation():
   rng = np.random.default_rng(2)
   z = rng.normal(size=(40, 6)) * np.array([0.1, 0.1, 50, 50, 1, 1])
-  acts = {"t": np.tanh(z).astype(np.float32), "r": np.maximum(z + 1, 0).astype(np.float32),
-          "s": np.tanh(z).astype(np.float32)}
+  acts = {
+    "t": np.tanh(z).astype(np.float32),
+    "r": np.maximum(z + 1, 0).astype(np.float32),
+    "s": np.tanh(z).astype(np.float32),
+  }
   out = M.layer_metrics(acts, activation={"t": "tanh", "r": "relu", "s": "swish"})
   common = {"dormant_fraction", "effective_rank", "stable_rank", "approximate_rank", "feature_norm"}
   assert set(out["t"]) == common | {"saturated_fraction"}
   assert set(out["r"]) == common | {"dead_fraction", "rarely_active_fraction", "linearised_fraction"}
   assert set(out["s"]) == common
-  assert float(out["t"]["saturated_fraction"]) == pytest.approx(np_saturated_fraction(acts["t"], -1, 1, 0.05, 0.99))
+  assert float(out["t"]["saturated_fraction"]) == pytest.approx(
+    np_saturated_fraction(acts["t"], -1, 1, 0.05, 0.99)
+  )
   assert float(out["r"]["linearised_fraction"]) == pytest.approx(np_linearised_fraction(acts["r"], 0.99))
   # Without an activation the keys are those of earlier versions.
   assert set(M.layer_metrics(acts)["t"]) == common | {"dead_fraction", "rarely_active_fraction"}
@@ -99,17 +109,21 @@ def test_unit_count_errors_name_the_problem():
 
 def test_parameter_drift_against_numpy():
   rng = np.random.default_rng(3)
-  init = {"Dense_0": {"kernel": rng.normal(size=(5, 4)), "bias": rng.normal(size=4)},
-          "Conv_0": {"kernel": rng.normal(size=(3, 3, 2, 4))}}
+  init = {
+    "Dense_0": {"kernel": rng.normal(size=(5, 4)), "bias": rng.normal(size=4)},
+    "Conv_0": {"kernel": rng.normal(size=(3, 3, 2, 4))},
+  }
   now = jax.tree.map(lambda a: a + rng.normal(size=a.shape), init)
   init, now = jax.tree.map(lambda a: np.asarray(a, np.float32), (init, now))
   out = M.parameter_drift(now, init)
-  expected = {k: np.linalg.norm((now[k]["kernel"] - init[k]["kernel"]).astype(np.float64).ravel())
-              for k in ("Dense_0", "Conv_0")}
+  expected = {
+    k: np.linalg.norm((now[k]["kernel"] - init[k]["kernel"]).astype(np.float64).ravel())
+    for k in ("Dense_0", "Conv_0")
+  }
   assert set(out) == {"Dense_0/kernel", "Conv_0/kernel", "overall"}  # biases are not kernels
   for k, v in expected.items():
     assert float(out[f"{k}/kernel"]) == pytest.approx(v, rel=1e-5)
-  assert float(out["overall"]) == pytest.approx(np.sqrt(sum(v ** 2 for v in expected.values())), rel=1e-5)
+  assert float(out["overall"]) == pytest.approx(np.sqrt(sum(v**2 for v in expected.values())), rel=1e-5)
   assert float(M.parameter_drift(init, init)["overall"]) == 0.0
 
 
@@ -126,9 +140,11 @@ def test_churn_against_numpy():
   before = rng.normal(size=(30, 10)).astype(np.float32)
   after = (before + rng.normal(size=(30, 10)) * 0.7).astype(np.float32)
   assert float(M.output_churn(before, after)) == pytest.approx(
-      np.mean([np.linalg.norm(after[i] - before[i]) for i in range(30)]), rel=1e-5)
+    np.mean([np.linalg.norm(after[i] - before[i]) for i in range(30)]), rel=1e-5
+  )
   assert float(M.prediction_churn(before, after)) == pytest.approx(
-      np.mean([np.argmax(after[i]) != np.argmax(before[i]) for i in range(30)]))
+    np.mean([np.argmax(after[i]) != np.argmax(before[i]) for i in range(30)])
+  )
   assert float(M.prediction_churn(before, before)) == 0.0
   with pytest.raises(ValueError, match="shape"):
     M.output_churn(before, after[:5])
@@ -178,8 +194,9 @@ def test_trainability_probe_sees_a_saturated_net_learn_less_and_vmaps():
   fresh_out, sat_out = probe(fresh), probe(saturated)
   assert float(fresh_out["loss_reduction"]) > float(sat_out["loss_reduction"]) + 0.05
   both = jax.vmap(probe)(jax.tree.map(lambda a, b: jnp.stack([a, b]), fresh, saturated))
-  np.testing.assert_allclose(both["loss_reduction"], [fresh_out["loss_reduction"], sat_out["loss_reduction"]],
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    both["loss_reduction"], [fresh_out["loss_reduction"], sat_out["loss_reduction"]], rtol=1e-4, atol=1e-6
+  )
 
 
 def test_trainability_probe_errors():
@@ -208,8 +225,11 @@ def _small_net_loss():
   params = model.init(jax.random.key(2), x)["params"]
   # Trained a little so the Hessian is not dominated by the initialisation's structure.
   loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y))
-  train = jax.jit(lambda p: jax.lax.fori_loop(
-      0, 20, lambda _, p: jax.tree.map(lambda a, g: a - 0.5 * g, p, jax.grad(loss)(p)), p))
+  train = jax.jit(
+    lambda p: jax.lax.fori_loop(
+      0, 20, lambda _, p: jax.tree.map(lambda a, g: a - 0.5 * g, p, jax.grad(loss)(p)), p
+    )
+  )
   return loss, train(params)
 
 
@@ -225,22 +245,25 @@ def test_top_hessian_eigenvalue_against_numpy_eigvalsh_of_the_explicit_hessian()
   assert exact == pytest.approx(top, rel=2e-3)
   # A few iterations already give the top eigenvalue (it converges first), from any start, under vmap.
   few = jax.jit(jax.vmap(lambda k: M.top_hessian_eigenvalue(loss, params, k, num_iterations=12)))(
-      jax.random.split(jax.random.key(4), 3))
+    jax.random.split(jax.random.key(4), 3)
+  )
   np.testing.assert_allclose(few, top, rtol=1e-2)
   assert np.all(np.asarray(few) <= top * (1 + 1e-3))  # Ritz values approach from below
 
 
 def test_top_hessian_eigenvalue_is_the_most_positive_not_the_largest_magnitude():
   scales = jnp.array([-5.0, 1.0, 2.0])  # power iteration would return -5
-  loss = lambda w: 0.5 * jnp.sum(scales * w ** 2)
+  loss = lambda w: 0.5 * jnp.sum(scales * w**2)
   assert float(M.top_hessian_eigenvalue(loss, jnp.ones(3), jax.random.key(0))) == pytest.approx(2.0, rel=1e-5)
   # Breakdown after one step (H = -I: every vector is an eigenvector); padding cannot raise the result above -1.
   neg = lambda p: -0.5 * jnp.sum(p["w"] ** 2)
-  assert float(M.top_hessian_eigenvalue(neg, {"w": jnp.ones(4)}, jax.random.key(1), 10)) == pytest.approx(-1.0)
+  assert float(M.top_hessian_eigenvalue(neg, {"w": jnp.ones(4)}, jax.random.key(1), 10)) == pytest.approx(
+    -1.0
+  )
 
 
 def test_top_hessian_eigenvalue_errors():
   with pytest.raises(ValueError, match="num_iterations"):
-    M.top_hessian_eigenvalue(lambda w: jnp.sum(w ** 2), jnp.ones(2), jax.random.key(0), num_iterations=0)
+    M.top_hessian_eigenvalue(lambda w: jnp.sum(w**2), jnp.ones(2), jax.random.key(0), num_iterations=0)
   with pytest.raises(ValueError, match="no entries"):
     M.top_hessian_eigenvalue(lambda w: 0.0, {}, jax.random.key(0))

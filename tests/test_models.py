@@ -12,7 +12,6 @@ import cbp_jax
 from cbp_jax import resnet
 from tests.resnet_helpers import MODELS, STAGES, WIDTH, forward, small_resnet
 
-
 # --- The im2col convolution -----------------------------------------------
 
 
@@ -25,9 +24,12 @@ def test_im2col_convolution_and_gradients_match_xla(strides, padding):
   def f(conv):
     return lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding, dimension_numbers=dn)))
 
-  np.testing.assert_allclose(cbp_jax.models.conv_im2col(x, k, strides, padding, dimension_numbers=dn),
-                             jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    cbp_jax.models.conv_im2col(x, k, strides, padding, dimension_numbers=dn),
+    jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   g1 = jax.jit(jax.grad(f(cbp_jax.models.conv_im2col), argnums=(0, 1)))(x, k)
   g0 = jax.jit(jax.grad(f(jax.lax.conv_general_dilated), argnums=(0, 1)))(x, k)
   for a, b in zip(g1, g0):  # float32 sums in another order: compare to the gradients' scale.
@@ -37,14 +39,16 @@ def test_im2col_convolution_and_gradients_match_xla(strides, padding):
 def test_im2col_resnet_and_convnet_match_xla():
   model_x, variables, x = small_resnet("xla")
   model_i = MODELS["im2col"]
-  np.testing.assert_allclose(forward(model_i, variables, x)[0], forward(model_x, variables, x)[0],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    forward(model_i, variables, x)[0], forward(model_x, variables, x)[0], rtol=1e-4, atol=1e-5
+  )
   # models.ConvNet takes the same field: same parameters, same outputs and activations.
   xc = jax.random.uniform(jax.random.key(4), (3, 32, 32, 3))
   convnets = {conv: cbp_jax.models.ConvNet(outputs=2, conv=conv) for conv in ("xla", "im2col")}
   params = convnets["xla"].init(jax.random.key(0), xc)["params"]
-  for a, b in zip(jax.tree.leaves(params),
-                  jax.tree.leaves(convnets["im2col"].init(jax.random.key(0), xc)["params"])):
+  for a, b in zip(
+    jax.tree.leaves(params), jax.tree.leaves(convnets["im2col"].init(jax.random.key(0), xc)["params"])
+  ):
     np.testing.assert_array_equal(a, b)
 
   @functools.partial(jax.jit, static_argnums=1)
@@ -76,8 +80,7 @@ def test_models_take_any_convolution_function():
   np.testing.assert_array_equal(out, cbp_jax.models.ConvNet(outputs=2).apply({"params": params}, xc))
   calls.clear()
   model_x, variables, x = small_resnet("xla")
-  resnet.ResNet18(num_classes=3, width=WIDTH, stage_sizes=STAGES, conv=conv).apply(
-      variables, x, train=False)
+  resnet.ResNet18(num_classes=3, width=WIDTH, stage_sizes=STAGES, conv=conv).apply(variables, x, train=False)
   # Stem, two convolutions per block and block2_0's 1x1 shortcut.
   assert calls == [(3, 3, 3, 4), (3, 3, 4, 4), (3, 3, 4, 4), (3, 3, 4, 8), (3, 3, 8, 8), (1, 1, 4, 8)]
   for bad in ("fft", 3):
@@ -92,8 +95,7 @@ def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
   ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
   np.testing.assert_array_equal(cbp_jax.models.max_pool_2x2(x), ref(x))
   loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))
-  np.testing.assert_array_equal(jax.grad(loss(cbp_jax.models.max_pool_2x2))(x),
-                                jax.grad(loss(ref))(x))
+  np.testing.assert_array_equal(jax.grad(loss(cbp_jax.models.max_pool_2x2))(x), jax.grad(loss(ref))(x))
   # A window of tied zeros (a dead ReLU patch) passes no gradient through the ReLU.
   relu_grad = jax.grad(lambda x: jnp.sum(cbp_jax.models.max_pool_2x2(nn.relu(x))))
   np.testing.assert_array_equal(relu_grad(-jnp.abs(x)), np.zeros(shape))

@@ -17,10 +17,12 @@ MOVED = {"cbp_jax.data": "experiments.data", "cbp_jax.ppo": "experiments.ppo"}
 @pytest.fixture
 def fresh_import(monkeypatch):
   """Imports an old name as if for the first time (this process may have imported it already)."""
+
   def do(old):
     monkeypatch.delitem(sys.modules, old, raising=False)
     monkeypatch.delattr(cbp_jax, old.split(".")[1], raising=False)
     return importlib.import_module(old)
+
   return do
 
 
@@ -37,9 +39,11 @@ def test_old_name_warns_naming_the_new_place_and_is_the_new_module(fresh_import,
 
 def test_from_import_and_attribute_access_give_the_moved_objects(fresh_import, monkeypatch):
   from experiments import data, ppo
+
   with pytest.warns(DeprecationWarning):
     fresh_import("cbp_jax.ppo")
   from cbp_jax.ppo import gae  # noqa: E402  (after the fresh import above)
+
   assert gae is ppo.gae
   monkeypatch.delitem(sys.modules, "cbp_jax.data", raising=False)
   monkeypatch.delattr(cbp_jax, "data", raising=False)  # Set by an earlier import of the submodule.
@@ -64,8 +68,14 @@ def test_warning_points_at_the_importing_line(fresh_import):
 def test_shown_to_a_script_under_default_warning_filters(tmp_path):
   script = tmp_path / "user.py"
   script.write_text("import cbp_jax.data\n")
-  result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+  result = subprocess.run(
+    [sys.executable, str(script)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={"PYTHONPATH": str(ROOT), "PATH": ""},
+  )
   assert result.returncode == 0, result.stderr
   assert f"{script}:1: DeprecationWarning: cbp_jax.data moved to experiments.data" in result.stderr
 
@@ -74,11 +84,13 @@ def test_shown_to_a_script_under_default_warning_filters(tmp_path):
 def test_without_the_repository_the_import_error_says_where_the_code_went(tmp_path, old, new):
   """An installed cbp_jax (no experiments/ next to it) cannot forward."""
   (tmp_path / "cbp_jax").symlink_to(ROOT / "cbp_jax", target_is_directory=True)
-  code = (f"try:\n  import {old}\n"
-          "except ImportError as e:\n  print(type(e).__name__, e.name, e)\n")
-  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+  code = f"try:\n  import {old}\nexcept ImportError as e:\n  print(type(e).__name__, e.name, e)\n"
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr
-  assert result.stdout.startswith(f"ImportError {old} {old} moved to {new}, which is not part of the "
-                                  "installed cbp_jax package: it lives in the experiments/ folder")
+  assert result.stdout.startswith(
+    f"ImportError {old} {old} moved to {new}, which is not part of the "
+    "installed cbp_jax package: it lives in the experiments/ folder"
+  )
   assert "Run from a clone's root" in result.stdout

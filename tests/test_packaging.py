@@ -31,8 +31,8 @@ def _fresh_python(code):
 
 def test_import_does_not_load_data_checkpoint_or_plotting_packages():
   loaded = _fresh_python(
-      "import sys, cbp_jax\n"
-      "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))").split()
+    "import sys, cbp_jax\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+  ).split()
   assert "cbp_jax" in loaded and "jax" in loaded  # the probe sees what was imported
   assert not set(HEAVY) & set(loaded)
 
@@ -40,20 +40,35 @@ def test_import_does_not_load_data_checkpoint_or_plotting_packages():
 def test_every_module_named_in_readme_works_after_a_plain_import():
   package = ROOT / "cbp_jax"
   modules = ({p.stem for p in package.glob("*.py")} - {"__init__"}) | {
-      p.parent.name for p in package.glob("*/__init__.py")}  # Subpackages (cbp_jax.methods).
+    p.parent.name for p in package.glob("*/__init__.py")
+  }  # Subpackages (cbp_jax.methods).
   named = set(re.findall(r"cbp_jax\.([a-z_]+)\b", (ROOT / "README.md").read_text())) & modules
   assert {"resnet", "sharding", "methods", "metrics"} <= named
   missing = _fresh_python(
-      "import cbp_jax, types\n"
-      f"print(' '.join(m for m in {sorted(named)!r} "
-      "if not isinstance(getattr(cbp_jax, m, None), types.ModuleType)))").split()
+    "import cbp_jax, types\n"
+    f"print(' '.join(m for m in {sorted(named)!r} "
+    "if not isinstance(getattr(cbp_jax, m, None), types.ModuleType)))"
+  ).split()
   assert missing == []
 
 
 # Every library module a user imports declares its public names; `tree_paths` and `validation` are the library's
 # own helpers (and `data`, the experiments' loaders).
-PUBLIC_MODULES = ("activations", "graph", "initializers", "methods", "metrics", "models", "prng", "reset", "resnet",
-                  "sharding", "trace", "transform", "utility")
+PUBLIC_MODULES = (
+  "activations",
+  "graph",
+  "initializers",
+  "methods",
+  "metrics",
+  "models",
+  "prng",
+  "reset",
+  "resnet",
+  "sharding",
+  "trace",
+  "transform",
+  "utility",
+)
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
@@ -108,7 +123,10 @@ def test_dependencies_are_ranges_with_floors_and_no_jaxlib():
 
 def test_floor_pins():
   assert floor_pins(["jax>=0.10.0", "numpy >= 2.0.0, <3", "tensorflow-datasets>=4.9.10"]) == [
-      "jax==0.10.0", "numpy==2.0.0", "tensorflow-datasets==4.9.10"]
+    "jax==0.10.0",
+    "numpy==2.0.0",
+    "tensorflow-datasets==4.9.10",
+  ]
   for unbounded in ("flax", "optax==0.2.8", "chex<1"):
     with pytest.raises(SystemExit, match="no '>=' lower bound"):
       floor_pins([unbounded])

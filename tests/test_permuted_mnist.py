@@ -13,24 +13,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.data import shared_data_dir
 from experiments import permuted_mnist as pm
 from experiments import runner
-from tests.resume_checks import (assert_interrupt_and_resume_is_bit_for_bit,
-                                 assert_resume_after_sigkill_is_bit_for_bit)
+from experiments.data import shared_data_dir
+from tests.resume_checks import (
+  assert_interrupt_and_resume_is_bit_for_bit,
+  assert_resume_after_sigkill_is_bit_for_bit,
+)
 
 MNIST = shared_data_dir() / "mnist"
 
 pytestmark = pytest.mark.skipif(
-    not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists(),
-    reason=f"MNIST IDX files not found in {MNIST} (tests never download data)")
+  not (MNIST / "train-images-idx3-ubyte.gz").exists() and not (MNIST / "train-images-idx3-ubyte").exists(),
+  reason=f"MNIST IDX files not found in {MNIST} (tests never download data)",
+)
 
 TINY = dict(width=16, tasks=3, examples_per_task=100, tasks_per_chunk=1, probe_size=100)
 # The one configuration the run tests share (compiled once, `make_batched` caches
 # it): BP frozen (step size 0) and learning (0.5), and CBP at a high rate and low
 # maturity, so that units are replaced within 3 tasks of 100 examples.
-CONFIG = dict(TINY, methods=["bp", "cbp"], seeds=2, sweep={"bp": {"step_size": [0.0, 0.5]}},
-              hparams={"cbp": {"step_size": 0.01, "replacement_rate": 1e-2, "maturity_threshold": 20}})
+CONFIG = dict(
+  TINY,
+  methods=["bp", "cbp"],
+  seeds=2,
+  sweep={"bp": {"step_size": [0.0, 0.5]}},
+  hparams={"cbp": {"step_size": 0.01, "replacement_rate": 1e-2, "maturity_threshold": 20}},
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,10 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
   carry = init(keys)
   params, opt_state = carry["learners"]["bp"]  # Leaves (seeds, step sizes, ...).
   head = params["Dense_3"]
-  constant = {"kernel": head["kernel"].at[0].set(0.0),
-              "bias": head["bias"].at[0].set(jnp.zeros(10).at[3].set(1.0))}
+  constant = {
+    "kernel": head["kernel"].at[0].set(0.0),
+    "bias": head["bias"].at[0].set(jnp.zeros(10).at[3].set(1.0)),
+  }
   params = {**params, "Dense_3": constant}
   carry = {**carry, "learners": {**carry["learners"], "bp": (params, opt_state)}}
   accs = []
@@ -120,6 +130,7 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
     def loss(p):
       logits = model.apply({"params": p}, x[None])
       return -jax.nn.log_softmax(logits)[0, y], jnp.argmax(logits[0]) == y
+
     (_, ok), g = jax.value_and_grad(loss, has_aux=True)(p)
     new = jax.tree.map(lambda a, b: a - lr * b, p, g)
     after = jnp.argmax(model.apply({"params": new}, x[None])[0]) == y
@@ -145,14 +156,21 @@ def test_online_accuracy_counts_predictions_before_each_step(data, images):
 def test_resume_after_interruption_is_bit_for_bit(tmp_path, data):
   config = pm.make_config(CONFIG)
   full, _, ckpt = assert_interrupt_and_resume_is_bit_for_bit(
-      functools.partial(pm.run_experiment, config, data=data, plot=False, progress=False),
-      tmp_path)
+    functools.partial(pm.run_experiment, config, data=data, plot=False, progress=False), tmp_path
+  )
   assert full.status == "complete"
   assert np.all(full.metrics["cbp"]["replaced_units"][:, -1] > 0)
   # Another config refuses to resume from these checkpoints.
   with pytest.raises(runner.ConfigMismatchError, match="width"):
-    pm.run_experiment({**config, "width": 8}, data=data, out_dir=tmp_path / "other",
-                      checkpoint_dir=ckpt, resume=True, plot=False, progress=False)
+    pm.run_experiment(
+      {**config, "width": 8},
+      data=data,
+      out_dir=tmp_path / "other",
+      checkpoint_dir=ckpt,
+      resume=True,
+      plot=False,
+      progress=False,
+    )
 
 
 def test_runs_are_deterministic_and_seeds_differ(tmp_path, data):
@@ -198,9 +216,13 @@ def test_config_validation():
 
 def test_old_config_shapes_convert_with_a_deprecation_warning():
   with pytest.warns(DeprecationWarning) as record:
-    old = pm.make_config(TINY, methods=["bp", "cbp"], seeds=2,
-                         step_sizes={"bp": [0.0, 0.5], "cbp": [0.01]},
-                         cbp={"replacement_rate": 1e-2, "maturity_threshold": 20})
+    old = pm.make_config(
+      TINY,
+      methods=["bp", "cbp"],
+      seeds=2,
+      step_sizes={"bp": [0.0, 0.5], "cbp": [0.01]},
+      cbp={"replacement_rate": 1e-2, "maturity_threshold": 20},
+    )
   assert any("use 'hparams.cbp'" in str(w.message) for w in record)
   assert old == pm.make_config(CONFIG)
 
@@ -208,7 +230,23 @@ def test_old_config_shapes_convert_with_a_deprecation_warning():
 @pytest.mark.slow
 def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """The real thing: SIGKILL the CLI after its first checkpoint, then --resume."""
-  args = ["--width", "16", "--tasks", "6", "--examples-per-task", "3000", "--probe-size", "100",
-          "--methods", "bp,cbp", "--seeds", "2", "--cbp-rate", "1e-3", "--no-plot"]
+  args = [
+    "--width",
+    "16",
+    "--tasks",
+    "6",
+    "--examples-per-task",
+    "3000",
+    "--probe-size",
+    "100",
+    "--methods",
+    "bp,cbp",
+    "--seeds",
+    "2",
+    "--cbp-rate",
+    "1e-3",
+    "--no-plot",
+  ]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.permuted_mnist"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.permuted_mnist"] + args, tmp_path
+  )

@@ -15,8 +15,16 @@ from experiments import plasticity_probes as pp
 from tests.test_continual_imagenet import TINY_RUN, synthetic_data
 from tests.test_permuted_mnist import CONFIG, pytestmark  # noqa: F401  (skips without MNIST)
 
-PROBE_NAMES = {"trainability", "trainability_loss", "trainability_fresh_init", "trainability_loss_fresh_init",
-               "hessian_top_eigenvalue", "drift", "output_churn", "prediction_churn"}
+PROBE_NAMES = {
+  "trainability",
+  "trainability_loss",
+  "trainability_fresh_init",
+  "trainability_loss_fresh_init",
+  "hessian_top_eigenvalue",
+  "drift",
+  "output_churn",
+  "prediction_churn",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +64,24 @@ def test_permuted_mnist_records_the_probes_at_each_task_and_they_match_direct_ca
     x, y = pm.task_examples(config, data, keys[s], task, jnp.arange(config["probe_size"]))
     n = probes["size"]
     labels = jax.random.randint(jax.random.fold_in(probe_key, 0), (n,), 0, 10)
-    direct = M.trainability_probe(loss, params, x[:n], labels, optax.sgd(probes["trainability_step_size"]),
-                                  probes["trainability_steps"])
+    direct = M.trainability_probe(
+      loss, params, x[:n], labels, optax.sgd(probes["trainability_step_size"]), probes["trainability_steps"]
+    )
     assert frozen["trainability"][s, 0] == pytest.approx(float(direct["loss_reduction"]), rel=1e-4, abs=1e-6)
-    eig = M.top_hessian_eigenvalue(lambda p: loss(p, x[:n], y[:n]), params, jax.random.fold_in(probe_key, 2),
-                                   probes["hessian_iterations"])
+    eig = M.top_hessian_eigenvalue(
+      lambda p: loss(p, x[:n], y[:n]), params, jax.random.fold_in(probe_key, 2), probes["hessian_iterations"]
+    )
     assert frozen["hessian_top_eigenvalue"][s, 0] == pytest.approx(float(eig), rel=1e-3)
     fresh = model.init(jax.random.fold_in(probe_key, 1), jnp.zeros((1, 784)))["params"]
-    ref = M.trainability_probe(loss, fresh, x[:n], labels, optax.sgd(probes["trainability_step_size"]),
-                               probes["trainability_steps"])
-    assert per_task[1]["cbp"]["trainability_fresh_init"][s, 0] == pytest.approx(float(ref["loss_reduction"]),
-                                                                                 rel=1e-4, abs=1e-6)
-    assert per_task[1]["cbp"]["trainability_loss_fresh_init"][s, 0] == pytest.approx(float(ref["loss_after"]),
-                                                                                      rel=1e-4)
+    ref = M.trainability_probe(
+      loss, fresh, x[:n], labels, optax.sgd(probes["trainability_step_size"]), probes["trainability_steps"]
+    )
+    assert per_task[1]["cbp"]["trainability_fresh_init"][s, 0] == pytest.approx(
+      float(ref["loss_reduction"]), rel=1e-4, abs=1e-6
+    )
+    assert per_task[1]["cbp"]["trainability_loss_fresh_init"][s, 0] == pytest.approx(
+      float(ref["loss_after"]), rel=1e-4
+    )
   # The held-out inputs are fixed for the run and are not any task's inputs.
   heldout = np.asarray(pm.heldout_examples(config, data, keys[0]))
   assert heldout.shape == (config["probes"]["heldout_size"], 784)
@@ -84,7 +97,11 @@ def test_no_probes_records_none_and_carries_nothing(data):
   assert not PROBE_NAMES & set(metrics["cbp"])
   assert "linearised_fraction" in metrics["cbp"]
   args = pm.parse_args(["--no-probes", "--probe-steps", "5"])
-  assert pm.config_from_args(args)["probes"] == {**pp.DEFAULT_PROBES, "enabled": False, "trainability_steps": 5}
+  assert pm.config_from_args(args)["probes"] == {
+    **pp.DEFAULT_PROBES,
+    "enabled": False,
+    "trainability_steps": 5,
+  }
   with pytest.raises(ValueError, match="trainability_step_size"):
     pm.make_config(probes={"trainability_step_size": 0})
 
@@ -101,5 +118,7 @@ def test_continual_imagenet_records_the_probes(tmp_path):
   heldout = np.asarray(ci.heldout_images(config, data))
   # Test images of the 4 classes in turn, then the next test image of each.
   n_train = config["train_per_class"]
-  np.testing.assert_array_equal(heldout[5], np.asarray(data["images"][1, n_train + 1], np.float32) * ci.PIXEL_SCALE)
+  np.testing.assert_array_equal(
+    heldout[5], np.asarray(data["images"][1, n_train + 1], np.float32) * ci.PIXEL_SCALE
+  )
   assert result.results["statistics"]["cbp"]["trainability"]["final"]["iqm"] is not None

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cbp_jax
 from cbp_jax import reset as reset_lib
@@ -47,6 +48,7 @@ class Net:
   The first hidden layer optionally has a per-unit affine norm ``Norm_0``
   (scale, offset: an inference-mode BatchNorm) between producer and ReLU.
   """
+
   kind: str
   inputs: int
   widths: tuple[int, ...]
@@ -77,15 +79,21 @@ class Net:
       shapes = {f"Conv_{i}": (2, 2, chans[i], w[i]) for i in range(len(w))}
       shapes["Dense_0"] = (w[-1] * self.positions, self.outputs)
     else:
-      shapes = {"Dense_0": (self.inputs, w[0]), "Dense_1": (w[0], w[1]),
-                "Dense_2": (w[1], self.outputs), "Dense_3": (w[0], self.outputs)}
+      shapes = {
+        "Dense_0": (self.inputs, w[0]),
+        "Dense_1": (w[0], w[1]),
+        "Dense_2": (w[1], self.outputs),
+        "Dense_3": (w[0], self.outputs),
+      }
     return shapes
 
   def consumers(self, name: str) -> list[tuple[str, int, str]]:
     """(consumer module, positions per unit, layout) of a hidden layer."""
     if self.kind == "fanout":
-      return {"Dense_0": [("Dense_1", 1, "channels_last"), ("Dense_3", 1, "channels_last")],
-              "Dense_1": [("Dense_2", 1, "channels_last")]}[name]
+      return {
+        "Dense_0": [("Dense_1", 1, "channels_last"), ("Dense_3", 1, "channels_last")],
+        "Dense_1": [("Dense_2", 1, "channels_last")],
+      }[name]
     i = self.hidden.index(name)
     if self.kind == "mlp":
       return [(f"Dense_{i + 1}", 1, "channels_last")]
@@ -96,11 +104,18 @@ class Net:
   def graph(self) -> cbp_jax.LayerGraph:
     layers = []
     for n, name in enumerate(self.hidden):
-      layers.append(cbp_jax.Layer(
-          name, kernel=f"{name}/kernel", bias=f"{name}/bias" if self.bias else None,
+      layers.append(
+        cbp_jax.Layer(
+          name,
+          kernel=f"{name}/kernel",
+          bias=f"{name}/bias" if self.bias else None,
           norm="Norm_0" if (self.norm and n == 0) else None,
-          consumers=[cbp_jax.Consumer(f"{c}/kernel", f"{c}/bias" if self.bias else None, layout)
-                     for c, _, layout in self.consumers(name)]))
+          consumers=[
+            cbp_jax.Consumer(f"{c}/kernel", f"{c}/bias" if self.bias else None, layout)
+            for c, _, layout in self.consumers(name)
+          ],
+        )
+      )
     return cbp_jax.LayerGraph(layers)
 
   def params(self, rng: np.random.Generator) -> dict:
@@ -110,8 +125,10 @@ class Net:
       if self.bias:
         params[module]["bias"] = jnp.asarray(rng.uniform(-1, 1, shape[-1]), jnp.float32)
     if self.norm:
-      params["Norm_0"] = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, self.widths[0]), jnp.float32),
-                          "bias": jnp.asarray(rng.uniform(-0.5, 0.5, self.widths[0]), jnp.float32)}
+      params["Norm_0"] = {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, self.widths[0]), jnp.float32),
+        "bias": jnp.asarray(rng.uniform(-0.5, 0.5, self.widths[0]), jnp.float32),
+      }
     return params
 
   def x(self, rng: np.random.Generator, batch: int = 2) -> jax.Array:
@@ -125,8 +142,9 @@ class Net:
     def layer(name, h, first=False):
       k = params[name]["kernel"]
       if k.ndim == 4:
-        z = jax.lax.conv_general_dilated(h, k, (1, 1), "VALID", precision=hp,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        z = jax.lax.conv_general_dilated(
+          h, k, (1, 1), "VALID", precision=hp, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
       else:
         z = jnp.dot(h, k, precision=hp)
       if self.bias:
@@ -157,10 +175,16 @@ def nets(draw):
   widths = tuple(draw(st.integers(1, 4)) for _ in range(depth))
   if kind == "conv":  # The flatten layouts differ only for 2+ channels.
     widths = widths[:-1] + (draw(st.integers(2, 4)),)
-  return Net(kind=kind, inputs=draw(st.integers(1, 3)), widths=widths,
-             outputs=draw(st.integers(1, 2)), norm=draw(st.booleans()), bias=draw(st.booleans()),
-             layout=draw(st.sampled_from(["channels_last", "channels_first"])) if kind == "conv" else "channels_last",
-             size=len(widths) + 2)  # 2x2 positions per channel behind the flatten.
+  return Net(
+    kind=kind,
+    inputs=draw(st.integers(1, 3)),
+    widths=widths,
+    outputs=draw(st.integers(1, 2)),
+    norm=draw(st.booleans()),
+    bias=draw(st.booleans()),
+    layout=draw(st.sampled_from(["channels_last", "channels_first"])) if kind == "conv" else "channels_last",
+    size=len(widths) + 2,
+  )  # 2x2 positions per channel behind the flatten.
 
 
 def path_of(keypath) -> str:
@@ -208,18 +232,22 @@ def init_bound(init: str, kernel_shape) -> float:
   fan_out = kernel_shape[-1] * math.prod(kernel_shape[:-2])
   g = math.sqrt(2.0)
   # kaiming_normal has no bound; 8 std is crossed with probability ~1e-15.
-  return {"kaiming": g * math.sqrt(3 / fan_in), "default": math.sqrt(1 / fan_in),
-          "xavier": g * math.sqrt(6 / (fan_in + fan_out)), "lecun": math.sqrt(3 / fan_in),
-          "kaiming_normal": 8 * g / math.sqrt(fan_in),
-          # flax's lecun_normal: a normal truncated at 2 of its scales, sqrt(1 / fan_in) / 0.8796.
-          "lecun_normal": 2 * math.sqrt(1 / fan_in) / 0.87962566103423978}[init]
+  return {
+    "kaiming": g * math.sqrt(3 / fan_in),
+    "default": math.sqrt(1 / fan_in),
+    "xavier": g * math.sqrt(6 / (fan_in + fan_out)),
+    "lecun": math.sqrt(3 / fan_in),
+    "kaiming_normal": 8 * g / math.sqrt(fan_in),
+    # flax's lecun_normal: a normal truncated at 2 of its scales, sqrt(1 / fan_in) / 0.8796.
+    "lecun_normal": 2 * math.sqrt(1 / fan_in) / 0.87962566103423978,
+  }[init]
 
 
 OPTIMIZERS = {
-    # name: (optimizer, what a fresh init holds in its parameter-shaped statistics)
-    "adam": (optax.adam(1e-3), 0.0),
-    "momentum": (optax.sgd(1e-2, momentum=0.9), 0.0),
-    "adagrad": (optax.adagrad(1e-2, initial_accumulator_value=0.1), 0.1),
+  # name: (optimizer, what a fresh init holds in its parameter-shaped statistics)
+  "adam": (optax.adam(1e-3), 0.0),
+  "momentum": (optax.sgd(1e-2, momentum=0.9), 0.0),
+  "adagrad": (optax.adagrad(1e-2, initial_accumulator_value=0.1), 0.1),
 }
 
 
@@ -227,8 +255,9 @@ OPTIMIZERS = {
 
 _select = jax.jit(reset_lib.select_lowest, static_argnums=3)
 SCORE = st.one_of(
-    st.sampled_from([0.0, 1.0, 2.0, 3.0, -1.0, np.nan, np.inf, -np.inf]),  # Ties and non-finite.
-    st.floats(-1e6, 1e6, width=32, allow_subnormal=False).filter(lambda v: v != 0.0))
+  st.sampled_from([0.0, 1.0, 2.0, 3.0, -1.0, np.nan, np.inf, -np.inf]),  # Ties and non-finite.
+  st.floats(-1e6, 1e6, width=32, allow_subnormal=False).filter(lambda v: v != 0.0),
+)
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -256,7 +285,7 @@ def test_select_lowest_picks_the_lowest_eligible_finite_scores(data):
 # --- The reset kernel on random graphs ----------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reset_program(net: Net, init: str, correct: bool, optimizer: str):
   """One compiled call: reset_units, touched_slices and reset_optimizer_state."""
   graph = net.graph()
@@ -268,8 +297,9 @@ def reset_program(net: Net, init: str, correct: bool, optimizer: str):
     plain_out, acts = net.forward(post, x)
     f_hat = {n: jnp.mean(a.reshape(-1, a.shape[-1]), axis=0) for n, a in acts.items()}
     selections = {n: reset_lib.Selection(i) for n, i in indices.items()}
-    new_updates = reset_lib.reset_units(updates, params, layers, selections, key, init=init,
-                                        mean_activation=f_hat if correct else None)
+    new_updates = reset_lib.reset_units(
+      updates, params, layers, selections, key, init=init, mean_activation=f_hat if correct else None
+    )
     touched = reset_lib.touched_slices(layers, selections)
     new_params = optax.apply_updates(params, new_updates)
     new_state = reset_lib.reset_optimizer_state(inner, opt_state, new_params, touched)
@@ -322,11 +352,13 @@ def test_reset_kernel_on_random_graphs(net, data):
   updates[first.split("/")[0]]["kernel"] = -get(params, first)
   inner, fresh_value = OPTIMIZERS[opt_name]
   opt_state = optax.tree_utils.tree_map_params(
-      inner, lambda v: jnp.asarray(rng.uniform(0.2, 1.0, v.shape), v.dtype), inner.init(params))
+    inner, lambda v: jnp.asarray(rng.uniform(0.2, 1.0, v.shape), v.dtype), inner.init(params)
+  )
   key = jax.random.key(data.draw(st.integers(0, 1000), label="key"))
 
-  new_updates, touched, new_state, f_hat, plain_out, reset_out = reset_program(
-      net, init, correct, opt_name)(params, updates, opt_state, indices, key, net.x(rng))
+  new_updates, touched, new_state, f_hat, plain_out, reset_out = reset_program(net, init, correct, opt_name)(
+    params, updates, opt_state, indices, key, net.x(rng)
+  )
 
   paths = leaf_paths(params)
   masks = expected_reset_masks(net, params, selected)
@@ -340,7 +372,8 @@ def test_reset_kernel_on_random_graphs(net, data):
     for n, name in enumerate(net.hidden):
       for consumer, positions, layout in net.consumers(name):
         w = np.asarray(get(params, f"{consumer}/kernel"), np.float64) + np.asarray(
-            get(updates, f"{consumer}/kernel"), np.float64)
+          get(updates, f"{consumer}/kernel"), np.float64
+        )
         shift = consumer_bias.setdefault(f"{consumer}/bias", np.zeros(w.shape[-1]))
         if correct:
           for i in selected[name]:
@@ -354,8 +387,9 @@ def test_reset_kernel_on_random_graphs(net, data):
     assert new_u.dtype == old_u.dtype
     keep = ~masks[path]
     if path in consumer_bias:
-      np.testing.assert_allclose(new_u[keep], (old_u + consumer_bias[path])[keep],
-                                 rtol=1e-5, atol=1e-5, err_msg=path)
+      np.testing.assert_allclose(
+        new_u[keep], (old_u + consumer_bias[path])[keep], rtol=1e-5, atol=1e-5, err_msg=path
+      )
       if not correct:
         np.testing.assert_array_equal(new_u[keep], old_u[keep], err_msg=path)
     else:
@@ -363,8 +397,9 @@ def test_reset_kernel_on_random_graphs(net, data):
       np.testing.assert_array_equal((p + new_u)[keep], (p + old_u)[keep], err_msg=path)
 
   new_p = jax.tree.map(lambda a, b: np.asarray(a) + np.asarray(b), params, new_updates)
-  redrawn = {f"{name}/kernel": np.isin(np.arange(n), selected[name])
-             for name, n in zip(net.hidden, net.widths)}
+  redrawn = {
+    f"{name}/kernel": np.isin(np.arange(n), selected[name]) for name, n in zip(net.hidden, net.widths)
+  }
   for n, name in enumerate(net.hidden):
     units = selected[name]
     k = get(new_p, f"{name}/kernel")
@@ -391,10 +426,12 @@ def test_reset_kernel_on_random_graphs(net, data):
   # at fields that do not mirror the parameters (step counts).
   param_masks = jax.tree.unflatten(jax.tree.structure(params), [masks[p] for p in paths])
   state_masks = optax.tree_utils.tree_map_params(
-      inner, lambda _, m: m, new_state, param_masks, transform_non_params=lambda _: "other")
+    inner, lambda _, m: m, new_state, param_masks, transform_non_params=lambda _: "other"
+  )
   mirrored = 0
-  for mask, after, before in zip(jax.tree.leaves(state_masks), jax.tree.leaves(new_state),
-                                 jax.tree.leaves(opt_state), strict=True):
+  for mask, after, before in zip(
+    jax.tree.leaves(state_masks), jax.tree.leaves(new_state), jax.tree.leaves(opt_state), strict=True
+  ):
     after, before = np.asarray(after), np.asarray(before)
     if isinstance(mask, str):
       np.testing.assert_array_equal(after, before)
@@ -426,7 +463,8 @@ def test_resolved_graph_and_touched_slices_match_the_description(net, data):
     assert paths[layer.kernel] == f"{name}/kernel"
     assert layer.fan_in == math.prod(shapes[name][:-1])
     assert [(paths[c.kernel], c.positions, c.layout) for c in layer.consumers] == [
-        (f"{c}/kernel", p, l) for c, p, l in net.consumers(name)]
+      (f"{c}/kernel", p, l) for c, p, l in net.consumers(name)
+    ]
 
   selected, selections = {}, {}
   for name, n in zip(net.hidden, net.widths):
@@ -449,7 +487,8 @@ def test_resolved_graph_and_touched_slices_match_the_description(net, data):
     inferred = cbp_jax.graph_from_params(params)
     assert inferred.names == tuple(net.hidden)
     assert [[c.kernel for c in l.consumers] for l in inferred] == [
-        [f"{c}/kernel" for c, _, _ in net.consumers(n)] for n in net.hidden]
+      [f"{c}/kernel" for c, _, _ in net.consumers(n)] for n in net.hidden
+    ]
 
 
 # --- cbp() on whole runs with traced hyperparameters ------------------------
@@ -462,6 +501,7 @@ RATES = [0.0, 1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]  # Dyadic: float32 count
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """A network for the cbp() runs, with cbp's static options."""
+
   name: str
   utility: str
   count_basis: str
@@ -470,15 +510,16 @@ class Arch:
 
 
 ARCHS = {
-    # The tests' flax MLP; "contribution" ignores incoming weights, so a zero
-    # first kernel (constant activations) gives finite utilities.
-    "mlp": Arch("mlp", "contribution", "eligible", 2),
-    # Conv -> conv -> channels-first flatten -> dense, with a norm; magnitudes
-    # refreshed a slice at a time (the invariants below hold either way).
-    "conv": Arch("conv", "adaptable_contribution", "layer", None, magnitude_refresh_every=3),
+  # The tests' flax MLP; "contribution" ignores incoming weights, so a zero
+  # first kernel (constant activations) gives finite utilities.
+  "mlp": Arch("mlp", "contribution", "eligible", 2),
+  # Conv -> conv -> channels-first flatten -> dense, with a norm; magnitudes
+  # refreshed a slice at a time (the invariants below hold either way).
+  "conv": Arch("conv", "adaptable_contribution", "layer", None, magnitude_refresh_every=3),
 }
-CONV_NET = Net(kind="conv", inputs=1, widths=(3, 4), outputs=2, norm=True, bias=True,
-               layout="channels_first", size=4)
+CONV_NET = Net(
+  kind="conv", inputs=1, widths=(3, 4), outputs=2, norm=True, bias=True, layout="channels_first", size=4
+)
 
 
 def arch_net(arch: Arch):
@@ -490,7 +531,7 @@ def arch_net(arch: Arch):
   return CONV_NET.params(np.random.default_rng(0)), CONV_NET.forward, CONV_NET
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cbp_run(arch_name: str):
   """A compiled run of STEPS steps of cbp(optimizer=adam(lr)), all hyperparameters traced.
 
@@ -503,10 +544,18 @@ def cbp_run(arch_name: str):
 
   def run(params, lr, rate, maturity, decay, key, xs, ys):
     inner = optax.adam(lr)
-    tx = cbp_jax.cbp(graph, key=key, replacement_rate=rate, maturity_threshold=maturity,
-                     decay_rate=decay, utility=arch.utility, count_basis=arch.count_basis,
-                     optimizer=inner, max_replacements_per_step=arch.bound,
-                     magnitude_refresh_every=arch.magnitude_refresh_every)
+    tx = cbp_jax.cbp(
+      graph,
+      key=key,
+      replacement_rate=rate,
+      maturity_threshold=maturity,
+      decay_rate=decay,
+      utility=arch.utility,
+      count_basis=arch.count_basis,
+      optimizer=inner,
+      max_replacements_per_step=arch.bound,
+      magnitude_refresh_every=arch.magnitude_refresh_every,
+    )
 
     def loss_fn(p, x, y):
       out, acts = forward(p, x)
@@ -517,10 +566,16 @@ def cbp_run(arch_name: str):
       (_, acts), g = jax.value_and_grad(loss_fn, has_aux=True)(p, *batch)
       plain_u, plain_inner = inner.update(g, s.inner_state, p)
       u, s2 = tx.update(g, s, p, activations=acts)
-      record = dict(age_before={n: st_.age for n, st_ in s.statistics.items()},
-                    age_after={n: st_.age for n, st_ in s2.statistics.items()},
-                    replaced=s2.last_replaced, updates=u, plain_updates=plain_u,
-                    inner=s2.inner_state[0], plain_inner=plain_inner[0], nonfinite=s2.nonfinite)
+      record = dict(
+        age_before={n: st_.age for n, st_ in s.statistics.items()},
+        age_after={n: st_.age for n, st_ in s2.statistics.items()},
+        replaced=s2.last_replaced,
+        updates=u,
+        plain_updates=plain_u,
+        inner=s2.inner_state[0],
+        plain_inner=plain_inner[0],
+        nonfinite=s2.nonfinite,
+      )
       return (optax.apply_updates(p, u), s2), record
 
     (p, s), records = jax.lax.scan(body, (params, tx.init(params)), (xs, ys))
@@ -545,9 +600,14 @@ def expected_counts(age_before, width, rate, maturity, basis, bound):
 
 
 @settings(max_examples=20, **SETTINGS)
-@given(arch_name=st.sampled_from(sorted(ARCHS)), rate=st.sampled_from(RATES),
-       maturity=st.integers(0, 8), decay=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
-       seed=st.integers(0, 2**31 - 1), constant=st.booleans())
+@given(
+  arch_name=st.sampled_from(sorted(ARCHS)),
+  rate=st.sampled_from(RATES),
+  maturity=st.integers(0, 8),
+  decay=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+  seed=st.integers(0, 2**31 - 1),
+  constant=st.booleans(),
+)
 def test_cbp_runs_with_random_rates_and_maturities(arch_name, rate, maturity, decay, seed, constant):
   """Per step of a cbp(optimizer=adam) run:
 
@@ -570,11 +630,14 @@ def test_cbp_runs_with_random_rates_and_maturities(arch_name, rate, maturity, de
   xs = jnp.asarray(rng.normal(size=(STEPS,) + x0.shape), jnp.float32)
   ys = jnp.asarray(rng.normal(size=(STEPS, 2, 2)), jnp.float32)
   if constant:
-    params = dict(params, Dense_0={"kernel": jnp.zeros((3, 5)),
-                                   "bias": jnp.asarray(rng.uniform(0.2, 1.0, 5), jnp.float32)})
+    params = dict(
+      params,
+      Dense_0={"kernel": jnp.zeros((3, 5)), "bias": jnp.asarray(rng.uniform(0.2, 1.0, 5), jnp.float32)},
+    )
   lr = 0.0 if constant else 1e-2
-  final, state, rec = cbp_run(arch_name)(params, lr, rate, maturity, decay,
-                                         jax.random.key(seed % 1000), xs, ys)
+  final, state, rec = cbp_run(arch_name)(
+    params, lr, rate, maturity, decay, jax.random.key(seed % 1000), xs, ys
+  )
   rec = jax.tree.map(np.asarray, rec)
   assert int(state.nonfinite) == 0
   paths = leaf_paths(params)

@@ -26,14 +26,18 @@ def test_usage_snippet_runs_and_trains():
 
 
 def test_nnx_end_to_end_snippet_traces_trains_and_resets_units():
-  import cbp_jax
   import numpy as np
+
+  import cbp_jax
+
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   namespace = {}
   exec(compile(blocks[1], "README.md", "exec"), namespace)
   graph, carry, model = namespace["graph"], namespace["carry"], namespace["model"]
   assert [(l.name, l.norm, l.activation, l.consumers[0].kernel) for l in graph] == [
-      ("encoder", "norm", "relu", "hidden/kernel"), ("hidden", None, "gelu", "decoder/kernel")]
+    ("encoder", "norm", "relu", "hidden/kernel"),
+    ("hidden", None, "gelu", "decoder/kernel"),
+  ]
   stats = cbp_jax.unit_stats(carry[2])
   assert all(int(s["replaced"]) > 0 for s in stats.values())
   np.testing.assert_array_equal(model.hidden.kernel[...], carry[0]["hidden"]["kernel"])

@@ -12,8 +12,8 @@ from flax import linen as nn
 
 import cbp_jax
 from cbp_jax import initializers
+from tests.cbp_steps import FanOut, batches, conv_graph_params, fan_out_graph, make_step, mlp
 from tests.numpy_reference import NumpyUnitStats, consumer_rows
-from tests.cbp_steps import batches, conv_graph_params, fan_out_graph, FanOut, make_step, mlp
 
 
 def test_lowest_utility_units_are_the_ones_replaced():
@@ -31,9 +31,17 @@ def test_lowest_utility_units_are_the_ones_replaced():
 @pytest.mark.parametrize("init", initializers.INITS)
 def test_reset_zeroes_outgoing_redraws_incoming_and_leaves_the_rest(init):
   model, params = mlp(hidden=(6, 5))
-  tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=0.1,
-      maturity_threshold=2, init=init, next_bias_correction=False))
+  tx = optax.chain(
+    optax.sgd(0.05),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=0.1,
+      maturity_threshold=2,
+      init=init,
+      next_bias_correction=False,
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   seen = 0
@@ -61,29 +69,39 @@ GLOROT = nn.initializers.glorot_uniform()  # Depends on fan-out: the callable mu
 def test_new_columns_follow_the_initial_distribution(init):
   """Moments and range of 16 x 400 redrawn weights against the initializers' formulas."""
   fan_in, width, slots = 400, 64, 16
-  params = {"hidden": {"kernel": jnp.full((fan_in, width), 7.0), "bias": jnp.zeros(width)},
-            "head": {"kernel": jnp.ones((width, 2)), "bias": jnp.zeros(2)}}
-  graph = cbp_jax.LayerGraph([cbp_jax.Layer("hidden", kernel="hidden/kernel", bias="hidden/bias",
-                                            consumers=(cbp_jax.Consumer("head/kernel"),))])
+  params = {
+    "hidden": {"kernel": jnp.full((fan_in, width), 7.0), "bias": jnp.zeros(width)},
+    "head": {"kernel": jnp.ones((width, 2)), "bias": jnp.zeros(2)},
+  }
+  graph = cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        "hidden", kernel="hidden/kernel", bias="hidden/bias", consumers=(cbp_jax.Consumer("head/kernel"),)
+      )
+    ]
+  )
   layers, _, _ = cbp_jax.graph.resolve(graph, params)
   chosen = jnp.arange(0, 2 * slots, 2)
   updates = jax.tree.map(jnp.zeros_like, params)
-  new = optax.apply_updates(params, cbp_jax.reset.reset_units(
-      updates, params, layers, {"hidden": cbp_jax.reset.Selection(chosen)}, jax.random.key(3),
-      init=init))
+  new = optax.apply_updates(
+    params,
+    cbp_jax.reset.reset_units(
+      updates, params, layers, {"hidden": cbp_jax.reset.Selection(chosen)}, jax.random.key(3), init=init
+    ),
+  )
   k = np.asarray(new["hidden"]["kernel"], np.float64)
   drawn = k[:, np.asarray(chosen)].ravel()
   untouched = np.delete(k, np.asarray(chosen), axis=1)
   np.testing.assert_array_equal(untouched, 7.0)
   gain = math.sqrt(2.0)
   expected_std = {
-      "kaiming": gain * math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
-      "default": math.sqrt(1.0 / fan_in) / math.sqrt(3.0),
-      "xavier": gain * math.sqrt(6.0 / (fan_in + width)) / math.sqrt(3.0),
-      "lecun": math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
-      "kaiming_normal": gain / math.sqrt(fan_in),
-      "lecun_normal": math.sqrt(1.0 / fan_in),  # flax's: variance 1 / fan_in after truncation.
-      GLOROT: math.sqrt(6.0 / (fan_in + width)) / math.sqrt(3.0),  # fan-out 64, not the 16 drawn.
+    "kaiming": gain * math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
+    "default": math.sqrt(1.0 / fan_in) / math.sqrt(3.0),
+    "xavier": gain * math.sqrt(6.0 / (fan_in + width)) / math.sqrt(3.0),
+    "lecun": math.sqrt(3.0 / fan_in) / math.sqrt(3.0),
+    "kaiming_normal": gain / math.sqrt(fan_in),
+    "lecun_normal": math.sqrt(1.0 / fan_in),  # flax's: variance 1 / fan_in after truncation.
+    GLOROT: math.sqrt(6.0 / (fan_in + width)) / math.sqrt(3.0),  # fan-out 64, not the 16 drawn.
   }[init]
   # 6,400 draws: the sample std is within 3% and the mean within 4 standard errors.
   assert abs(drawn.std() / expected_std - 1) < 0.03
@@ -146,9 +164,16 @@ def constant_unit_params(params, layer, values):
 def test_bias_correction_preserves_the_function_when_activations_are_constant(correct):
   model, params = mlp(hidden=(6,), inputs=4, outputs=3)
   params = constant_unit_params(params, "Dense_0", jnp.linspace(0.5, 1.5, 6))
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=0.25,
-      maturity_threshold=3, next_bias_correction=correct))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=0.25,
+      maturity_threshold=3,
+      next_bias_correction=correct,
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   probe = jax.random.normal(jax.random.key(9), (16, 4))
@@ -167,9 +192,16 @@ def test_bias_correction_amount_is_w_out_times_mean_activation():
   model, params = mlp(hidden=(6,), inputs=4, outputs=3)
   values = jnp.linspace(0.5, 1.5, 6)
   params = constant_unit_params(params, "Dense_0", values)
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=1 / 6,
-      maturity_threshold=0, max_replacements_per_step=1))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=1 / 6,
+      maturity_threshold=0,
+      max_replacements_per_step=1,
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   x, y = next(batches(1))
@@ -181,9 +213,16 @@ def test_bias_correction_amount_is_w_out_times_mean_activation():
 
 def test_conv_reset_hits_exactly_the_channel_positions_after_flatten():
   model, params = conv_graph_params()
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=2 / 128,
-      maturity_threshold=0, count_basis="layer"))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=2 / 128,
+      maturity_threshold=0,
+      count_basis="layer",
+    ),
+  )
   state = tx.init(params)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   new, state, _, _ = make_step(model, tx)(params, state, x, jnp.zeros((2, 2)))
@@ -208,8 +247,9 @@ def test_several_consumers_and_a_layer_norm():
   model = FanOut()
   params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
   params["LayerNorm_0"] = {"scale": jnp.full((6,), 2.0), "bias": jnp.full((6,), 0.3)}
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      fan_out_graph(), key=0, replacement_rate=0.5, maturity_threshold=2))
+  tx = optax.chain(
+    optax.sgd(0.0), cbp_jax.cbp(fan_out_graph(), key=0, replacement_rate=0.5, maturity_threshold=2)
+  )
   state = tx.init(params)
   ref = NumpyUnitStats(6, 0.99)
   step = make_step(model, tx)

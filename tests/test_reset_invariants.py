@@ -34,33 +34,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import cbp_jax
 from tests.test_properties import SETTINGS, Net, nets
 
 # (accumulate, count_basis) of cbp, or ReDo: the methods with a bias correction.
-METHODS = ("cbp/accumulate/eligible", "cbp/accumulate/layer", "cbp/lottery/eligible",
-           "cbp/lottery/layer", "redo")
+METHODS = (
+  "cbp/accumulate/eligible",
+  "cbp/accumulate/layer",
+  "cbp/lottery/eligible",
+  "cbp/lottery/layer",
+  "redo",
+)
 # Every method that resets units, for the finiteness property.
 RESETTING = METHODS + ("regrama", "snr")
 
 
 def make_tx(method, graph, key, rate, decay, tau, inner):
   if method == "redo":
-    return cbp_jax.methods.redo(graph, key=key, tau=tau, period=1, optimizer=inner,
-                        next_bias_correction=True)
+    return cbp_jax.methods.redo(graph, key=key, tau=tau, period=1, optimizer=inner, next_bias_correction=True)
   if method == "regrama":  # tau scales the gradient score, so large taus reset every unit.
     return cbp_jax.methods.regrama(graph, key=key, tau=tau, period=1, optimizer=inner)
   if method == "snr":  # See one_step: units silent on the batch are reset.
     return cbp_jax.methods.snr(graph, key=key, eta=0.5, optimizer=inner)
   _, mode, basis = method.split("/")
-  return cbp_jax.cbp(graph, key=key, replacement_rate=rate, maturity_threshold=0,
-                     decay_rate=decay, utility="contribution", accumulate=mode == "accumulate",
-                     count_basis=basis, optimizer=inner, max_replacements_per_step=4)
+  return cbp_jax.cbp(
+    graph,
+    key=key,
+    replacement_rate=rate,
+    maturity_threshold=0,
+    decay_rate=decay,
+    utility="contribution",
+    accumulate=mode == "accumulate",
+    count_basis=basis,
+    optimizer=inner,
+    max_replacements_per_step=4,
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def one_step(net: Net, method: str, optimizer: str):
   """Compiled: one step from a fresh state; returns the params with and without the reset."""
   graph = net.graph()
@@ -72,9 +86,10 @@ def one_step(net: Net, method: str, optimizer: str):
     state = tx.init(params)
     if method == "snr":  # A history that makes a unit silent on this batch overdue for a reset.
       state = state._replace(
-          firing_rate=jax.tree.map(lambda r: jnp.full_like(r, 0.5), state.firing_rate),
-          seen=jax.tree.map(lambda r: jnp.full_like(r, 20.0), state.seen),
-          streak=jax.tree.map(lambda r: jnp.full_like(r, 20.0), state.streak))
+        firing_rate=jax.tree.map(lambda r: jnp.full_like(r, 0.5), state.firing_rate),
+        seen=jax.tree.map(lambda r: jnp.full_like(r, 20.0), state.seen),
+        streak=jax.tree.map(lambda r: jnp.full_like(r, 20.0), state.streak),
+      )
     updates, state = tx.update(grads, state, params, activations=acts)
     plain, _ = inner.update(grads, inner.init(params), params)
     replaced = sum(jnp.sum(m) for m in state.last_replaced.values())
@@ -88,8 +103,13 @@ def finite(tree) -> bool:
 
 
 @settings(max_examples=8, **SETTINGS)
-@given(net=nets(), method=st.sampled_from(RESETTING), optimizer=st.sampled_from(["sgd", "adam"]),
-       scale=st.sampled_from([1.0, 30.0, 1e3]), data=st.data())
+@given(
+  net=nets(),
+  method=st.sampled_from(RESETTING),
+  optimizer=st.sampled_from(["sgd", "adam"]),
+  scale=st.sampled_from([1.0, 30.0, 1e3]),
+  data=st.data(),
+)
 def test_a_reset_step_keeps_finite_parameters_finite(net, method, optimizer, scale, data):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
   params = jax.tree.map(lambda p: p * scale, net.params(rng))
@@ -101,7 +121,8 @@ def test_a_reset_step_keeps_finite_parameters_finite(net, method, optimizer, sca
   decay = data.draw(st.sampled_from([0.0, 0.9, 0.99]), label="decay")
   tau = data.draw(st.sampled_from([0.0, 0.5, 10.0]), label="tau")
   new, plain, replaced = one_step(net, method, optimizer)(
-      params, grads, lr, rate, decay, tau, jax.random.key(0), x)
+    params, grads, lr, rate, decay, tau, jax.random.key(0), x
+  )
   assert finite(plain)
   assert finite(new), f"{method}: {int(replaced)} units replaced, parameters not finite"
 
@@ -125,14 +146,15 @@ def test_bias_correction_keeps_the_loss_on_the_batch_of_its_statistics(net, meth
   y = jnp.asarray(rng.normal(size=(1, net.outputs)), jnp.float32)
   decay = data.draw(st.sampled_from([0.0, 0.9, 0.99]), label="decay")
   new, plain, replaced = one_step(net, method, "sgd")(
-      params, zero, 0.1, 1.0, decay, 10.0, jax.random.key(1), x)
+    params, zero, 0.1, 1.0, decay, 10.0, jax.random.key(1), x
+  )
   assume(int(replaced) > 0)
   before, _ = net.forward(plain, x)
   after, _ = net.forward(new, x)
   scale = 1.0 + float(np.max(np.abs(before)))
   np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5 * scale)
   loss = lambda out: float(jnp.mean((out - y) ** 2))
-  np.testing.assert_allclose(loss(after), loss(before), rtol=1e-4, atol=1e-6 * scale ** 2)
+  np.testing.assert_allclose(loss(after), loss(before), rtol=1e-4, atol=1e-6 * scale**2)
 
 
 def test_bias_correction_keeps_only_the_batch_mean_on_varied_examples():
@@ -141,16 +163,22 @@ def test_bias_correction_keeps_only_the_batch_mean_on_varied_examples():
   batch mean exactly (it becomes that mean on both examples), so the
   per-example outputs, and the squared loss, change."""
   net = Net(kind="mlp", inputs=2, widths=(3,), outputs=1, norm=False, bias=True)
-  params = {"Dense_0": {"kernel": jnp.asarray([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]]),
-                        "bias": jnp.asarray([0.1, 0.2, 0.3])},
-            "Dense_1": {"kernel": jnp.asarray([[0.7], [-0.4], [0.9]]), "bias": jnp.asarray([0.05])}}
+  params = {
+    "Dense_0": {
+      "kernel": jnp.asarray([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]]),
+      "bias": jnp.asarray([0.1, 0.2, 0.3]),
+    },
+    "Dense_1": {"kernel": jnp.asarray([[0.7], [-0.4], [0.9]]), "bias": jnp.asarray([0.05])},
+  }
   x = jnp.asarray([[1.0, 2.0], [-1.0, 0.5]])
-  h = np.maximum(np.asarray(x) @ np.asarray(params["Dense_0"]["kernel"])
-                 + np.asarray(params["Dense_0"]["bias"]), 0.0)
+  h = np.maximum(
+    np.asarray(x) @ np.asarray(params["Dense_0"]["kernel"]) + np.asarray(params["Dense_0"]["bias"]), 0.0
+  )
   assert np.ptp(h, axis=0).max() > 0.1  # Activations differ between the two examples.
   zero = jax.tree.map(jnp.zeros_like, params)
   new, plain, replaced = one_step(net, "cbp/accumulate/layer", "sgd")(
-      params, zero, 0.1, 1.0, 0.9, 0.0, jax.random.key(2), x)
+    params, zero, 0.1, 1.0, 0.9, 0.0, jax.random.key(2), x
+  )
   assert int(replaced) == 3
   before, _ = net.forward(plain, x)
   after, _ = net.forward(new, x)

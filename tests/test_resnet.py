@@ -19,8 +19,7 @@ import optax
 import pytest
 
 import cbp_jax
-from cbp_jax import initializers
-from cbp_jax import resnet
+from cbp_jax import initializers, resnet
 from tests.numpy_reference import NumpyUnitStats, consumer_rows
 from tests.resnet_helpers import STAGES, WIDTH, forward, small_resnet
 
@@ -36,11 +35,17 @@ def cbp_step(model, variables, x, *, rate):
   return _compiled_step(model, rate)(variables, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_step(model, rate):
   graph = resnet.resnet_graph(model)
-  tx = cbp_jax.cbp(graph, key=3, replacement_rate=rate, maturity_threshold=0,
-                   count_basis="layer", optimizer=optax.sgd(0.0, momentum=0.9))
+  tx = cbp_jax.cbp(
+    graph,
+    key=3,
+    replacement_rate=rate,
+    maturity_threshold=0,
+    count_basis="layer",
+    optimizer=optax.sgd(0.0, momentum=0.9),
+  )
 
   @jax.jit
   def step(variables, x):
@@ -48,7 +53,7 @@ def _compiled_step(model, rate):
 
     def loss_fn(p):
       out, stats, acts, conv2 = forward(model, {**variables, "params": p}, x)
-      return jnp.sum(out ** 2), (stats, acts, conv2)
+      return jnp.sum(out**2), (stats, acts, conv2)
 
     (_, (stats, acts, conv2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
     updates, state = tx.update(grads, state, variables["params"], activations=acts)
@@ -65,8 +70,10 @@ def f32(x):
 
 
 def flat(tree):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 # --- The graph --------------------------------------------------------------
@@ -74,8 +81,7 @@ def flat(tree):
 
 def test_resnet18_graph_is_the_inner_units_of_every_block():
   model = resnet.ResNet18(num_classes=100)
-  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
-                          jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False), jax.random.key(0))
   params = shapes["params"]
   graph = resnet.resnet_graph(model)
   assert graph.names == tuple(f"block{s}_{b}/conv1" for s in (1, 2, 3, 4) for b in (0, 1))
@@ -93,8 +99,10 @@ def test_resnet18_graph_is_the_inner_units_of_every_block():
     cbp_jax.graph_from_params(params)
   # Every ReLU is recorded under the names the graph and the metrics use (shapes only).
   _, col = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats", "activations"]),
-      {"params": params, "batch_stats": shapes["batch_stats"]}, jnp.zeros((2, 32, 32, 3)))
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats", "activations"]),
+    {"params": params, "batch_stats": shapes["batch_stats"]},
+    jnp.zeros((2, 32, 32, 3)),
+  )
   acts = cbp_jax.collect_activations(col["activations"])
   assert sorted(acts) == sorted(resnet.relu_layer_names(model))
   assert acts["block3_0/conv1"].shape == (2, 8, 8, 256)
@@ -131,7 +139,8 @@ def test_block_reset_against_numpy():
     kin = new_p[f"{b}/conv1/kernel"]
     bound = initializers.scale("kaiming", math.prod(kin.shape[:-1]), 1, "relu")
     assert np.all(np.abs(kin[..., mask]) <= bound) and not np.array_equal(
-        kin[..., mask], old_p[f"{b}/conv1/kernel"][..., mask])
+      kin[..., mask], old_p[f"{b}/conv1/kernel"][..., mask]
+    )
     np.testing.assert_array_equal(kin[..., keep], old_p[f"{b}/conv1/kernel"][..., keep])
     np.testing.assert_array_equal(new_p[f"{b}/conv1/bias"][mask], 0.0)
     # BatchNorm of the unit: parameters and running statistics.
@@ -150,10 +159,17 @@ def test_block_reset_against_numpy():
     h = np.asarray(acts[name], np.float64)
     f_hat = h.reshape(-1, n).mean(axis=0)
     delta = np.einsum("hwio,i->o", k2_old[:, :, mask, :].astype(np.float64), f_hat[mask])
-    np.testing.assert_allclose(new_p[f"{b}/conv2/bias"], old_p[f"{b}/conv2/bias"] + delta,
-                               rtol=1e-5, atol=1e-6)
-    touched |= {f"{b}/conv1/kernel", f"{b}/conv1/bias", f"{b}/bn1/scale", f"{b}/bn1/bias",
-                f"{b}/conv2/kernel", f"{b}/conv2/bias"}
+    np.testing.assert_allclose(
+      new_p[f"{b}/conv2/bias"], old_p[f"{b}/conv2/bias"] + delta, rtol=1e-5, atol=1e-6
+    )
+    touched |= {
+      f"{b}/conv1/kernel",
+      f"{b}/conv1/bias",
+      f"{b}/bn1/scale",
+      f"{b}/bn1/bias",
+      f"{b}/conv2/kernel",
+      f"{b}/conv2/bias",
+    }
   # Everything else: bitwise unchanged (lr 0), the skip path included.
   for path in old_p:
     if path not in touched:
@@ -173,8 +189,7 @@ def test_block_function_is_preserved_away_from_the_border():
   params = jax.tree.map(lambda a: a, variables["params"])
   for b in resnet.block_names(STAGES):
     n = params[b]["conv1"]["bias"].shape[0]
-    params[b]["conv1"] = {"kernel": jnp.zeros_like(params[b]["conv1"]["kernel"]),
-                          "bias": f32(np.zeros(n))}
+    params[b]["conv1"] = {"kernel": jnp.zeros_like(params[b]["conv1"]["kernel"]), "bias": f32(np.zeros(n))}
     params[b]["bn1"] = {"scale": f32(np.ones(n)), "bias": f32(np.linspace(0.2, 0.8, n))}
   variables = {**variables, "params": params}
   _, _, _, before = forward(model, variables, x)
@@ -184,16 +199,21 @@ def test_block_function_is_preserved_away_from_the_border():
   _, _, _, after = forward(model, new, x)
   b = "block1_0"
   assert np.asarray(state.last_replaced[f"{b}/conv1"]).sum() == WIDTH // 2
-  np.testing.assert_allclose(np.asarray(after[b])[:, 1:-1, 1:-1], np.asarray(before[b])[:, 1:-1, 1:-1],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(after[b])[:, 1:-1, 1:-1], np.asarray(before[b])[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5
+  )
   # At a corner, the padded taps' weights times the constant were added in excess.
   mask = np.asarray(state.last_replaced[f"{b}/conv1"])
   k2 = np.asarray(variables["params"][b]["conv2"]["kernel"], np.float64)
   c = np.asarray(acts[f"{b}/conv1"], np.float64)[0, 0, 0]
   padded_taps = [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]  # Outside the map at the top-left corner.
   excess = sum(k2[i, j][mask].T @ c[mask] for i, j in padded_taps)
-  np.testing.assert_allclose(np.asarray(after[b])[:, 0, 0] - np.asarray(before[b])[:, 0, 0],
-                             np.broadcast_to(excess, (x.shape[0], excess.size)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(after[b])[:, 0, 0] - np.asarray(before[b])[:, 0, 0],
+    np.broadcast_to(excess, (x.shape[0], excess.size)),
+    rtol=1e-4,
+    atol=1e-5,
+  )
 
 
 def test_block_utilities_match_numpy_over_steps():
@@ -201,17 +221,24 @@ def test_block_utilities_match_numpy_over_steps():
   (over the window and outputs) times mean |h| over batch and positions, running."""
   model, variables, x = small_resnet()
   graph = resnet.resnet_graph(model)
-  tx = cbp_jax.cbp(graph, key=0, utility="contribution", decay_rate=0.9, maturity_threshold=1000,
-                   count_basis="layer", optimizer=optax.sgd(0.05, momentum=0.9))
+  tx = cbp_jax.cbp(
+    graph,
+    key=0,
+    utility="contribution",
+    decay_rate=0.9,
+    maturity_threshold=1000,
+    count_basis="layer",
+    optimizer=optax.sgd(0.05, momentum=0.9),
+  )
   state = tx.init(variables["params"])
-  refs = {f"{b}/conv1": NumpyUnitStats(WIDTH * 2 ** s, 0.9)
-          for s, b in enumerate(resnet.block_names(STAGES))}
+  refs = {f"{b}/conv1": NumpyUnitStats(WIDTH * 2**s, 0.9) for s, b in enumerate(resnet.block_names(STAGES))}
 
   @jax.jit
   def step(variables, state, x):
     def loss_fn(p):
       out, stats, acts, _ = forward(model, {**variables, "params": p}, x)
-      return jnp.mean(out ** 2), (stats, acts)
+      return jnp.mean(out**2), (stats, acts)
+
     (_, (stats, acts)), g = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
     updates, state = tx.update(g, state, variables["params"], activations=acts)
     return {"params": optax.apply_updates(variables["params"], updates), "batch_stats": stats}, state, acts
@@ -223,8 +250,9 @@ def test_block_utilities_match_numpy_over_steps():
     for name, ref in refs.items():
       block = name.split("/")[0]
       w_out = consumer_rows(variables["params"][block]["conv2"]["kernel"], ref.utility.size)
-      u, f = ref.step(np.asarray(acts[name]), variables["params"][block]["conv1"]["kernel"],
-                      [w_out], "contribution")
+      u, f = ref.step(
+        np.asarray(acts[name]), variables["params"][block]["conv1"]["kernel"], [w_out], "contribution"
+      )
       np.testing.assert_allclose(stats[name]["utility"], u, rtol=1e-4, atol=1e-8)
       np.testing.assert_allclose(stats[name]["mean_activation"], f, rtol=1e-4, atol=1e-7)
 
@@ -239,16 +267,20 @@ def test_momentum_of_replaced_block_entries_restarts():
   g = flat(grads)
   for b in resnet.block_names(STAGES):
     mask = np.asarray(state.last_replaced[f"{b}/conv1"])
-    for path, axis in ((f"{b}/conv1/kernel", -1), (f"{b}/conv1/bias", -1),
-                       (f"{b}/bn1/scale", -1), (f"{b}/bn1/bias", -1), (f"{b}/conv2/kernel", -2)):
+    for path, axis in (
+      (f"{b}/conv1/kernel", -1),
+      (f"{b}/conv1/bias", -1),
+      (f"{b}/bn1/scale", -1),
+      (f"{b}/bn1/bias", -1),
+      (f"{b}/conv2/kernel", -2),
+    ):
       expected = g[path].copy()
       index = [slice(None)] * expected.ndim
       index[axis] = mask
       expected[tuple(index)] = 0.0
       np.testing.assert_array_equal(trace[path], expected, err_msg=path)
     np.testing.assert_array_equal(trace[f"{b}/conv2/bias"], g[f"{b}/conv2/bias"])
-  np.testing.assert_array_equal(trace["block2_0/shortcut_conv/kernel"],
-                                g["block2_0/shortcut_conv/kernel"])
+  np.testing.assert_array_equal(trace["block2_0/shortcut_conv/kernel"], g["block2_0/shortcut_conv/kernel"])
 
 
 def test_replaced_unit_count_follows_the_layer_rule():
@@ -256,8 +288,9 @@ def test_replaced_unit_count_follows_the_layer_rule():
   a 4-unit layer at rate 0.1 replaces floor(5 * 0.4) = 2 units and an 8-unit one 4."""
   model, variables, x = small_resnet()
   graph = resnet.resnet_graph(model)
-  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.1, maturity_threshold=0, count_basis="layer",
-                   optimizer=optax.sgd(0.0))
+  tx = cbp_jax.cbp(
+    graph, key=0, replacement_rate=0.1, maturity_threshold=0, count_basis="layer", optimizer=optax.sgd(0.0)
+  )
   state = tx.init(variables["params"])
   _, _, acts, _ = forward(model, variables, x)
   zeros = jax.tree.map(jnp.zeros_like, variables["params"])

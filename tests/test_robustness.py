@@ -29,8 +29,8 @@ from jax.experimental import checkify
 
 import cbp_jax
 from cbp_jax.utility import AGE_CAP
-from tests.numpy_reference import NumpyUnitStats, consumer_rows
 from tests.cbp_steps import batches, make_step, mlp
+from tests.numpy_reference import NumpyUnitStats, consumer_rows
 from tests.test_integration import NnxMLP, graph_of
 
 HIDDEN = (6, 5)
@@ -39,10 +39,12 @@ ADAM = optax.adam(1e-2)  # One object, so cached compiled updates are reused.
 
 def snapshot(tree):
   """Copies of every leaf (PRNG keys as their key data)."""
+
   def copy(x):
     if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.array(x)
+
   return [copy(x) for x in jax.tree.leaves(tree)]
 
 
@@ -56,12 +58,12 @@ def assert_same(tree, snap):
 # --- Shared, compiled once per module ------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def net():
   return mlp(hidden=HIDDEN)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grads_and_acts():
   model, _ = net()
 
@@ -77,7 +79,7 @@ def grads_and_acts():
   return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cbp_update(**kwargs):
   """(tx, jitted update(updates, state, params, activations)) of cbp(**kwargs)."""
   _, params = net()
@@ -105,25 +107,40 @@ def warm_state(update, tx, steps=3):
 
 
 BAD_ACTIVATIONS = [
-    (lambda a: {**a, "Dense_0": a["Dense_0"].astype(jnp.int32)},
-     "activation of layer 'Dense_0' must be floating point, got int32"),
-    (lambda a: {**a, "Dense_1": a["Dense_1"] > 0},
-     "activation of layer 'Dense_1' must be floating point, got bool"),
-    (lambda a: {**a, "Dense_0": a["Dense_0"][:, :4]},
-     "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape \\(8, 4\\)"),
-    (lambda a: {**a, "Dense_1": a["Dense_1"].T},
-     "layer 'Dense_1' must have the layer's 5 units on its last axis, got shape \\(5, 8\\)"),
-    (lambda a: {**a, "Dense_0": jnp.float32(1.0)},
-     "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape \\(\\)"),
-    (lambda a: {**a, "Dense_0": [[1.0] * 6]},
-     "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape None"),
-    (lambda a: {"Dense_0": a["Dense_0"]}, "activations has no entry for layer 'Dense_1'"),
-    (lambda a: list(a.values()), "activations must be a dict, got list"),
+  (
+    lambda a: {**a, "Dense_0": a["Dense_0"].astype(jnp.int32)},
+    "activation of layer 'Dense_0' must be floating point, got int32",
+  ),
+  (
+    lambda a: {**a, "Dense_1": a["Dense_1"] > 0},
+    "activation of layer 'Dense_1' must be floating point, got bool",
+  ),
+  (
+    lambda a: {**a, "Dense_0": a["Dense_0"][:, :4]},
+    "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape \\(8, 4\\)",
+  ),
+  (
+    lambda a: {**a, "Dense_1": a["Dense_1"].T},
+    "layer 'Dense_1' must have the layer's 5 units on its last axis, got shape \\(5, 8\\)",
+  ),
+  (
+    lambda a: {**a, "Dense_0": jnp.float32(1.0)},
+    "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape \\(\\)",
+  ),
+  (
+    lambda a: {**a, "Dense_0": [[1.0] * 6]},
+    "layer 'Dense_0' must have the layer's 6 units on its last axis, got shape None",
+  ),
+  (lambda a: {"Dense_0": a["Dense_0"]}, "activations has no entry for layer 'Dense_1'"),
+  (lambda a: list(a.values()), "activations must be a dict, got list"),
 ]
 
 
-@pytest.mark.parametrize("corrupt, message", BAD_ACTIVATIONS,
-                         ids=["int", "bool", "narrow", "transposed", "scalar", "list-leaf", "missing", "list"])
+@pytest.mark.parametrize(
+  "corrupt, message",
+  BAD_ACTIVATIONS,
+  ids=["int", "bool", "narrow", "transposed", "scalar", "list-leaf", "missing", "list"],
+)
 def test_bad_activations_are_refused_at_trace_time_and_corrupt_nothing(corrupt, message):
   tx, update = cbp_update(replacement_rate=0.2, maturity_threshold=1, optimizer=ADAM)
   params, state = warm_state(update, tx)
@@ -152,8 +169,11 @@ def test_nnx_optimizer_is_untouched_by_a_refused_update():
   """nnx.Optimizer is stateful: a refused update must not half-apply."""
   model = NnxMLP(nnx.Rngs(0))
   graph = cbp_jax.graph_from_params(nnx.state(model, nnx.Param))
-  optimizer = nnx.Optimizer(model, cbp_jax.cbp(graph, key=0, maturity_threshold=0, replacement_rate=0.5,
-                                               optimizer=optax.adam(1e-2)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+    model,
+    cbp_jax.cbp(graph, key=0, maturity_threshold=0, replacement_rate=0.5, optimizer=optax.adam(1e-2)),
+    wrt=nnx.Param,
+  )
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   acts = {"layers/0": jnp.ones((8, 6)), "layers/1": jnp.ones((8, 5))}
   before = snapshot((nnx.state(model), nnx.state(optimizer)))
@@ -165,16 +185,31 @@ def test_nnx_optimizer_is_untouched_by_a_refused_update():
   assert_same((nnx.state(model), nnx.state(optimizer)), before)
 
 
-def _graph(kernel="Dense_0/kernel", bias="Dense_0/bias", consumer="Dense_1/kernel",
-           consumer_bias="Dense_1/bias", norm=None):
-  return cbp_jax.LayerGraph([cbp_jax.Layer(
-      "h", kernel=kernel, bias=bias, norm=norm,
-      consumers=[cbp_jax.Consumer(consumer, consumer_bias)])])
+def _graph(
+  kernel="Dense_0/kernel",
+  bias="Dense_0/bias",
+  consumer="Dense_1/kernel",
+  consumer_bias="Dense_1/bias",
+  norm=None,
+):
+  return cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        "h", kernel=kernel, bias=bias, norm=norm, consumers=[cbp_jax.Consumer(consumer, consumer_bias)]
+      )
+    ]
+  )
 
 
-@pytest.mark.parametrize("field, path", [
-    ("kernel", "Dense_7/kernel"), ("bias", "Dense_0/b"), ("consumer", "Dense_1/kernal"),
-    ("consumer_bias", "head/bias")])
+@pytest.mark.parametrize(
+  "field, path",
+  [
+    ("kernel", "Dense_7/kernel"),
+    ("bias", "Dense_0/b"),
+    ("consumer", "Dense_1/kernal"),
+    ("consumer_bias", "head/bias"),
+  ],
+)
 def test_graph_naming_a_missing_parameter_is_refused_at_init_and_update(field, path):
   _, params = mlp(hidden=(6,))
   graph = _graph(**{field: path})
@@ -199,32 +234,49 @@ def test_graph_naming_a_missing_norm_is_refused():
 
 
 def test_layer_of_width_zero_is_refused_at_init():
-  params = {"Dense_0": {"kernel": jnp.ones((4, 0)), "bias": jnp.ones((0,))},
-            "Dense_1": {"kernel": jnp.ones((0, 2)), "bias": jnp.ones((2,))}}
-  with pytest.raises(ValueError, match="layer 'h': kernel 'Dense_0/kernel' must have at least 2 axes "
-                                       "and units on its last axis, got shape \\(4, 0\\)"):
+  params = {
+    "Dense_0": {"kernel": jnp.ones((4, 0)), "bias": jnp.ones((0,))},
+    "Dense_1": {"kernel": jnp.ones((0, 2)), "bias": jnp.ones((2,))},
+  }
+  with pytest.raises(
+    ValueError,
+    match="layer 'h': kernel 'Dense_0/kernel' must have at least 2 axes "
+    "and units on its last axis, got shape \\(4, 0\\)",
+  ):
     cbp_jax.cbp(_graph(), key=0).init(params)
 
 
 def test_graph_from_params_refuses_a_layer_of_width_zero():
-  params = {"Dense_0": {"kernel": jnp.ones((4, 0)), "bias": jnp.ones((0,))},
-            "Dense_1": {"kernel": jnp.ones((0, 2)), "bias": jnp.ones((2,))}}
+  params = {
+    "Dense_0": {"kernel": jnp.ones((4, 0)), "bias": jnp.ones((0,))},
+    "Dense_1": {"kernel": jnp.ones((0, 2)), "bias": jnp.ones((2,))},
+  }
   with pytest.raises(ValueError, match="Dense_0.*width 0|Dense_0.*0 units"):
     cbp_jax.graph_from_params(params)
 
 
-@pytest.mark.parametrize("params", [
-    {"Dense_0": {"kernel": jnp.ones((0, 3)), "bias": jnp.ones((3,))},
-     "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))}},
-    {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},
-     "Dense_1": {"kernel": jnp.ones((3, 0)), "bias": jnp.ones((0,))}},
-], ids=["no-inputs", "no-outputs"])
+@pytest.mark.parametrize(
+  "params",
+  [
+    {
+      "Dense_0": {"kernel": jnp.ones((0, 3)), "bias": jnp.ones((3,))},
+      "Dense_1": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))},
+    },
+    {
+      "Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},
+      "Dense_1": {"kernel": jnp.ones((3, 0)), "bias": jnp.ones((0,))},
+    },
+  ],
+  ids=["no-inputs", "no-outputs"],
+)
 def test_empty_kernels_are_refused_at_init_naming_the_layer(params):
   with pytest.raises(ValueError, match="layer 'h'"):
     cbp_jax.cbp(_graph(), key=0).init(params)
 
 
-@pytest.mark.parametrize("name, value, message", [
+@pytest.mark.parametrize(
+  "name, value, message",
+  [
     ("replacement_rate", -1e-9, "replacement_rate must be in \\[0.0, 1.0\\], got -1e-09"),
     ("replacement_rate", 1.000001, "replacement_rate must be in \\[0.0, 1.0\\], got 1.000001"),
     ("replacement_rate", float("nan"), "replacement_rate must be in \\[0.0, 1.0\\], got nan"),
@@ -240,7 +292,8 @@ def test_empty_kernels_are_refused_at_init_naming_the_layer(params):
     ("decay_rate", 1.5, "decay_rate must be in \\[0.0, 1.0\\), got 1.5"),
     ("decay_rate", float("nan"), "decay_rate must be in \\[0.0, 1.0\\), got nan"),
     ("decay_rate", float("-inf"), "decay_rate must be in \\[0.0, 1.0\\), got -inf"),
-])
+  ],
+)
 def test_hyperparameters_out_of_range_are_refused_at_construction(name, value, message):
   _, params = net()
   with pytest.raises(ValueError, match=message):
@@ -249,16 +302,25 @@ def test_hyperparameters_out_of_range_are_refused_at_construction(name, value, m
 
 def test_hyperparameters_at_the_edges_of_their_ranges_are_accepted():
   _, params = net()
-  for kwargs in ({"replacement_rate": 0.0}, {"replacement_rate": 1.0}, {"decay_rate": 0.0},
-                 {"decay_rate": 0.999999}, {"maturity_threshold": 0}):
+  for kwargs in (
+    {"replacement_rate": 0.0},
+    {"replacement_rate": 1.0},
+    {"decay_rate": 0.0},
+    {"decay_rate": 0.999999},
+    {"maturity_threshold": 0},
+  ):
     cbp_jax.cbp(graph_of(params), key=0, **kwargs).init(params)
 
 
-@pytest.mark.parametrize("value, message", [
+@pytest.mark.parametrize(
+  "value, message",
+  [
     (float("nan"), "maturity_threshold must be >= 0, got nan"),
     ("3", "maturity_threshold must be a scalar number"),
     ([1, 2], "maturity_threshold must be a scalar number"),
-], ids=["nan", "string", "array"])
+  ],
+  ids=["nan", "string", "array"],
+)
 def test_maturity_threshold_that_is_not_a_number_is_refused(value, message):
   _, params = net()
   with pytest.raises(ValueError, match=message):
@@ -316,8 +378,12 @@ def test_nonfinite_activation_of_one_unit_for_one_step(bad):
   ref.utility = np.asarray(got.utility, np.float64)
   ref.mean = np.asarray(got.mean_activation, np.float64)
   ref.age = np.asarray(got.age, np.int64)
-  expected_u, expected_f = ref.step(np.asarray(acts["Dense_0"]), post["Dense_0"]["kernel"],
-                                    [consumer_rows(post["Dense_1"]["kernel"], 6)], "adaptable_contribution")
+  expected_u, expected_f = ref.step(
+    np.asarray(acts["Dense_0"]),
+    post["Dense_0"]["kernel"],
+    [consumer_rows(post["Dense_1"]["kernel"], 6)],
+    "adaptable_contribution",
+  )
   stats = cbp_jax.unit_stats(later)["Dense_0"]
   np.testing.assert_allclose(stats["utility"], expected_u, rtol=2e-4, atol=1e-7)
   np.testing.assert_allclose(stats["mean_activation"], expected_f, rtol=2e-4, atol=1e-7)
@@ -351,8 +417,9 @@ def mature_state(tx, params, utility, mean, age=50):
   """tx.init(params) with given Dense_0 running statistics and all ages ``age``."""
   state = tx.init(params)
   stats = {n: s._replace(age=jnp.full_like(s.age, age)) for n, s in state.statistics.items()}
-  stats["Dense_0"] = stats["Dense_0"]._replace(utility=jnp.asarray(utility, jnp.float32),
-                                               mean_activation=jnp.asarray(mean, jnp.float32))
+  stats["Dense_0"] = stats["Dense_0"]._replace(
+    utility=jnp.asarray(utility, jnp.float32), mean_activation=jnp.asarray(mean, jnp.float32)
+  )
   return state._replace(layers={n: l._replace(statistics=stats[n]) for n, l in state.layers.items()})
 
 
@@ -417,8 +484,12 @@ def test_checkify_debug_mode_raises_on_a_nan_gradient_step():
   are all exactly zero.)
   """
   model, params = net()
-  tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(graph_of(params), key=0, replacement_rate=0.2,
-                                                maturity_threshold=1, utility="adaptable_contribution"))
+  tx = optax.chain(
+    optax.sgd(0.05),
+    cbp_jax.cbp(
+      graph_of(params), key=0, replacement_rate=0.2, maturity_threshold=1, utility="adaptable_contribution"
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)  # A jitted step; checkify handles the jit inside.
   checked_step = jax.jit(checkify.checkify(step, errors=checkify.float_checks))
@@ -457,9 +528,11 @@ def test_ages_near_the_cap_saturate_and_units_stay_replaceable():
   stats = {}
   for name, s in state.statistics.items():
     n = s.age.shape[0]
-    stats[name] = s._replace(age=jnp.asarray(AGE_CAP - rng.integers(0, 3, n), jnp.int32),
-                             utility=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32),
-                             mean_activation=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32))
+    stats[name] = s._replace(
+      age=jnp.asarray(AGE_CAP - rng.integers(0, 3, n), jnp.int32),
+      utility=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32),
+      mean_activation=jnp.asarray(rng.uniform(0.1, 1, n), jnp.float32),
+    )
   state = state._replace(layers={n: l._replace(statistics=stats[n]) for n, l in state.layers.items()})
   replaced = {n: np.zeros(s.age.shape, bool) for n, s in stats.items()}
   for x, y in batches(6):
@@ -476,8 +549,9 @@ def test_ages_near_the_cap_saturate_and_units_stay_replaceable():
     assert np.all(age[replaced[name]] <= 6)
     old = ~replaced[name]
     np.testing.assert_array_equal(np.asarray(view[name]["utility"])[old], np.asarray(s.utility)[old])
-    np.testing.assert_array_equal(np.asarray(view[name]["mean_activation"])[old],
-                                  np.asarray(s.mean_activation)[old])
+    np.testing.assert_array_equal(
+      np.asarray(view[name]["mean_activation"])[old], np.asarray(s.mean_activation)[old]
+    )
     assert np.all(np.isfinite(view[name]["utility"])) and np.all(np.isfinite(view[name]["mean_activation"]))
   assert replaced["Dense_0"].any() and replaced["Dense_1"].any()
   assert int(state.nonfinite) == 0
@@ -509,9 +583,18 @@ def classification_stream(key, t):
 def long_run(steps, dtype, *, hidden, inputs, outputs, stream, lr, rate, maturity):
   """`steps` steps of SGD + cbp (batch 1) in one scan; returns (params, state, losses, seconds)."""
   model, params = mlp(hidden=hidden, inputs=inputs, outputs=outputs, param_dtype=dtype)
-  tx = optax.chain(optax.sgd(lr), cbp_jax.cbp(
-      graph_of(params), key=1, replacement_rate=rate, maturity_threshold=maturity,
-      decay_rate=0.99, utility="adaptable_contribution", init="kaiming"))
+  tx = optax.chain(
+    optax.sgd(lr),
+    cbp_jax.cbp(
+      graph_of(params),
+      key=1,
+      replacement_rate=rate,
+      maturity_threshold=maturity,
+      decay_rate=0.99,
+      utility="adaptable_contribution",
+      init="kaiming",
+    ),
+  )
   step = make_step(model, tx)
   key = jax.random.key(0)
   head_input, head = f"Dense_{len(hidden) - 1}", f"Dense_{len(hidden)}"
@@ -525,6 +608,7 @@ def long_run(steps, dtype, *, hidden, inputs, outputs, stream, lr, rate, maturit
       # The batch's loss before the step, from the last hidden layer and the head.
       out = acts[head_input] @ p[head]["kernel"] + p[head]["bias"]
       return (p2, s), jnp.mean((out.astype(jnp.float32) - y) ** 2)
+
     (p, s), losses = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))
     return p, s, losses
 
@@ -553,8 +637,16 @@ def check_long_run(params, state, losses, dtype, steps, rate, maturity):
 def test_100k_steps_of_slowly_changing_regression_stay_finite(dtype):
   """The paper's 20-5-1 net, batch 1, SGD 0.01, CBP rate 1e-3, maturity 10."""
   params, state, losses, seconds = long_run(
-      100_000, dtype, hidden=(5,), inputs=20, outputs=1, stream=regression_stream,
-      lr=0.01, rate=1e-3, maturity=10)
+    100_000,
+    dtype,
+    hidden=(5,),
+    inputs=20,
+    outputs=1,
+    stream=regression_stream,
+    lr=0.01,
+    rate=1e-3,
+    maturity=10,
+  )
   check_long_run(params, state, losses, dtype, 100_000, 1e-3, 10)
   if dtype == jnp.float32:  # It learns (deterministic: fixed keys and data).
     assert np.mean(losses[-10_000:]) < np.mean(losses[:1_000])
@@ -565,8 +657,16 @@ def test_100k_steps_of_slowly_changing_regression_stay_finite(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_1m_steps_of_slowly_changing_regression_stay_finite(dtype):
   params, state, losses, seconds = long_run(
-      1_000_000, dtype, hidden=(5,), inputs=20, outputs=1, stream=regression_stream,
-      lr=0.01, rate=1e-3, maturity=10)
+    1_000_000,
+    dtype,
+    hidden=(5,),
+    inputs=20,
+    outputs=1,
+    stream=regression_stream,
+    lr=0.01,
+    rate=1e-3,
+    maturity=10,
+  )
   check_long_run(params, state, losses, dtype, 1_000_000, 1e-3, 10)
   print(f"1M steps ({np.dtype(dtype).name}), compile included: {seconds:.1f} s")
 
@@ -577,8 +677,16 @@ def test_100k_steps_of_the_mnist_sized_net_stay_finite(dtype):
   """784-2000-2000-2000-10, batch 1, SGD 0.003, CBP rate 1e-4, maturity 100
   (the paper's online permuted MNIST configuration)."""
   params, state, losses, _ = long_run(
-      100_000, dtype, hidden=(2000, 2000, 2000), inputs=784, outputs=10,
-      stream=classification_stream, lr=0.003, rate=1e-4, maturity=100)
+    100_000,
+    dtype,
+    hidden=(2000, 2000, 2000),
+    inputs=784,
+    outputs=10,
+    stream=classification_stream,
+    lr=0.003,
+    rate=1e-4,
+    maturity=100,
+  )
   check_long_run(params, state, losses, dtype, 100_000, 1e-4, 100)
 
 
@@ -653,8 +761,7 @@ def test_skip_nonfinite_changes_nothing_on_finite_steps():
 def test_skip_nonfinite_skips_each_vmapped_seed_on_its_own():
   """Two seeds vmapped, a NaN gradient in seed 1 only: seed 0 takes its step,
   seed 1 keeps its state and counts one skip."""
-  tx, update = cbp_update(skip_nonfinite=True, replacement_rate=0.2, maturity_threshold=1,
-                          optimizer=ADAM)
+  tx, update = cbp_update(skip_nonfinite=True, replacement_rate=0.2, maturity_threshold=1, optimizer=ADAM)
   params, state = warm_state(update, tx)
   x, y = next(batches(1, seed=24))
   g, acts = grads_and_acts()(params, x, y)
@@ -669,8 +776,9 @@ def test_skip_nonfinite_skips_each_vmapped_seed_on_its_own():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   for leaf in jax.tree.leaves(jax.tree.map(lambda a: a[1], u)):
     np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
-  np.testing.assert_array_equal(after.inner_state[0].mu["Dense_0"]["kernel"][1],
-                                state.inner_state[0].mu["Dense_0"]["kernel"])
+  np.testing.assert_array_equal(
+    after.inner_state[0].mu["Dense_0"]["kernel"][1], state.inner_state[0].mu["Dense_0"]["kernel"]
+  )
 
 
 @pytest.mark.parametrize("bad", [1, "yes", None])

@@ -17,8 +17,11 @@ def test_interquartile_mean_is_scipy_trim_mean(n):
   np.testing.assert_allclose(runner.interquartile_mean(x), scipy_stats.trim_mean(x, 0.25, axis=0), rtol=1e-12)
   # Pooled axes: the IQM of all runs and tasks together.
   y = np.random.default_rng(n).normal(size=(n, 3, 4))
-  np.testing.assert_allclose(runner.interquartile_mean(y, axis=(0, 1)),
-                             scipy_stats.trim_mean(y.reshape(3 * n, 4), 0.25, axis=0), rtol=1e-12)
+  np.testing.assert_allclose(
+    runner.interquartile_mean(y, axis=(0, 1)),
+    scipy_stats.trim_mean(y.reshape(3 * n, 4), 0.25, axis=0),
+    rtol=1e-12,
+  )
 
 
 def test_interquartile_mean_ignores_nan_runs():
@@ -38,7 +41,9 @@ def numpy_stratified_bootstrap(scores, reps, confidence, seed):
     for t in range(tasks):
       idx = rng.integers(0, runs, size=runs)
       resampled[:, t] = scores[idx, t]
-    replicates.append(scipy_stats.trim_mean(resampled.reshape((runs * tasks,) + scores.shape[2:]), 0.25, axis=0))
+    replicates.append(
+      scipy_stats.trim_mean(resampled.reshape((runs * tasks,) + scores.shape[2:]), 0.25, axis=0)
+    )
   tail = 100 * (1 - confidence) / 2
   low, high = np.percentile(np.array(replicates), [tail, 100 - tail], axis=0)
   return scipy_stats.trim_mean(scores.reshape((runs * tasks,) + scores.shape[2:]), 0.25, axis=0), low, high
@@ -62,9 +67,12 @@ def test_stratified_bootstrap_ci_behaves_like_an_interval():
   # More runs, narrower interval; and the interval of the mean covers the true mean most of the time.
   widths = [np.ptp(runner.stratified_bootstrap_ci(rng.normal(size=n), np.mean)[1:]) for n in (10, 1000)]
   assert widths[1] < widths[0] / 5
-  covered = [float(low) <= 0.0 <= float(high) for low, high in
-             (runner.stratified_bootstrap_ci(rng.normal(size=30), np.mean, reps=400, seed=s)[1:]
-              for s in range(60))]
+  covered = [
+    float(low) <= 0.0 <= float(high)
+    for low, high in (
+      runner.stratified_bootstrap_ci(rng.normal(size=30), np.mean, reps=400, seed=s)[1:] for s in range(60)
+    )
+  ]
   assert np.mean(covered) > 0.8
   with pytest.raises(ValueError, match="confidence"):
     runner.stratified_bootstrap_ci(np.ones(3), confidence=1.0)
@@ -82,8 +90,9 @@ def test_results_file_summary_line_and_plot_carry_the_statistics(tmp_path):
   value = np.asarray(res["metrics"]["a"]["value"])
   assert value.shape == (SEEDS, 2 * POINTS)
   auc = res["statistics"]["a"]["value"]["auc"]
-  est, low, high = numpy_stratified_bootstrap(value.mean(axis=1)[:, None], runner.BOOTSTRAP_REPS,
-                                              runner.CONFIDENCE, runner.BOOTSTRAP_SEED)
+  est, low, high = numpy_stratified_bootstrap(
+    value.mean(axis=1)[:, None], runner.BOOTSTRAP_REPS, runner.CONFIDENCE, runner.BOOTSTRAP_SEED
+  )
   assert [auc["iqm"], auc["ci_low"], auc["ci_high"]] == pytest.approx([est, low, high], rel=1e-9)
   final = res["statistics"]["b"]["value"]["final"]
   assert final["iqm"] == pytest.approx(scipy_stats.trim_mean(-value[:, -1], 0.25))
@@ -92,8 +101,9 @@ def test_results_file_summary_line_and_plot_carry_the_statistics(tmp_path):
   assert line.splitlines()[0].startswith("square: IQM over 4 seeds") and "area under curve" in line
   # A file written before statistics existed: computed on the fly, the same numbers.
   del res["statistics"]
-  old = runner.format_statistics({**res, "metrics": {k: {n: np.asarray(v) for n, v in m.items()}
-                                                     for k, m in res["metrics"].items()}})
+  old = runner.format_statistics(
+    {**res, "metrics": {k: {n: np.asarray(v) for n, v in m.items()} for k, m in res["metrics"].items()}}
+  )
   assert old == line
   path = runner.plot_results(tmp_path / "results.json", tmp_path / "ci.png")
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

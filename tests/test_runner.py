@@ -33,8 +33,7 @@ def toy_chunk(carry, index):
     return (key, x), {"walk": x, "square": x * x}
 
   (key, x), pts = jax.lax.scan(point, (key, x), jnp.arange(POINTS))
-  metrics = {"a": {"value": pts["walk"].T, "square": pts["square"].T},
-             "b": {"value": -pts["walk"].T}}
+  metrics = {"a": {"value": pts["walk"].T, "square": pts["square"].T}, "b": {"value": -pts["walk"].T}}
   return {"key": key, "x": x}, metrics
 
 
@@ -45,9 +44,18 @@ def toy_carry(seed=0):
 def run_toy(tmp_path, chunks=4, config=None, **kw):
   kw.setdefault("progress", runner.Progress("toy", chunks, stream=None))
   return runner.run(
-      toy_chunk, toy_carry(), num_chunks=chunks, config=config or {"n": chunks, "tag": "toy"},
-      experiment="toy", points_per_chunk=POINTS, x_step=10.0, x_label="steps",
-      runs={"a": {"method": "A"}, "b": {"method": "B"}}, out_dir=tmp_path, **kw)
+    toy_chunk,
+    toy_carry(),
+    num_chunks=chunks,
+    config=config or {"n": chunks, "tag": "toy"},
+    experiment="toy",
+    points_per_chunk=POINTS,
+    x_step=10.0,
+    x_label="steps",
+    runs={"a": {"method": "A"}, "b": {"method": "B"}},
+    out_dir=tmp_path,
+    **kw,
+  )
 
 
 def test_results_file_schema_and_contents(tmp_path):
@@ -61,7 +69,7 @@ def test_results_file_schema_and_contents(tmp_path):
   value = np.array(res["metrics"]["a"]["value"])
   assert value.shape == (SEEDS, 4 * POINTS)
   np.testing.assert_array_equal(np.array(res["metrics"]["b"]["value"]), -value)
-  np.testing.assert_allclose(np.array(res["metrics"]["a"]["square"]), value ** 2, rtol=1e-6)
+  np.testing.assert_allclose(np.array(res["metrics"]["a"]["square"]), value**2, rtol=1e-6)
   np.testing.assert_array_equal(result.metrics["a"]["value"], value.astype(np.float32))
   # The same computation as one scan: chunks concatenate in order.
   carry, parts = toy_carry(), []
@@ -80,9 +88,16 @@ def test_compiles_once_for_all_chunks(tmp_path):
     traces.append(1)
     return toy_chunk(carry, index)
 
-  runner.run(counted, toy_carry(), num_chunks=5, config={}, experiment="toy",
-             points_per_chunk=POINTS, out_dir=tmp_path,
-             progress=runner.Progress("toy", 5, stream=None))
+  runner.run(
+    counted,
+    toy_carry(),
+    num_chunks=5,
+    config={},
+    experiment="toy",
+    points_per_chunk=POINTS,
+    out_dir=tmp_path,
+    progress=runner.Progress("toy", 5, stream=None),
+  )
   assert len(traces) == 1
 
 
@@ -91,13 +106,17 @@ def test_results_written_after_every_chunk(tmp_path):
 
   def on_chunk(done, results):
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    seen.append((done, on_disk["status"], len(on_disk["x"]),
-                 np.array(on_disk["metrics"]["a"]["value"]).shape))
+    seen.append(
+      (done, on_disk["status"], len(on_disk["x"]), np.array(on_disk["metrics"]["a"]["value"]).shape)
+    )
     assert on_disk == json.loads(json.dumps(results))
 
   run_toy(tmp_path, chunks=3, on_chunk=on_chunk)
-  assert seen == [(1, "running", 3, (SEEDS, 3)), (2, "running", 6, (SEEDS, 6)),
-                  (3, "complete", 9, (SEEDS, 9))]
+  assert seen == [
+    (1, "running", 3, (SEEDS, 3)),
+    (2, "running", 6, (SEEDS, 6)),
+    (3, "complete", 9, (SEEDS, 9)),
+  ]
 
 
 def test_keyboard_interrupt_leaves_valid_partial_results(tmp_path):
@@ -112,8 +131,7 @@ def test_keyboard_interrupt_leaves_valid_partial_results(tmp_path):
   assert res["metrics"]["a"]["value"].shape == (SEEDS, 2 * POINTS)
   assert len(res["x"]) == 2 * POINTS
   full = run_toy(tmp_path / "full", chunks=5)
-  np.testing.assert_array_equal(res["metrics"]["a"]["value"],
-                                full.metrics["a"]["value"][:, :2 * POINTS])
+  np.testing.assert_array_equal(res["metrics"]["a"]["value"], full.metrics["a"]["value"][:, : 2 * POINTS])
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -125,8 +143,7 @@ def test_resume_is_bit_identical(tmp_path):
 
   out = tmp_path / "resumed"
   with pytest.raises(KeyboardInterrupt):
-    run_toy(out, chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1,
-            on_chunk=stop_at_3)
+    run_toy(out, chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, on_chunk=stop_at_3)
   result = run_toy(out, chunks=5, checkpoint_dir=tmp_path / "ckpt", resume=True)
   assert result.resumed_from == 3 and len(result.chunk_seconds) == 2
   straight = (tmp_path / "straight" / "results.json").read_bytes()
@@ -141,25 +158,29 @@ def test_resume_with_checkpoint_every_two(tmp_path):
       raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
-    run_toy(tmp_path / "r", chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
-            on_chunk=stop_at_3)
+    run_toy(
+      tmp_path / "r", chunks=5, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, on_chunk=stop_at_3
+    )
   result = run_toy(tmp_path / "r", chunks=5, checkpoint_dir=tmp_path / "ckpt", resume=True)
   assert result.resumed_from == 2  # The last checkpoint; chunk 3 is recomputed.
   straight = run_toy(tmp_path / "s", chunks=5)
-  assert (tmp_path / "r" / "results.json").read_bytes() == (
-      tmp_path / "s" / "results.json").read_bytes()
+  assert (tmp_path / "r" / "results.json").read_bytes() == (tmp_path / "s" / "results.json").read_bytes()
   np.testing.assert_array_equal(result.metrics["a"]["value"], straight.metrics["a"]["value"])
 
 
 def test_resume_refuses_a_different_config(tmp_path):
   run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.01}, checkpoint_dir=tmp_path / "ckpt")
   with pytest.raises(runner.ConfigMismatchError) as err:
-    run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.03}, checkpoint_dir=tmp_path / "ckpt",
-            resume=True)
+    run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.03}, checkpoint_dir=tmp_path / "ckpt", resume=True)
   assert "lr: 0.01 in the checkpoint, 0.03 now" in str(err.value)
   with pytest.raises(runner.ConfigMismatchError, match="extra: absent in the checkpoint"):
-    run_toy(tmp_path, chunks=2, config={"n": 2, "lr": 0.01, "extra": 1},
-            checkpoint_dir=tmp_path / "ckpt", resume=True)
+    run_toy(
+      tmp_path,
+      chunks=2,
+      config={"n": 2, "lr": 0.01, "extra": 1},
+      checkpoint_dir=tmp_path / "ckpt",
+      resume=True,
+    )
 
 
 # --- Corrupt checkpoints -------------------------------------------------------
@@ -180,15 +201,22 @@ def bits_chunk(carry, index):
 
 
 def bits_carry(seed=0):
-  return {**toy_carry(seed),
-          "bits": jax.random.bits(jax.random.key(seed + 1), (SEEDS, BITS), jnp.uint32)}
+  return {**toy_carry(seed), "bits": jax.random.bits(jax.random.key(seed + 1), (SEEDS, BITS), jnp.uint32)}
 
 
 def run_bits(out, chunks=3, **kw):
   kw.setdefault("progress", runner.Progress("bits", chunks, stream=None))
   return runner.run(
-      bits_chunk, bits_carry(), num_chunks=chunks, config={"n": chunks, "tag": "bits"},
-      experiment="bits", points_per_chunk=POINTS, runs={"a": {}, "b": {}}, out_dir=out, **kw)
+    bits_chunk,
+    bits_carry(),
+    num_chunks=chunks,
+    config={"n": chunks, "tag": "bits"},
+    experiment="bits",
+    points_per_chunk=POINTS,
+    runs={"a": {}, "b": {}},
+    out_dir=out,
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +249,7 @@ def _flip(path, at):
 
 def _garble(path, at=None):
   data = bytearray(path.read_bytes())
-  data[len(data) // 3: len(data) // 3 + 8] = b"\xff" * 8
+  data[len(data) // 3 : len(data) // 3 + 8] = b"\xff" * 8
   path.write_bytes(bytes(data))
 
 
@@ -231,14 +259,17 @@ def _delete(path, at=None):
 
 # orbax's reader threads may report "Event loop is closed" after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("target, damage, reason", [
+@pytest.mark.parametrize(
+  "target, damage, reason",
+  [
     ("bits", _truncate, "its arrays cannot be read"),
-    ("bits", _flip, "checksum does not match"),       # silent bit rot: only the checksum sees it
+    ("bits", _flip, "checksum does not match"),  # silent bit rot: only the checksum sees it
     ("bits", _delete, "its arrays cannot be read"),
-    ("tree", _flip, "its arrays cannot be read"),     # orbax's own index (CRC-checked)
+    ("tree", _flip, "its arrays cannot be read"),  # orbax's own index (CRC-checked)
     ("state/_METADATA", _delete, "its arrays cannot be read"),
     ("meta/metadata", _garble, "its record cannot be read"),
-])
+  ],
+)
 def test_corrupt_checkpoint_is_refused_saying_why(tmp_path, straight_bits, target, damage, reason):
   out, ckpt = tmp_path / "out", tmp_path / "ckpt"
   result = run_bits(out, checkpoint_dir=ckpt)  # Keeps the checkpoints of chunks 2 and 3.
@@ -271,8 +302,9 @@ def test_corrupt_only_checkpoint_says_to_start_afresh(tmp_path):
   result = run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt)
   path, at = _data_file(ckpt / "1", result.carry["bits"])
   _flip(path, at + 7)
-  with pytest.raises(runner.CorruptCheckpointError,
-                     match="There is no earlier checkpoint: delete .* to start afresh"):
+  with pytest.raises(
+    runner.CorruptCheckpointError, match="There is no earlier checkpoint: delete .* to start afresh"
+  ):
     run_bits(tmp_path, chunks=1, checkpoint_dir=ckpt, resume=True)
 
 
@@ -285,18 +317,29 @@ def test_checksums_and_leaf_specs_are_recorded_and_checked(tmp_path):
   assert ["<u4", [SEEDS, BITS]] in meta["leaves"]["carry"]
   assert len(meta["checksums"]["carry"]) == len(meta["checksums"]["metrics"]) == 64
   # The recorded checksum is of exactly the saved arrays (keys as key data).
-  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-            for x in jax.tree.leaves(result.carry)]
+  leaves = [
+    jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+    for x in jax.tree.leaves(result.carry)
+  ]
   assert runner.checksum(leaves) == meta["checksums"]["carry"]
   assert runner.checksum([bits[:, ::-1]]) != runner.checksum([bits])
   # A carry of other shapes is refused as a code change, not as corruption.
-  with pytest.raises(runner.ConfigMismatchError,
-                     match=r"carry leaf 0: \['<u4', \[4, 2048\]\] in the checkpoint, "
-                           r"\['<u4', \[4, 8\]\] now"):
-    runner.run(bits_chunk, {**bits_carry(), "bits": jnp.zeros((SEEDS, 8), jnp.uint32)},
-               num_chunks=1, config={"n": 1, "tag": "bits"}, experiment="bits",
-               points_per_chunk=POINTS, checkpoint_dir=ckpt, resume=True,
-               progress=runner.Progress("bits", 1, stream=None))
+  with pytest.raises(
+    runner.ConfigMismatchError,
+    match=r"carry leaf 0: \['<u4', \[4, 2048\]\] in the checkpoint, "
+    r"\['<u4', \[4, 8\]\] now",
+  ):
+    runner.run(
+      bits_chunk,
+      {**bits_carry(), "bits": jnp.zeros((SEEDS, 8), jnp.uint32)},
+      num_chunks=1,
+      config={"n": 1, "tag": "bits"},
+      experiment="bits",
+      points_per_chunk=POINTS,
+      checkpoint_dir=ckpt,
+      resume=True,
+      progress=runner.Progress("bits", 1, stream=None),
+    )
   # Tampering with the record's checksum reads as corrupt data.
   meta["checksums"]["carry"] = "0" * 64
   meta_file.write_text(json.dumps(meta))
@@ -323,19 +366,32 @@ def test_bad_metrics_shape_is_rejected(tmp_path):
     return carry, {"a": {"value": jnp.zeros((SEEDS, POINTS + 1))}}
 
   with pytest.raises(ValueError, match="last axis must be the chunk's 3 points"):
-    runner.run(bad, toy_carry(), num_chunks=1, config={}, experiment="toy",
-               points_per_chunk=POINTS, progress=runner.Progress("toy", 1, stream=None))
+    runner.run(
+      bad,
+      toy_carry(),
+      num_chunks=1,
+      config={},
+      experiment="toy",
+      points_per_chunk=POINTS,
+      progress=runner.Progress("toy", 1, stream=None),
+    )
 
 
 def test_args_reach_every_chunk_as_arguments_of_the_program(tmp_path):
   """``args`` (e.g. a data set) are passed to each call of the one compiled chunk."""
+
   def chunk(carry, index, data, scale):
     carry = carry + data[index] * scale
     return carry, {"a": {"v": jnp.broadcast_to(carry[:, None], (SEEDS, 1))}}
 
   data = jnp.arange(3.0)[:, None] * jnp.ones((3, SEEDS))
-  kw = dict(num_chunks=3, config={}, experiment="args", points_per_chunk=1,
-            progress=runner.Progress("args", 3, stream=None))
+  kw = dict(
+    num_chunks=3,
+    config={},
+    experiment="args",
+    points_per_chunk=1,
+    progress=runner.Progress("args", 3, stream=None),
+  )
   result = runner.run(chunk, jnp.zeros(SEEDS), args=(data, jnp.float32(2.0)), **kw)
   np.testing.assert_array_equal(result.metrics["a"]["v"][0], [0.0, 2.0, 6.0])
   compiled, _ = runner.compile_chunk(jax.jit(chunk), jnp.zeros(SEEDS), (data, jnp.float32(2.0)))
@@ -354,12 +410,12 @@ def test_batch_over_seeds_and_whole_run():
 
   config = {"seed": 3, "seeds": 2}
   keys = runner.seed_keys(config)
-  np.testing.assert_array_equal(jax.random.key_data(keys[1]),
-                                jax.random.key_data(runner.seed_key(config, 1)))
+  np.testing.assert_array_equal(jax.random.key_data(keys[1]), jax.random.key_data(runner.seed_key(config, 1)))
   outs = {}
   for axis, squeeze in (("vmap", True), ("map", True), ("vmap", False)):
-    b_init, b_chunk = runner.batch_over_seeds(init, chunk, 2, seed_axis=axis, num_args=1,
-                                              squeeze_single=squeeze)
+    b_init, b_chunk = runner.batch_over_seeds(
+      init, chunk, 2, seed_axis=axis, num_args=1, squeeze_single=squeeze
+    )
     carry, m = b_chunk(b_init(keys), jnp.int32(0), jnp.float32(1.0))
     outs[axis, squeeze] = np.asarray(m["a"]["x"])
     assert outs[axis, squeeze].shape == (2, 1)
@@ -378,8 +434,7 @@ def test_batch_over_seeds_and_whole_run():
 
 def test_config_and_command_line_helpers():
   base = {"a": 1, "nested": {"x": 1, "y": [1, 2]}, "sweep": {"m": {"k": [1]}}}
-  merged = runner.merge_config(base, {"nested": {"y": [3]}, "sweep": {"n": {}}},
-                               replace=("sweep",))
+  merged = runner.merge_config(base, {"nested": {"y": [3]}, "sweep": {"n": {}}}, replace=("sweep",))
   assert merged == {"a": 1, "nested": {"x": 1, "y": [3]}, "sweep": {"n": {}}}
   with pytest.raises(ValueError, match="unknown config entry sweep.'n'"):
     runner.merge_config(base, {"sweep": {"n": {}}})  # Merged (strictly) unless replaced.
@@ -391,18 +446,26 @@ def test_config_and_command_line_helpers():
   with pytest.raises(ValueError, match="without repeats"):
     runner.require_methods(["bp", "bp"], ("bp",))
   defaults = {"cbp": {"rate": 1e-4, "maturity": 100, "utility": "c", "accumulate": False}}
-  sets = runner.parse_hparam_sets(["cbp.rate=1e-3", "cbp.maturity=7", "cbp.utility=u",
-                                   "cbp.accumulate=true"], defaults)
+  sets = runner.parse_hparam_sets(
+    ["cbp.rate=1e-3", "cbp.maturity=7", "cbp.utility=u", "cbp.accumulate=true"], defaults
+  )
   assert sets == {"cbp": {"rate": 1e-3, "maturity": 7, "utility": "u", "accumulate": True}}
   assert type(sets["cbp"]["maturity"]) is int
-  for bad, message in (("cbp.nope=1", "cbp has no hyperparameter 'nope'"),
-                       ("bp.rate=1", "unknown method 'bp'"), ("cbp", "expected METHOD.HPARAM")):
+  for bad, message in (
+    ("cbp.nope=1", "cbp has no hyperparameter 'nope'"),
+    ("bp.rate=1", "unknown method 'bp'"),
+    ("cbp", "expected METHOD.HPARAM"),
+  ):
     with pytest.raises(ValueError, match=message):
       runner.parse_hparam_sets([bad], defaults)
   import argparse
+
   args = argparse.Namespace(seeds=3, seed=None, steps=10, methods=" bp, cbp,")
   assert runner.overrides_from_args(args, ("seeds", "seed"), total_steps="steps") == {
-      "seeds": 3, "total_steps": 10, "methods": ["bp", "cbp"]}
+    "seeds": 3,
+    "total_steps": 10,
+    "methods": ["bp", "cbp"],
+  }
 
 
 def test_nan_round_trip_and_mean_stderr(tmp_path):
@@ -423,8 +486,9 @@ def test_plot_results_writes_a_png(tmp_path):
   results["metrics"]["b"]["square"] = np.full((SEEDS, 2 * POINTS), np.nan)  # Skipped.
   path = runner.plot_results(results, tmp_path / "plot.png")
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  path2 = runner.plot_results(tmp_path / "results.json", tmp_path / "p2.png",
-                              metrics=("value",), labels=("a",))
+  path2 = runner.plot_results(
+    tmp_path / "results.json", tmp_path / "p2.png", metrics=("value",), labels=("a",)
+  )
   assert path2.stat().st_size > 1000
   assert result.status == "complete"
 
@@ -461,9 +525,12 @@ def test_real_sigint_leaves_valid_partial_results(tmp_path):
   # run started in the background by a non-interactive shell ignores SIGINT,
   # the child would inherit that and Python would never raise
   # KeyboardInterrupt.
-  proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")],
-                          stdout=subprocess.PIPE, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  proc = subprocess.Popen(
+    [sys.executable, str(script), str(tmp_path / "out")],
+    stdout=subprocess.PIPE,
+    text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
   try:
     for line in proc.stdout:
       if line.startswith("chunk 2"):

@@ -42,7 +42,7 @@ class FailingOs(types.SimpleNamespace):
     if not self.armed:
       return os.write(fd, data)
     self.calls += 1
-    os.write(fd, bytes(data[:len(data) // 2]))
+    os.write(fd, bytes(data[: len(data) // 2]))
     raise OSError(self.code, os.strerror(self.code))
 
 
@@ -86,8 +86,7 @@ def test_results_write_failing_midway_keeps_the_previous_file(tmp_path, monkeypa
   assert (out / "results.json").read_bytes() == straight
 
 
-def test_checkpoint_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
-                                                                      straight):
+def test_checkpoint_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch, straight):
   """Orbax has written the arrays of chunk 2's checkpoint when writing its
   JSON record runs out of space: chunk 1's checkpoint stays the latest and
   resumes to the uninterrupted run's results."""
@@ -166,11 +165,11 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken(tmp_path,
-                                                                                   straight):
+def test_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken(tmp_path, straight):
   out = tmp_path / "out"
-  proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO)), str(out)],
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", HOLDER.format(repo=str(REPO)), str(out)], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(runner.OutputLockedError) as err:

@@ -12,8 +12,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _names_used_as_runner_attributes():
   """Every ``runner.X`` in the experiments, the tests and the docs, read from their text."""
-  files = [*ROOT.glob("experiments/*.py"), *ROOT.glob("tests/*.py"), ROOT / "README.md",
-           ROOT / "BENCHMARKS.md"]
+  files = [
+    *ROOT.glob("experiments/*.py"),
+    *ROOT.glob("tests/*.py"),
+    ROOT / "README.md",
+    ROOT / "BENCHMARKS.md",
+  ]
   used = set()
   for path in files:
     if path.name == pathlib.Path(__file__).name:
@@ -38,9 +42,12 @@ def test_reexports_are_the_modules_own_objects():
 
 def test_import_loads_neither_orbax_nor_matplotlib():
   """Checkpoints and plots import them when used: a run without either needs neither."""
-  code = ("import sys; from experiments import runner; "
-          "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
-  loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, check=True).stdout.split()
+  code = (
+    "import sys; from experiments import runner; "
+    "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+  )
+  loaded = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+  ).stdout.split()
   assert "experiments" in loaded and "jax" in loaded
   assert not {"orbax", "matplotlib"} & set(loaded)

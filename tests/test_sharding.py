@@ -61,9 +61,17 @@ def make_train(steps=24, batch=4, hidden=(12,)):
   def train(key):
     k_init, k_cbp, k_data = jax.random.split(key, 3)
     model, params = mlp_setup(k_init, batch=batch, hidden=hidden)
-    tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(
-        cbp_jax.graph_from_params(params), key=k_cbp, replacement_rate=0.05,
-        maturity_threshold=4, utility="adaptable_contribution", max_replacements_per_step=2))
+    tx = optax.chain(
+      optax.sgd(0.05),
+      cbp_jax.cbp(
+        cbp_jax.graph_from_params(params),
+        key=k_cbp,
+        replacement_rate=0.05,
+        maturity_threshold=4,
+        utility="adaptable_contribution",
+        max_replacements_per_step=2,
+      ),
+    )
     step = make_step(model, tx)
     xs = jax.random.normal(k_data, (steps, batch, 10))
     ys = jax.random.randint(jax.random.fold_in(k_data, 1), (steps, batch), 0, 3)
@@ -121,13 +129,19 @@ def test_four_devices():
   flags = env.get("XLA_FLAGS", "")
   # Optimisation level 0 only makes XLA:CPU compile faster (LLVM passes); the
   # sharded and unsharded programs compared are compiled alike.
-  env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={DEVICES} "
-                      "--xla_backend_optimization_level=0").strip()
+  env["XLA_FLAGS"] = (
+    f"{flags} --xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   result = subprocess.run(
-      [sys.executable, "-m", "tests.test_sharding"], cwd=ROOT, env=env,
-      capture_output=True, text=True, timeout=600)
+    [sys.executable, "-m", "tests.test_sharding"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
   for name in CHECKS:
     assert f"ok {name}" in result.stdout, result.stdout
@@ -186,12 +200,13 @@ def _compare_data_parallel(model, params, tx, xs, ys, atol, hlo_check=True):
     assert int(ref_stats[name]["replaced"]) > 0, name  # The run included replacements,
     assert int(dp_stats[name]["replaced"]) == int(ref_stats[name]["replaced"]), name
     np.testing.assert_array_equal(  # ... of the same units.
-        np.asarray(cbp_jax.transform.find_cbp_state(dp_state).last_replaced[name]),
-        np.asarray(cbp_jax.transform.find_cbp_state(ref_state).last_replaced[name]))
-    np.testing.assert_array_equal(np.asarray(dp_stats[name]["age"]),
-                                  np.asarray(ref_stats[name]["age"]))
-    np.testing.assert_allclose(np.asarray(dp_stats[name]["utility"]),
-                               np.asarray(ref_stats[name]["utility"]), rtol=1e-4, atol=1e-6)
+      np.asarray(cbp_jax.transform.find_cbp_state(dp_state).last_replaced[name]),
+      np.asarray(cbp_jax.transform.find_cbp_state(ref_state).last_replaced[name]),
+    )
+    np.testing.assert_array_equal(np.asarray(dp_stats[name]["age"]), np.asarray(ref_stats[name]["age"]))
+    np.testing.assert_allclose(
+      np.asarray(dp_stats[name]["utility"]), np.asarray(ref_stats[name]["utility"]), rtol=1e-4, atol=1e-6
+    )
   np.testing.assert_allclose(dp_losses, ref_losses, rtol=1e-5, atol=1e-6)
   assert_trees_close(dp_params, ref_params, atol=atol)
   if not hlo_check:
@@ -207,8 +222,14 @@ def check_data_parallel():
   steps, batch = 10, 16  # 4 examples per device.
   model, params = mlp_setup(jax.random.key(1), batch=batch)
   graph = cbp_jax.graph_from_params(params)
-  tx = cbp_jax.cbp(graph, key=7, replacement_rate=0.1, maturity_threshold=3,
-                   utility="adaptable_contribution", optimizer=optax.adam(1e-2))
+  tx = cbp_jax.cbp(
+    graph,
+    key=7,
+    replacement_rate=0.1,
+    maturity_threshold=3,
+    utility="adaptable_contribution",
+    optimizer=optax.adam(1e-2),
+  )
   k = jax.random.key(2)
   xs = jax.random.normal(k, (steps, batch, 10))
   ys = jax.random.randint(jax.random.fold_in(k, 1), (steps, batch), 0, 3)
@@ -221,9 +242,18 @@ def check_data_parallel_conv():
   model = cbp_jax.models.ConvNet(outputs=2)
   params = model.init(jax.random.key(3), jnp.zeros((batch, 32, 32, 3)))["params"]
   graph = cbp_jax.graph_from_params(params)
-  tx = optax.chain(optax.sgd(0.05, momentum=0.9), cbp_jax.cbp(
-      graph, key=5, replacement_rate=0.05, maturity_threshold=1, init="default",
-      utility="adaptable_contribution", count_basis="layer"))
+  tx = optax.chain(
+    optax.sgd(0.05, momentum=0.9),
+    cbp_jax.cbp(
+      graph,
+      key=5,
+      replacement_rate=0.05,
+      maturity_threshold=1,
+      init="default",
+      utility="adaptable_contribution",
+      count_basis="layer",
+    ),
+  )
   k = jax.random.key(4)
   xs = jax.random.uniform(k, (steps, batch, 32, 32, 3))
   ys = jax.random.randint(jax.random.fold_in(k, 1), (steps, batch), 0, 2)
@@ -237,6 +267,7 @@ def check_experiment_shard_seeds():
   import tempfile
 
   from experiments import slowly_changing_regression as scr
+
   config = dict(seeds=4, steps=30_000, bin_size=10_000, bins_per_chunk=1, methods=["bp", "cbp"])
   ref = scr.run_experiment(config, plot=False, progress=False)
   out = scr.run_experiment(config, plot=False, progress=False, shard_seeds=True)
@@ -244,14 +275,23 @@ def check_experiment_shard_seeds():
     assert leaf.sharding.spec[0] == "seeds" and len(leaf.sharding.device_set) == DEVICES, leaf.sharding
   assert_trees_close(out.metrics, ref.metrics, atol=1e-6)
   with tempfile.TemporaryDirectory() as d:
+
     def stop_after_one(done, _):
       if done == 1:
         raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-      scr.run_experiment(config, plot=False, progress=False, shard_seeds=True,
-                         checkpoint_dir=f"{d}/ckpt", on_chunk=stop_after_one)
-    resumed = scr.run_experiment(config, plot=False, progress=False, shard_seeds=True,
-                                 checkpoint_dir=f"{d}/ckpt", resume=True)
+      scr.run_experiment(
+        config,
+        plot=False,
+        progress=False,
+        shard_seeds=True,
+        checkpoint_dir=f"{d}/ckpt",
+        on_chunk=stop_after_one,
+      )
+    resumed = scr.run_experiment(
+      config, plot=False, progress=False, shard_seeds=True, checkpoint_dir=f"{d}/ckpt", resume=True
+    )
   assert resumed.resumed_from == 1
   assert_trees_close(resumed.metrics, ref.metrics, atol=1e-6)
   with pytest.raises(ValueError, match="multiple of 4"):
@@ -259,18 +299,19 @@ def check_experiment_shard_seeds():
 
 
 CHECKS = {
-    "sweep": check_sweep,
-    "experiment_shard_seeds": check_experiment_shard_seeds,
-    "data_parallel": check_data_parallel,
-    "data_parallel_conv": check_data_parallel_conv,
+  "sweep": check_sweep,
+  "experiment_shard_seeds": check_experiment_shard_seeds,
+  "data_parallel": check_data_parallel,
+  "data_parallel_conv": check_data_parallel_conv,
 }
 
 
 def main(names):
   if jax.device_count() != DEVICES:
     raise SystemExit(
-        f"need {DEVICES} devices, found {jax.device_count()}: run with "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}")
+      f"need {DEVICES} devices, found {jax.device_count()}: run with "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={DEVICES}"
+    )
   for name in names or CHECKS:
     t0 = time.perf_counter()
     CHECKS[name]()

@@ -21,8 +21,9 @@ pytest.importorskip("brax.envs", reason="brax is not installed: slippery Ant nee
 from experiments import runner  # noqa: E402
 from experiments import slippery_ant as sa  # noqa: E402
 from tests.resume_checks import (  # noqa: E402
-    assert_interrupt_and_resume_is_bit_for_bit, assert_resume_after_sigkill_is_bit_for_bit)
-
+  assert_interrupt_and_resume_is_bit_for_bit,
+  assert_resume_after_sigkill_is_bit_for_bit,
+)
 
 EPISODE = 10
 
@@ -42,10 +43,11 @@ def test_friction_reaches_the_physics_as_data_and_episodes_auto_reset(env):
     def body(s, a):
       s, tr = env.step(s, a, friction, r0)
       return s, (tr.next_obs, tr.episode_end, tr.terminated, s.t)
+
     return jax.lax.scan(body, s0, actions)[1]
 
   slippery, grippy, grippy_again = rollout(0.02), rollout(2.0), rollout(2.0)
-  assert rollout._cache_size() == 1            # friction is an argument, not a constant
+  assert rollout._cache_size() == 1  # friction is an argument, not a constant
   for a, b in zip(grippy, grippy_again):
     np.testing.assert_array_equal(a, b)
   obs_s, obs_g = slippery[0], grippy[0]
@@ -62,7 +64,7 @@ def test_friction_reaches_the_physics_as_data_and_episodes_auto_reset(env):
   # next step runs from the reset state (episode step counter back to 1).
   for _, end, term, t in (slippery, grippy):
     end, term, t = np.asarray(end), np.asarray(term), np.asarray(t)
-    np.testing.assert_array_equal(end.astype(bool), (t == 0))   # t is the state after reset
+    np.testing.assert_array_equal(end.astype(bool), (t == 0))  # t is the state after reset
     assert np.all(term <= end)
     if not term.any():
       np.testing.assert_array_equal(np.flatnonzero(end), [EPISODE - 1, 2 * EPISODE - 1])
@@ -96,7 +98,7 @@ def test_rate_zero_cbp_group_is_plain_adam():
 
   def loss(p):
     mean, value, acts = sa.forward(nets, p, x)
-    return jnp.mean(mean ** 2) + jnp.mean((value - 1) ** 2) + jnp.sum(p["log_std"] ** 2), acts
+    return jnp.mean(mean**2) + jnp.mean((value - 1) ** 2) + jnp.sum(p["log_std"] ** 2), acts
 
   def train(kind):
     tx = sa.make_optimizer(c, kind, hp, graph, jax.random.key(2))
@@ -125,27 +127,39 @@ def test_config_validation():
     sa.make_config(hparams={"ppo": {"step_size": 0.0}})
   c = sa.config_from_args(sa.parse_args(["--paper", "--steps", "4096", "--set", "l2.weight_decay=0"]))
   assert (c["seeds"], c["total_steps"], c["hparams"]["l2"]["weight_decay"]) == (30, 4096, 0)
-  c = sa.make_config(total_steps=1000, num_envs=2, rollout_len=8, minibatches=2,
-                     updates_per_point=2, points_per_chunk=3)
-  assert sa.steps_per_chunk(c) == 96 and sa.num_chunks(c) == 11   # rounded up
+  c = sa.make_config(
+    total_steps=1000, num_envs=2, rollout_len=8, minibatches=2, updates_per_point=2, points_per_chunk=3
+  )
+  assert sa.steps_per_chunk(c) == 96 and sa.num_chunks(c) == 11  # rounded up
   assert sa.method_groups(sa.make_config(methods=["ppo", "cbp", "redo"])) == {
-      "cbp": ["ppo", "cbp"], "redo": ["redo"]}
+    "cbp": ["ppo", "cbp"],
+    "redo": ["redo"],
+  }
   assert sa.method_groups(sa.make_config(methods=["ppo", "l2"])) == {"adam": ["ppo", "l2"]}
 
 
 # The tiny configuration the run tests share (compiled once: `make_batched` caches it).
 TINY = dict(
-    seeds=2, total_steps=128, num_envs=2, rollout_len=16, epochs=2, minibatches=2,
-    hidden=[8, 8], episode_length=8, change_every=64, updates_per_point=1,
-    points_per_chunk=2, methods=["ppo", "cbp"],
-    hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}})
+  seeds=2,
+  total_steps=128,
+  num_envs=2,
+  rollout_len=16,
+  epochs=2,
+  minibatches=2,
+  hidden=[8, 8],
+  episode_length=8,
+  change_every=64,
+  updates_per_point=1,
+  points_per_chunk=2,
+  methods=["ppo", "cbp"],
+  hparams={"cbp": {"maturity_threshold": 2, "replacement_rate": 0.05}},
+)
 
 
 def test_tiny_run_end_to_end(tmp_path):
   """Two seeds of PPO and PPO+CBP, vmapped in one compiled program, through the runner."""
   config = sa.make_config(TINY)
-  result = sa.run_experiment(config, out_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt",
-                             progress=False)
+  result = sa.run_experiment(config, out_dir=tmp_path, checkpoint_dir=tmp_path / "ckpt", progress=False)
   assert result.status == "complete" and result.chunks_done == 2
   res = runner.load_results(tmp_path / "results.json")
   assert res["experiment"] == "slippery_ant" and res["status"] == "complete"
@@ -165,7 +179,7 @@ def test_tiny_run_end_to_end(tmp_path):
   np.testing.assert_array_equal(ph[0], [0, 0, 1, 1])
   assert np.all((fr >= 0.02) & (fr <= 2.0)) and fr[0, 0] == fr[0, 1] and fr[0, 1] != fr[0, 2]
   np.testing.assert_array_equal(fr, res["metrics"]["ppo"]["friction"])
-  assert fr[0, 0] != fr[1, 0]                           # seeds draw their own frictions
+  assert fr[0, 0] != fr[1, 0]  # seeds draw their own frictions
   # CBP replaced units (rate 0.05 x 32 units x 64 minibatch steps); PPO runs in the same
   # CBP structure with rate 0 and replaces none.
   assert np.all(np.diff(res["metrics"]["cbp"]["replaced_units"], axis=1) >= 0)
@@ -174,15 +188,15 @@ def test_tiny_run_end_to_end(tmp_path):
   assert (tmp_path / "slippery_ant.png").exists() and (tmp_path / "phases.png").exists()
   assert "ph1" in sa.format_summary(res)
   json.loads((tmp_path / "timing.json").read_text())
-  assert runner.Checkpoints(tmp_path / "ckpt", experiment=sa.EXPERIMENT.name,
-                            config=config).latest() == 2
+  assert runner.Checkpoints(tmp_path / "ckpt", experiment=sa.EXPERIMENT.name, config=config).latest() == 2
 
 
 def test_interrupt_and_resume_is_bit_identical(tmp_path):
   """Stopped after its first chunk and resumed from the checkpoint (MJX state, Adam
   and CBP statistics, keys): the uninterrupted run's results file and final carry."""
-  assert_interrupt_and_resume_is_bit_for_bit(functools.partial(
-      sa.run_experiment, sa.make_config(TINY), plot=False, progress=False), tmp_path)
+  assert_interrupt_and_resume_is_bit_for_bit(
+    functools.partial(sa.run_experiment, sa.make_config(TINY), plot=False, progress=False), tmp_path
+  )
 
 
 @pytest.mark.slow
@@ -190,8 +204,27 @@ def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """SIGKILL the CLI (PPO and PPO+CBP replacing units, the paper's nets, 2 envs x 16-step
   rollouts) after its first checkpoint, then --resume: the uninterrupted run's results,
   byte for byte."""
-  args = ["--steps", "128", "--num-envs", "2", "--rollout-len", "16", "--updates-per-point", "1",
-          "--points-per-chunk", "1", "--change-every", "64", "--methods", "ppo,cbp",
-          "--set", "cbp.maturity_threshold=2", "--set", "cbp.replacement_rate=0.01", "--no-plot"]
+  args = [
+    "--steps",
+    "128",
+    "--num-envs",
+    "2",
+    "--rollout-len",
+    "16",
+    "--updates-per-point",
+    "1",
+    "--points-per-chunk",
+    "1",
+    "--change-every",
+    "64",
+    "--methods",
+    "ppo,cbp",
+    "--set",
+    "cbp.maturity_threshold=2",
+    "--set",
+    "cbp.replacement_rate=0.01",
+    "--no-plot",
+  ]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.slippery_ant"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.slippery_ant"] + args, tmp_path
+  )

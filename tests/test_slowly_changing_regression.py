@@ -33,8 +33,7 @@ def _bins(config, seed_index, n):
 @pytest.mark.parametrize("mode", ["redraw", "flip_one"])
 def test_input_stream_bits_and_change_points(mode):
   # Change points fall inside bins and on bin edges (T = 300, bins of 1,000).
-  config = scr.make_config(bin_size=1000, change_every=300, bins_per_chunk=1, steps=4000,
-                           slow_bits_mode=mode)
+  config = scr.make_config(bin_size=1000, change_every=300, bins_per_chunk=1, steps=4000, slow_bits_mode=mode)
   x, _ = _bins(config, 0, 4)
   T, f = config["change_every"], config["num_slow_bits"]
   assert x.shape == (4000, 20) and x.dtype == np.float32
@@ -94,9 +93,11 @@ def test_config_validation_and_labels():
     scr.make_config(stepsize=0.1)
   with pytest.raises(ValueError, match="not a numeric hyperparameter"):
     scr.make_config(sweep={"cbp": {"utility": ["contribution"]}})
-  c = scr.make_config(methods=["bp", "snp", "linear"],
-                      sweep={"bp": {"step_size": [0.01, 0.003]}},
-                      hparams={"snp": {"weight_decay": 1e-2, "noise_scale": 1e-3}})
+  c = scr.make_config(
+    methods=["bp", "snp", "linear"],
+    sweep={"bp": {"step_size": [0.01, 0.003]}},
+    hparams={"snp": {"weight_decay": 1e-2, "noise_scale": 1e-3}},
+  )
   labels = scr.run_labels(c)
   assert list(labels) == ["bp[lr=0.01]", "bp[lr=0.003]", "snp", "linear"]
   assert labels["bp[lr=0.003]"]["step_size"] == 0.003
@@ -157,40 +158,54 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 
   out, ckpt = tmp_path / "resumed", tmp_path / "resumed" / "checkpoints"
   with pytest.raises(KeyboardInterrupt):
-    scr.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, plot=False, progress=False,
-                       on_chunk=stop)
+    scr.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, plot=False, progress=False, on_chunk=stop)
   partial = runner.load_results(out / "results.json")
   assert partial["status"] == "interrupted" and partial["chunks_done"] == 1
-  result = scr.run_experiment(config, out_dir=out, checkpoint_dir=ckpt, resume=True,
-                              plot=False, progress=False)
+  result = scr.run_experiment(
+    config, out_dir=out, checkpoint_dir=ckpt, resume=True, plot=False, progress=False
+  )
   assert result.resumed_from == 1
-  assert (out / "results.json").read_bytes() == (
-      tmp_path / "straight" / "results.json").read_bytes()
+  assert (out / "results.json").read_bytes() == (tmp_path / "straight" / "results.json").read_bytes()
   with pytest.raises(runner.ConfigMismatchError, match="steps: 40000 in the checkpoint"):
-    scr.run_experiment({**TINY, "steps": 60_000, "bins_per_chunk": 3}, out_dir=out,
-                       checkpoint_dir=ckpt, resume=True, plot=False, progress=False)
+    scr.run_experiment(
+      {**TINY, "steps": 60_000, "bins_per_chunk": 3},
+      out_dir=out,
+      checkpoint_dir=ckpt,
+      resume=True,
+      plot=False,
+      progress=False,
+    )
 
 
 def test_make_train_matches_the_chunked_program():
-  config = scr.make_config(seeds=2, steps=20_000, bin_size=5_000, bins_per_chunk=2,
-                           methods=["bp", "linear"])
+  config = scr.make_config(seeds=2, steps=20_000, bin_size=5_000, bins_per_chunk=2, methods=["bp", "linear"])
   train = jax.jit(jax.vmap(scr.make_train(config)))
   metrics = train(scr.seed_keys(config))
   assert metrics["bp"]["error"].shape == (2, 4)
   # Seed i's key (hence its run) does not depend on how many seeds run.
   more = scr.seed_keys({**config, "seeds": 5})
-  np.testing.assert_array_equal(jax.random.key_data(more[:2]),
-                                jax.random.key_data(scr.seed_keys(config)))
+  np.testing.assert_array_equal(jax.random.key_data(more[:2]), jax.random.key_data(scr.seed_keys(config)))
   chunked = scr.run_experiment(config, plot=False, progress=False)
   for label in ("bp", "linear"):
-    np.testing.assert_allclose(metrics[label]["error"], chunked.metrics[label]["error"],
-                               rtol=1e-4)
+    np.testing.assert_allclose(metrics[label]["error"], chunked.metrics[label]["error"], rtol=1e-4)
   assert np.all(np.isnan(chunked.metrics["linear"]["dead_fraction"]))
 
 
 def test_cli_and_plot(tmp_path, capsys):
-  args = ["--seeds", "2", "--steps", "40000", "--bin-size", "10000", "--bins-per-chunk", "2",
-          "--methods", "bp,cbp", "--out", str(tmp_path)]
+  args = [
+    "--seeds",
+    "2",
+    "--steps",
+    "40000",
+    "--bin-size",
+    "10000",
+    "--bins-per-chunk",
+    "2",
+    "--methods",
+    "bp,cbp",
+    "--out",
+    str(tmp_path),
+  ]
   assert scr.main(args) == 0
   out = capsys.readouterr().out
   assert "early error" in out and "cbp" in out
@@ -211,7 +226,19 @@ def test_cli_and_plot(tmp_path, capsys):
 def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   """SIGKILL the CLI after its first checkpoint (of 20), then --resume: the
   uninterrupted run's results file, byte for byte."""
-  args = ["--seeds", "2", "--steps", "100000", "--bin-size", "5000", "--bins-per-chunk", "1",
-          "--methods", "bp,cbp,l2,snp,linear", "--no-plot"]
+  args = [
+    "--seeds",
+    "2",
+    "--steps",
+    "100000",
+    "--bin-size",
+    "5000",
+    "--bins-per-chunk",
+    "1",
+    "--methods",
+    "bp,cbp,l2,snp,linear",
+    "--no-plot",
+  ]
   assert_resume_after_sigkill_is_bit_for_bit(
-      [sys.executable, "-m", "experiments.slowly_changing_regression"] + args, tmp_path)
+    [sys.executable, "-m", "experiments.slowly_changing_regression"] + args, tmp_path
+  )

@@ -2,8 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -25,16 +23,26 @@ def traced(model, x, params=None):
 
 def renamed(graph, names):
   """``graph`` with every module name replaced through ``names`` (path prefixes)."""
+
   def path(p):
     if p is None:
       return None
     head, _, tail = p.partition("/")
     return f"{names.get(head, head)}/{tail}" if tail else names.get(head, head)
-  return cbp_jax.LayerGraph([
-      cbp_jax.Layer(path(l.name), path(l.kernel), path(l.bias),
-                    [cbp_jax.Consumer(path(c.kernel), path(c.bias), c.layout) for c in l.consumers],
-                    path(l.norm), l.activation)
-      for l in graph])
+
+  return cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        path(l.name),
+        path(l.kernel),
+        path(l.bias),
+        [cbp_jax.Consumer(path(c.kernel), path(c.bias), c.layout) for c in l.consumers],
+        path(l.norm),
+        l.activation,
+      )
+      for l in graph
+    ]
+  )
 
 
 # --- The traced graph equals the hand-written or inferred one -------------------
@@ -44,7 +52,10 @@ def test_mlp_graph_equals_the_inferred_one_and_names_the_consumers():
   graph, params = traced(cbp_jax.models.MLP(hidden=(8, 7, 6), outputs=2), jnp.ones((3, 4)))
   assert graph == cbp_jax.graph_from_params(params)
   assert [(l.name, l.consumers[0].kernel) for l in graph] == [
-      ("Dense_0", "Dense_1/kernel"), ("Dense_1", "Dense_2/kernel"), ("Dense_2", "Dense_3/kernel")]
+    ("Dense_0", "Dense_1/kernel"),
+    ("Dense_1", "Dense_2/kernel"),
+    ("Dense_2", "Dense_3/kernel"),
+  ]
 
 
 @pytest.mark.parametrize("conv", ["xla", "im2col"])
@@ -61,8 +72,9 @@ def test_resnet18_inner_units_equal_the_explicit_graph():
   variables = jax.eval_shape(model.init, jax.random.key(0), x)  # Shapes are all it reads.
 
   def fn(params, batch_stats, x):
-    out, cols = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                            mutable=["activations", "batch_stats"])
+    out, cols = model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, mutable=["activations", "batch_stats"]
+    )
     acts = cbp_jax.collect_activations(cols["activations"])
     return out, {k: h for k, h in acts.items() if k.endswith("/conv1")}
 
@@ -80,8 +92,9 @@ def test_batch_norm_in_training_mode_belongs_to_the_units():
   variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
 
   def fn(params, x):
-    out, cols = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                            mutable=["activations", "batch_stats"])
+    out, cols = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["activations", "batch_stats"]
+    )
     return (out, cols["batch_stats"]), cbp_jax.collect_activations(cols["activations"])
 
   graph = cbp_jax.trace_graph(fn, variables["params"], jnp.ones((8, 4)))
@@ -106,9 +119,17 @@ def test_channels_first_flatten_behind_dropout_and_the_activation_are_read():
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   params = model.init(rngs, x)["params"]
   graph = cbp_jax.trace_graph(linen_fn(model, rngs={"dropout": jax.random.key(2)}), params, x)
-  assert graph == cbp_jax.LayerGraph([cbp_jax.Layer(
-      "Conv_0", "Conv_0/kernel", "Conv_0/bias",
-      [cbp_jax.Consumer("Dense_0/kernel", "Dense_0/bias", "channels_first")], activation="tanh")])
+  assert graph == cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        "Conv_0",
+        "Conv_0/kernel",
+        "Conv_0/bias",
+        [cbp_jax.Consumer("Dense_0/kernel", "Dense_0/bias", "channels_first")],
+        activation="tanh",
+      )
+    ]
+  )
 
 
 def test_a_layer_norm_without_activation_is_the_identity_not_relu():
@@ -124,11 +145,22 @@ def test_a_layer_norm_without_activation_is_the_identity_not_relu():
   assert (graph.layers[0].norm, graph.layers[0].activation) == ("LayerNorm_0", "identity")
 
 
-@pytest.mark.parametrize("act, name", [
-    (nn.relu, "relu"), (nn.gelu, "gelu"), (lambda z: nn.gelu(z, approximate=False), "gelu"),
-    (nn.silu, "silu"), (nn.tanh, "tanh"), (nn.sigmoid, "sigmoid"), (nn.leaky_relu, "leaky_relu"),
-    (nn.elu, "elu"), (nn.selu, "selu"), (lambda z: z, "identity"),
-    (lambda z: jnp.maximum(z, 0.0), "relu")])
+@pytest.mark.parametrize(
+  "act, name",
+  [
+    (nn.relu, "relu"),
+    (nn.gelu, "gelu"),
+    (lambda z: nn.gelu(z, approximate=False), "gelu"),
+    (nn.silu, "silu"),
+    (nn.tanh, "tanh"),
+    (nn.sigmoid, "sigmoid"),
+    (nn.leaky_relu, "leaky_relu"),
+    (nn.elu, "elu"),
+    (nn.selu, "selu"),
+    (lambda z: z, "identity"),
+    (lambda z: jnp.maximum(z, 0.0), "relu"),
+  ],
+)
 def test_the_activation_function_is_identified(act, name):
 
   class Net(nn.Module):
@@ -197,7 +229,6 @@ def test_reordered_or_renamed_params_give_the_same_graph():
 
 
 class FlatResidual(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(6)(x)
@@ -213,7 +244,6 @@ def test_a_flat_residual_net_is_refused_naming_the_layer_and_the_add():
 
 
 class RecordsOutput(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     dense = nn.Dense(3)
@@ -329,8 +359,9 @@ def test_graph_from_params_refuses_a_norm_after_the_last_weight_layer():
 def test_graph_from_params_names_the_batch_stats_in_an_nnx_state():
   class WithBN(nnx.Module):
     def __init__(self, rngs):
-      self.layers = nnx.List([nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs),
-                              nnx.Linear(4, 1, rngs=rngs)])
+      self.layers = nnx.List(
+        [nnx.Linear(3, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs), nnx.Linear(4, 1, rngs=rngs)]
+      )
 
   with pytest.raises(ValueError, match=r"\['BatchStat'\].*nnx.state\(model, nnx.Param\)"):
     cbp_jax.graph_from_params(nnx.state(WithBN(nnx.Rngs(0))))

@@ -13,8 +13,7 @@ import pytest
 
 import cbp_jax
 from cbp_jax import transform
-from tests.cbp_steps import batches, make_step, mlp, WithBatchNorm
-
+from tests.cbp_steps import WithBatchNorm, batches, make_step, mlp
 
 # --- Counts, eligibility and selection ------------------------------------
 
@@ -38,18 +37,33 @@ def simulate_counts(steps, width, rate, maturity):
   return counts
 
 
-@pytest.mark.parametrize("maturity,rate,bound", [
-    (0, 1 / 16, 8), (3, 1 / 16, 8), (7, 1 / 16, 8),
+@pytest.mark.parametrize(
+  "maturity,rate,bound",
+  [
+    (0, 1 / 16, 8),
+    (3, 1 / 16, 8),
+    (7, 1 / 16, 8),
     # The default static bound, ceil(rate * width): 1 and 2 slots; it must
     # never hold back a replacement (rate * width 0.5, 1.5 and exactly 2).
-    (3, 1 / 16, None), (3, 3 / 16, None), (0, 1 / 4, None)])
+    (3, 1 / 16, None),
+    (3, 3 / 16, None),
+    (0, 1 / 4, None),
+  ],
+)
 def test_accumulate_mode_exact_counts_and_only_mature_units(maturity, rate, bound):
   width = 8
   model, params = mlp(hidden=(width,))
   # Dyadic rates, so float32 accumulation is exact.
-  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=rate,
-      maturity_threshold=maturity, max_replacements_per_step=bound))
+  tx = optax.chain(
+    optax.sgd(0.01),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=rate,
+      maturity_threshold=maturity,
+      max_replacements_per_step=bound,
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   expected = simulate_counts(60, width, rate, maturity)
@@ -64,18 +78,27 @@ def test_accumulate_mode_exact_counts_and_only_mature_units(maturity, rate, boun
   assert int(cbp_jax.unit_stats(state)["Dense_0"]["replaced"]) == sum(expected)
 
 
-@pytest.mark.parametrize("basis, accumulate, pending, draw, expected", [
+@pytest.mark.parametrize(
+  "basis, accumulate, pending, draw, expected",
+  [
     # 3 of 8 units eligible, rate 0.5: "eligible" owes 1.5, "layer" 4 (8 units once any is eligible).
-    ("eligible", True, 0.25, None, (1, 0.75)),       # floor(0.25 + 1.5) = 1, 0.75 carried.
-    ("eligible", True, 0.75, None, (2, 0.25)),       # floor(2.25) = 2.
-    ("layer", True, 0.0, None, (2, 1.0)),           # 4 due, only 3 eligible (1 forgiven), bound 2 (1 carried).
-    ("eligible", False, 0.3, 0.2, (1, 0.3)),         # 1.5 >= 1: floor(1.5) = 1; pending untouched.
-])
+    ("eligible", True, 0.25, None, (1, 0.75)),  # floor(0.25 + 1.5) = 1, 0.75 carried.
+    ("eligible", True, 0.75, None, (2, 0.25)),  # floor(2.25) = 2.
+    ("layer", True, 0.0, None, (2, 1.0)),  # 4 due, only 3 eligible (1 forgiven), bound 2 (1 carried).
+    ("eligible", False, 0.3, 0.2, (1, 0.3)),  # 1.5 >= 1: floor(1.5) = 1; pending untouched.
+  ],
+)
 def test_replacement_count_by_hand(basis, accumulate, pending, draw, expected):
   eligible = jnp.asarray([True, False, True, False, False, True, False, False])
   count, new_pending = cbp_jax.transform._replacement_count(
-      eligible, jnp.float32(pending), None if draw is None else jnp.float32(draw), rate=0.5,
-      count_basis=basis, accumulate=accumulate, bound=2)
+    eligible,
+    jnp.float32(pending),
+    None if draw is None else jnp.float32(draw),
+    rate=0.5,
+    count_basis=basis,
+    accumulate=accumulate,
+    bound=2,
+  )
   assert int(count) == expected[0]
   np.testing.assert_allclose(float(new_pending), expected[1], rtol=1e-6)
 
@@ -85,17 +108,30 @@ def test_replacement_count_lottery_below_one(draw, expected):
   """rate 0.01 x 5 eligible = 0.05 < 1: one unit when the draw falls under 0.05."""
   eligible = jnp.ones((5,), bool)
   count, pending = cbp_jax.transform._replacement_count(
-      eligible, jnp.float32(0.0), jnp.float32(draw), rate=0.01, count_basis="eligible",
-      accumulate=False, bound=1)
+    eligible,
+    jnp.float32(0.0),
+    jnp.float32(draw),
+    rate=0.01,
+    count_basis="eligible",
+    accumulate=False,
+    bound=1,
+  )
   assert (int(count), float(pending)) == (expected, 0.0)
 
 
 def test_layer_count_basis_counts_the_whole_layer():
   width = 8
   model, params = mlp(hidden=(width,))
-  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, replacement_rate=1 / 32,
-      maturity_threshold=4, count_basis="layer"))
+  tx = optax.chain(
+    optax.sgd(0.01),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params),
+      key=0,
+      replacement_rate=1 / 32,
+      maturity_threshold=4,
+      count_basis="layer",
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   for x, y in batches(36):
@@ -107,9 +143,12 @@ def test_layer_count_basis_counts_the_whole_layer():
 def test_probabilistic_mode_rate_matches_expectation():
   width = 10
   model, params = mlp(hidden=(width,))
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=3, replacement_rate=0.02,
-      maturity_threshold=0, accumulate=False))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=3, replacement_rate=0.02, maturity_threshold=0, accumulate=False
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   counts = []
@@ -128,13 +167,13 @@ def test_batch_norm_statistics_of_replaced_units_are_reset():
   params = variables["params"]
   graph = cbp_jax.graph_from_params(params)
   assert graph.layers[0].norm == "BatchNorm_0"
-  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0,
-                   optimizer=optax.sgd(0.01))
+  tx = cbp_jax.cbp(graph, key=0, replacement_rate=0.5, maturity_threshold=0, optimizer=optax.sgd(0.01))
   state = tx.init(params)
   batch_stats = {"BatchNorm_0": {"mean": jnp.full((6,), 0.7), "var": jnp.full((6,), 3.0)}}
   x = jax.random.normal(jax.random.key(1), (8, 4))
-  out, col = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                         mutable=["activations", "batch_stats"])
+  out, col = model.apply(
+    {"params": params, "batch_stats": batch_stats}, x, mutable=["activations", "batch_stats"]
+  )
   acts = cbp_jax.collect_activations(col["activations"])
   _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params, activations=acts)
   new_stats = cbp_jax.reset_batch_stats(batch_stats, graph, state)
@@ -157,26 +196,32 @@ def test_magnitude_cache_refreshes_one_slice_per_step_and_is_exact_for_replaced_
   lr = 0.05
   model, params = mlp(hidden=(6, 5))
   graph = cbp_jax.graph_from_params(params)
-  tx = optax.chain(optax.sgd(lr), cbp_jax.cbp(
-      graph, key=0, replacement_rate=0.2, maturity_threshold=6,
-      magnitude_refresh_every=every))
+  tx = optax.chain(
+    optax.sgd(lr),
+    cbp_jax.cbp(graph, key=0, replacement_rate=0.2, maturity_threshold=6, magnitude_refresh_every=every),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
-  grad_fn = jax.jit(jax.grad(
-      lambda p, x, y: jnp.mean((cbp_jax.apply_with_activations(model, p, x)[0] - y) ** 2)))
+  grad_fn = jax.jit(
+    jax.grad(lambda p, x, y: jnp.mean((cbp_jax.apply_with_activations(model, p, x)[0] - y) ** 2))
+  )
   consumer = {"Dense_0": "Dense_1", "Dense_1": "Dense_2"}
 
   def mags(kernel_in, kernel_out):
-    return (np.abs(np.asarray(kernel_in, np.float64)).mean(axis=0),
-            np.abs(np.asarray(kernel_out, np.float64)).mean(axis=1))
+    return (
+      np.abs(np.asarray(kernel_in, np.float64)).mean(axis=0),
+      np.abs(np.asarray(kernel_out, np.float64)).mean(axis=1),
+    )
 
   cache = state[1].magnitudes
   for name in consumer:  # At init: the initial weights' magnitudes.
     want_in, want_out = mags(params[name]["kernel"], params[consumer[name]]["kernel"])
     np.testing.assert_allclose(cache.incoming[name], want_in, rtol=1e-6)
     np.testing.assert_allclose(cache.outgoing[name], want_out, rtol=1e-6)
-  expected = {n: (np.asarray(cache.incoming[n], np.float64), np.asarray(cache.outgoing[n], np.float64))
-              for n in consumer}
+  expected = {
+    n: (np.asarray(cache.incoming[n], np.float64), np.asarray(cache.outgoing[n], np.float64))
+    for n in consumer
+  }
   replaced_any = 0
   for t, (x, y) in enumerate(batches(20)):
     g = grad_fn(params, x, y)
@@ -206,8 +251,9 @@ def test_magnitude_refresh_with_constant_weights_gives_the_exact_utilities():
   graph = cbp_jax.graph_from_params(params)
   runs = {}
   for every in (1, 4):
-    tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(graph, key=0, replacement_rate=0.0,
-                                                 magnitude_refresh_every=every))
+    tx = optax.chain(
+      optax.sgd(0.0), cbp_jax.cbp(graph, key=0, replacement_rate=0.0, magnitude_refresh_every=every)
+    )
     state, step, p = tx.init(params), make_step(model, tx), params
     for x, y in batches(9):
       p, state, _, _ = step(p, state, x, y)
@@ -233,8 +279,7 @@ def one_step(model, params, tx, state):
 
 def test_state_holds_one_layer_state_per_layer_and_the_old_views_read_it():
   model, params = mlp()
-  tx = cbp_jax.cbp(cbp_jax.graph_from_params(params), key=0, replacement_rate=0.5,
-                   maturity_threshold=0)
+  tx = cbp_jax.cbp(cbp_jax.graph_from_params(params), key=0, replacement_rate=0.5, maturity_threshold=0)
   state = one_step(model, params, tx, tx.init(params))
   assert set(state.layers) == {"Dense_0", "Dense_1"}
   assert all(isinstance(l, cbp_jax.LayerState) for l in state.layers.values())
@@ -244,16 +289,17 @@ def test_state_holds_one_layer_state_per_layer_and_the_old_views_read_it():
     assert state.replaced_total[name] is layer.replaced_total
     assert state.last_replaced[name] is layer.last_replaced
     # rate 0.5 of 6 (5) eligible units: 3 (2) replaced, and the count says so.
-    assert int(layer.replaced_total) == int(np.sum(layer.last_replaced)) == {"Dense_0": 3,
-                                                                             "Dense_1": 2}[name]
+    assert int(layer.replaced_total) == int(np.sum(layer.last_replaced)) == {"Dense_0": 3, "Dense_1": 2}[name]
   with pytest.raises(AttributeError):
     state.statistics = {}  # A view, not a field.
 
 
 def test_layer_after_step_restarts_exactly_the_replaced_units():
   stats = cbp_jax.utility.UnitStatistics(
-      utility=jnp.array([1.0, 2.0, 3.0]), mean_activation=jnp.array([0.5, 0.75, 0.25]),
-      age=jnp.array([10, 20, 30], jnp.int32))
+    utility=jnp.array([1.0, 2.0, 3.0]),
+    mean_activation=jnp.array([0.5, 0.75, 0.25]),
+    age=jnp.array([10, 20, 30], jnp.int32),
+  )
   mask = jnp.array([False, True, False])
   after = transform._layer_after_step(stats, jnp.float32(0.25), jnp.int32(4), mask)
   np.testing.assert_array_equal(after.statistics.utility, [1.0, 0.0, 3.0])
@@ -265,8 +311,20 @@ def test_layer_after_step_restarts_exactly_the_replaced_units():
 
 
 OldCbpState = collections.namedtuple(
-    "OldCbpState", ["statistics", "pending", "replaced_total", "last_replaced", "nonfinite",
-                    "skipped", "decay_rate", "key", "magnitudes", "inner_state"])
+  "OldCbpState",
+  [
+    "statistics",
+    "pending",
+    "replaced_total",
+    "last_replaced",
+    "nonfinite",
+    "skipped",
+    "decay_rate",
+    "key",
+    "magnitudes",
+    "inner_state",
+  ],
+)
 
 
 @pytest.mark.parametrize("form", ["namedtuple", "dict"])
@@ -274,10 +332,18 @@ def test_a_state_of_the_old_layout_is_refused_saying_what_changed(form):
   model, params = mlp()
   tx = cbp_jax.cbp(cbp_jax.graph_from_params(params), key=0)
   new = tx.init(params)
-  fields = dict(statistics=new.statistics, pending=new.pending,
-                replaced_total=new.replaced_total, last_replaced=new.last_replaced,
-                nonfinite=new.nonfinite, skipped=new.skipped, decay_rate=new.decay_rate,
-                key=new.key, magnitudes=new.magnitudes, inner_state=new.inner_state)
+  fields = dict(
+    statistics=new.statistics,
+    pending=new.pending,
+    replaced_total=new.replaced_total,
+    last_replaced=new.last_replaced,
+    nonfinite=new.nonfinite,
+    skipped=new.skipped,
+    decay_rate=new.decay_rate,
+    key=new.key,
+    magnitudes=new.magnitudes,
+    inner_state=new.inner_state,
+  )
   old = OldCbpState(**fields) if form == "namedtuple" else fields
   with pytest.raises(ValueError, match=r"old layout.*one LayerState per layer in CbpState.layers"):
     one_step(model, params, tx, old)

@@ -14,6 +14,7 @@ VOCAB, LENGTH, DIM, HIDDEN = 11, 8, 16, 32
 
 class Block(nn.Module):
   """``x + attn(LN(x))``, then ``x + fc2(gelu(fc1(LN(x))))``; records the MLP's hidden units."""
+
   record_stream: bool = False
 
   @nn.compact
@@ -53,8 +54,10 @@ def loss_fn(params, tokens, targets):
 
 def data(key, batch=4):
   k1, k2 = jax.random.split(key)
-  return (jax.random.randint(k1, (batch, LENGTH), 0, VOCAB),
-          jax.random.randint(k2, (batch, LENGTH), 0, VOCAB))
+  return (
+    jax.random.randint(k1, (batch, LENGTH), 0, VOCAB),
+    jax.random.randint(k2, (batch, LENGTH), 0, VOCAB),
+  )
 
 
 def init(key):
@@ -64,22 +67,33 @@ def init(key):
 def test_only_the_mlp_hidden_units_are_in_the_traced_graph():
   params = init(jax.random.key(0))
   graph = cbp_jax.trace_graph(forward, params, jnp.zeros((2, LENGTH), jnp.int32))
-  assert graph == cbp_jax.LayerGraph([
-      cbp_jax.Layer(f"block_{i}/fc1", f"block_{i}/fc1/kernel", f"block_{i}/fc1/bias",
-                    [cbp_jax.Consumer(f"block_{i}/fc2/kernel", f"block_{i}/fc2/bias")],
-                    activation="gelu")
-      for i in range(2)])
+  assert graph == cbp_jax.LayerGraph(
+    [
+      cbp_jax.Layer(
+        f"block_{i}/fc1",
+        f"block_{i}/fc1/kernel",
+        f"block_{i}/fc1/bias",
+        [cbp_jax.Consumer(f"block_{i}/fc2/kernel", f"block_{i}/fc2/bias")],
+        activation="gelu",
+      )
+      for i in range(2)
+    ]
+  )
 
 
 def test_the_residual_stream_is_refused_with_a_message_that_says_what_to_declare():
   model = Transformer(record_stream=True)
   tokens = jnp.zeros((2, LENGTH), jnp.int32)
   params = model.init(jax.random.key(0), tokens)["params"]
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       # Both kernels are listed; their order differs between flax 0.12.7 and 0.12.8.
       r"layer 'block_0': its units are made by more than one product \(.*kernel "
       r"'block_0/fc2/kernel'.*residual connection.*hidden units of each block's MLP, not the "
-      r"residual stream")):
+      r"residual stream"
+    ),
+  ):
     cbp_jax.trace_graph(lambda p, t: cbp_jax.apply_with_activations(model, p, t), params, tokens)
 
 
@@ -89,6 +103,7 @@ def make_step(tx):
     (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, targets)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, loss
+
   return step
 
 
@@ -100,8 +115,10 @@ def test_a_reset_with_bias_correction_preserves_the_function(correct):
   for i in range(2):
     params[f"block_{i}"]["fc1"] = {"kernel": jnp.zeros((DIM, HIDDEN)), "bias": biases}
   graph = cbp_jax.trace_graph(forward, params, jnp.zeros((2, LENGTH), jnp.int32))
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      graph, key=0, replacement_rate=0.25, maturity_threshold=2, next_bias_correction=correct))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(graph, key=0, replacement_rate=0.25, maturity_threshold=2, next_bias_correction=correct),
+  )
   state, step = tx.init(params), make_step(tx)
   probe, _ = data(jax.random.key(7), batch=3)
   before = MODEL.apply({"params": params}, probe)
@@ -138,8 +155,14 @@ def test_a_vmapped_four_seed_run_is_one_program_that_replaces_units():
     k_init, k_cbp, k_data = jax.random.split(key, 3)
     params = init(k_init)
     # The model's own kernel_init: replaced units start like their neighbours did.
-    tx = cbp_jax.cbp(graph, key=k_cbp, replacement_rate=0.05, maturity_threshold=5,
-                     optimizer=optax.adam(1e-2), init=nn.initializers.lecun_normal())
+    tx = cbp_jax.cbp(
+      graph,
+      key=k_cbp,
+      replacement_rate=0.05,
+      maturity_threshold=5,
+      optimizer=optax.adam(1e-2),
+      init=nn.initializers.lecun_normal(),
+    )
 
     def one_step(carry, k):
       params, state = carry
@@ -147,8 +170,7 @@ def test_a_vmapped_four_seed_run_is_one_program_that_replaces_units():
       updates, state = tx.update(grads, state, params, activations=acts)
       return (optax.apply_updates(params, updates), state), loss
 
-    (params, state), losses = jax.lax.scan(one_step, (params, tx.init(params)),
-                                           jax.random.split(k_data, 20))
+    (params, state), losses = jax.lax.scan(one_step, (params, tx.init(params)), jax.random.split(k_data, 20))
     replaced = sum(s["replaced"] for s in cbp_jax.unit_stats(state).values())
     return losses, replaced, params["block_0"]["fc1"]["kernel"]
 

@@ -9,17 +9,20 @@ import optax
 import pytest
 
 import cbp_jax
-from tests.numpy_reference import NumpyUnitStats, consumer_rows
 from tests.cbp_steps import batches, conv_graph_params, make_step, mlp
+from tests.numpy_reference import NumpyUnitStats, consumer_rows
 
 
 @pytest.mark.parametrize("kind", [u for u in cbp_jax.utility.UTILITIES if u != "random"])
 def test_utilities_match_numpy_over_several_steps(kind):
   model, params = mlp()
   # Maturity beyond the run: statistics evolve, nothing is replaced.
-  tx = optax.chain(optax.sgd(0.05), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, utility=kind, decay_rate=0.9,
-      maturity_threshold=1000))
+  tx = optax.chain(
+    optax.sgd(0.05),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility=kind, decay_rate=0.9, maturity_threshold=1000
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   refs = {"Dense_0": NumpyUnitStats(6, 0.9), "Dense_1": NumpyUnitStats(5, 0.9)}
@@ -44,7 +47,8 @@ def test_a_unit_with_zero_incoming_weights_has_zero_utility_not_nan(kind):
   h = jnp.asarray([[0.0, 1.0], [0.0, 3.0]])
   out_mag, in_mag = jnp.asarray([0.5, 0.5]), jnp.asarray([0.0, 0.25])
   new, corrected, _, bad = cbp_jax.utility.update_statistics(
-      stats, h, out_mag, in_mag, decay=0.5, utility=kind, key=None)
+    stats, h, out_mag, in_mag, decay=0.5, utility=kind, key=None
+  )
   # Unit 1: f_hat = 2, deviation mean(|h - 2|) = 1, over in_mag 0.25 = 4 (times out_mag 0.5).
   expected = 4.0 * (0.5 if kind == "adaptable_contribution" else 1.0)
   np.testing.assert_allclose(corrected, [0.0, expected], rtol=1e-6)
@@ -53,9 +57,12 @@ def test_a_unit_with_zero_incoming_weights_has_zero_utility_not_nan(kind):
 
 def test_random_utility_is_uniform_noise_and_still_replaces():
   model, params = mlp()
-  tx = optax.chain(optax.sgd(0.0), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, utility="random", replacement_rate=0.2,
-      maturity_threshold=0))
+  tx = optax.chain(
+    optax.sgd(0.0),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility="random", replacement_rate=0.2, maturity_threshold=0
+    ),
+  )
   state = tx.init(params)
   step = make_step(model, tx)
   for x, y in batches(10):
@@ -66,9 +73,12 @@ def test_random_utility_is_uniform_noise_and_still_replaces():
 
 def test_conv_utilities_average_over_batch_and_space():
   model, params = conv_graph_params()
-  tx = optax.chain(optax.sgd(0.01), cbp_jax.cbp(
-      cbp_jax.graph_from_params(params), key=0, utility="adaptable_contribution",
-      maturity_threshold=100))
+  tx = optax.chain(
+    optax.sgd(0.01),
+    cbp_jax.cbp(
+      cbp_jax.graph_from_params(params), key=0, utility="adaptable_contribution", maturity_threshold=100
+    ),
+  )
   state = tx.init(params)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   y = jax.random.normal(jax.random.key(2), (4, 2))

@@ -31,49 +31,61 @@ and SNR share their machinery (``_scored_reset``) and the reset kernel of
 `l2` before the optimizer (or ``optax.adamw``).
 """
 
-
-from cbp_jax.methods._hare_tortoise import hare_tortoise
-from cbp_jax.methods._hare_tortoise import HareTortoiseState
-from cbp_jax.methods._hare_tortoise import tortoise_params
-from cbp_jax.methods._injection import inject
-from cbp_jax.methods._injection import injectable
-from cbp_jax.methods._injection import InjectedParams
-from cbp_jax.methods._injection import injection_apply
-from cbp_jax.methods._injection import injection_optimizer
-from cbp_jax.methods._injection import InjectionRecipe
-from cbp_jax.methods._injection import InjectionState
-from cbp_jax.methods._injection import plasticity_injection
+from cbp_jax.methods._hare_tortoise import HareTortoiseState, hare_tortoise, tortoise_params
+from cbp_jax.methods._injection import (
+  InjectedParams,
+  InjectionRecipe,
+  InjectionState,
+  inject,
+  injectable,
+  injection_apply,
+  injection_optimizer,
+  plasticity_injection,
+)
 from cbp_jax.methods._l2 import l2
-from cbp_jax.methods._l2_init import l2_init
-from cbp_jax.methods._l2_init import L2InitState
+from cbp_jax.methods._l2_init import L2InitState, l2_init
 from cbp_jax.methods._redo import redo
-from cbp_jax.methods._regrama import gradient_scores
-from cbp_jax.methods._regrama import regrama
-from cbp_jax.methods._scored_reset import RedoState
-from cbp_jax.methods._scored_reset import replaced_total
-from cbp_jax.methods._scored_reset import SnrState
-from cbp_jax.methods._shrink_perturb import shrink_and_perturb
-from cbp_jax.methods._shrink_perturb import ShrinkPerturbState
-from cbp_jax.methods._snr import snr
-from cbp_jax.methods._snr import streak_log_probability
-from cbp_jax.methods._snr import update_firing
-from cbp_jax.methods._task_resets import reset_layers
-from cbp_jax.methods._task_resets import reset_optimizer_for
-from cbp_jax.methods._upgd import scale_by_upgd
-from cbp_jax.methods._upgd import ScaleByUpgdState
-from cbp_jax.methods._upgd import scaled_utilities
-from cbp_jax.methods._upgd import upgd
+from cbp_jax.methods._regrama import gradient_scores, regrama
+from cbp_jax.methods._scored_reset import RedoState, SnrState, replaced_total
+from cbp_jax.methods._shrink_perturb import ShrinkPerturbState, shrink_and_perturb
+from cbp_jax.methods._snr import snr, streak_log_probability, update_firing
+from cbp_jax.methods._task_resets import reset_layers, reset_optimizer_for
+from cbp_jax.methods._upgd import ScaleByUpgdState, scale_by_upgd, scaled_utilities, upgd
 from cbp_jax.methods._upgd import utilities as upgd_utilities
 
 # The public names, also those of the private per-method modules (the API
 # reference documents what is listed here).
 __all__ = [
-    "gradient_scores", "hare_tortoise", "HareTortoiseState", "inject", "injectable",
-    "InjectedParams", "injection_apply", "injection_optimizer", "InjectionRecipe", "InjectionState",
-    "l2", "plasticity_injection",
-    "l2_init", "L2InitState", "redo", "RedoState", "regrama", "replaced_total",
-    "reset_layers", "reset_optimizer_for", "scale_by_upgd", "ScaleByUpgdState",
-    "scaled_utilities", "shrink_and_perturb", "ShrinkPerturbState", "snr", "SnrState",
-    "streak_log_probability", "tortoise_params", "update_firing", "upgd", "upgd_utilities",
+  "gradient_scores",
+  "hare_tortoise",
+  "HareTortoiseState",
+  "inject",
+  "injectable",
+  "InjectedParams",
+  "injection_apply",
+  "injection_optimizer",
+  "InjectionRecipe",
+  "InjectionState",
+  "l2",
+  "plasticity_injection",
+  "l2_init",
+  "L2InitState",
+  "redo",
+  "RedoState",
+  "regrama",
+  "replaced_total",
+  "reset_layers",
+  "reset_optimizer_for",
+  "scale_by_upgd",
+  "ScaleByUpgdState",
+  "scaled_utilities",
+  "shrink_and_perturb",
+  "ShrinkPerturbState",
+  "snr",
+  "SnrState",
+  "streak_log_probability",
+  "tortoise_params",
+  "update_firing",
+  "upgd",
+  "upgd_utilities",
 ]
-

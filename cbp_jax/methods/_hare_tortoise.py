@@ -26,13 +26,14 @@ class HareTortoiseState(NamedTuple):
     count: steps taken (int32).
     tortoise: the slow EMA copy of the parameters (a tree like them).
   """
+
   count: jax.Array
   tortoise: Any
 
 
 def hare_tortoise(
-    decay: float | jax.Array = 0.999,
-    reset_period: int | jax.Array = 1000,
+  decay: float | jax.Array = 0.999,
+  reset_period: int | jax.Array = 1000,
 ) -> optax.GradientTransformation:
   """Hare & Tortoise (Lee et al., ICML 2024), placed last in a chain.
 
@@ -72,8 +73,8 @@ def hare_tortoise(
 
   def init_fn(params):
     return HareTortoiseState(
-        count=jnp.zeros((), jnp.int32),
-        tortoise=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+      count=jnp.zeros((), jnp.int32), tortoise=jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -81,12 +82,14 @@ def hare_tortoise(
     count = state.count + 1
     new = optax.apply_updates(params, updates)
     tortoise = jax.tree.map(
-        lambda t, n: (decay * t.astype(jnp.float32)
-                      + (1.0 - decay) * n.astype(jnp.float32)).astype(t.dtype),
-        state.tortoise, new)
+      lambda t, n: (decay * t.astype(jnp.float32) + (1.0 - decay) * n.astype(jnp.float32)).astype(t.dtype),
+      state.tortoise,
+      new,
+    )
     due = count % reset_period == 0
     updates = jax.tree.map(
-        lambda u, t, p: jnp.where(due, (t - p).astype(u.dtype), u), updates, tortoise, params)
+      lambda u, t, p: jnp.where(due, (t - p).astype(u.dtype), u), updates, tortoise, params
+    )
     return updates, HareTortoiseState(count=count, tortoise=tortoise)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -98,8 +101,11 @@ def tortoise_params(opt_state: Any) -> Any:
   Raises:
     ValueError: if ``opt_state`` holds no `HareTortoiseState`, or several.
   """
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, HareTortoiseState))
-           if isinstance(s, HareTortoiseState)]
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, HareTortoiseState))
+    if isinstance(s, HareTortoiseState)
+  ]
   if len(found) != 1:
     raise ValueError(f"tortoise_params: expected one hare_tortoise state, found {len(found)}")
   return found[0].tortoise

@@ -24,7 +24,8 @@ draws the fresh copy, a pure function usable under `jax.lax.cond`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ class InjectedParams(NamedTuple):
     fresh: ``{path: array}``, the trainable copy of the injected leaves.
     anchor: ``{path: array}``, the frozen twin of ``fresh``.
   """
+
   base: Any
   fresh: dict[str, jax.Array]
   anchor: dict[str, jax.Array]
@@ -54,6 +56,7 @@ class InjectionState(NamedTuple):
     injected: bool scalar, whether the injection has happened.
     inner_state: the wrapped optimizer's state.
   """
+
   injected: jax.Array
   inner_state: optax.OptState
 
@@ -70,7 +73,8 @@ def _injected_paths(params: Any, paths: str | Sequence[str]) -> list[str]:
     hits = [n for n in index if n == path or n.startswith(path + "/")]
     if not hits:
       raise ValueError(
-          f"injectable: no parameter at or under path '{path}' (known: {', '.join(sorted(index)[:16])})")
+        f"injectable: no parameter at or under path '{path}' (known: {', '.join(sorted(index)[:16])})"
+      )
     out.extend(h for h in hits if h not in out)
   return out
 
@@ -117,12 +121,14 @@ def injection_apply(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   Returns:
     The apply function of `InjectedParams`.
   """
+
   def apply(injected: InjectedParams, *args, **kwargs):
     out = apply_fn(injected.base, *args, **kwargs)
     new = apply_fn(_with_leaves(injected.base, injected.fresh), *args, **kwargs)
     old = apply_fn(_with_leaves(injected.base, injected.anchor), *args, **kwargs)
     # a + (b - b) == a exactly: the output is bitwise unchanged at injection.
     return jax.tree.map(lambda o, n, a: o + (n - a), out, new, old)
+
   return apply
 
 
@@ -162,22 +168,25 @@ def injection_optimizer(optimizer: optax.GradientTransformation) -> optax.Gradie
     for path in params.fresh:
       base[index[path]] = ~injected
     return InjectedParams(
-        base=jax.tree.unflatten(treedef, base),
-        fresh={p: injected for p in params.fresh},
-        anchor={p: jnp.zeros((), bool) for p in params.anchor})
+      base=jax.tree.unflatten(treedef, base),
+      fresh={p: injected for p in params.fresh},
+      anchor={p: jnp.zeros((), bool) for p in params.anchor},
+    )
 
   def init_fn(params):
     if not isinstance(params, InjectedParams):
       raise ValueError(
-          "injection_optimizer: init needs InjectedParams (cbp_jax.methods.injectable(params, "
-          f"paths)), got {type(params).__name__}")
+        "injection_optimizer: init needs InjectedParams (cbp_jax.methods.injectable(params, "
+        f"paths)), got {type(params).__name__}"
+      )
     try:
       inner_state = inner.init(params)
     except ValueError as e:
       raise ValueError(
-          "injection_optimizer: the wrapped optimizer cannot be initialised on InjectedParams "
-          "(cbp, redo, regrama and snr resolve a layer graph of the plain network, which the "
-          "injected one no longer is; wrap a plain optax optimizer): " + str(e)) from e
+        "injection_optimizer: the wrapped optimizer cannot be initialised on InjectedParams "
+        "(cbp, redo, regrama and snr resolve a layer graph of the plain network, which the "
+        "injected one no longer is; wrap a plain optax optimizer): " + str(e)
+      ) from e
     return InjectionState(injected=jnp.zeros((), bool), inner_state=inner_state)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -192,8 +201,9 @@ def injection_optimizer(optimizer: optax.GradientTransformation) -> optax.Gradie
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def inject(params: InjectedParams, opt_state: InjectionState, fresh_params: Any,
-           when: bool | jax.Array = True) -> tuple[InjectedParams, InjectionState]:
+def inject(
+  params: InjectedParams, opt_state: InjectionState, fresh_params: Any, when: bool | jax.Array = True
+) -> tuple[InjectedParams, InjectionState]:
   """Plasticity injection: freeze the injected layers, add a fresh copy and its frozen twin.
 
   The fresh copy and its twin both take the injected leaves' values from
@@ -220,8 +230,9 @@ def inject(params: InjectedParams, opt_state: InjectionState, fresh_params: Any,
   """
   if not isinstance(opt_state, InjectionState):
     raise ValueError(
-        "inject: opt_state must be the state of injection_optimizer (outermost), got "
-        f"{type(opt_state).__name__}")
+      "inject: opt_state must be the state of injection_optimizer (outermost), got "
+      f"{type(opt_state).__name__}"
+    )
   index, flat, _ = tree_paths.flatten_by_path(fresh_params)
   new = {}
   for path, old in params.fresh.items():
@@ -233,8 +244,10 @@ def inject(params: InjectedParams, opt_state: InjectionState, fresh_params: Any,
   pick = lambda n, o: jnp.where(now, n, o)
   fresh = {p: pick(new[p], params.fresh[p]) for p in new}
   anchor = {p: pick(new[p], params.anchor[p]) for p in new}
-  return (InjectedParams(params.base, fresh, anchor),
-          InjectionState(opt_state.injected | now, opt_state.inner_state))
+  return (
+    InjectedParams(params.base, fresh, anchor),
+    InjectionState(opt_state.injected | now, opt_state.inner_state),
+  )
 
 
 class InjectionRecipe(NamedTuple):
@@ -246,14 +259,16 @@ class InjectionRecipe(NamedTuple):
     optimizer: the masked optimizer (`injection_optimizer`).
     inject: ``inject(params, opt_state, fresh_params, when=True)`` (`inject`).
   """
+
   prepare: Callable[[Any], InjectedParams]
   apply: Callable[..., Any]
   optimizer: optax.GradientTransformation
   inject: Callable[..., tuple[InjectedParams, InjectionState]]
 
 
-def plasticity_injection(apply_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
-                         paths: str | Sequence[str]) -> InjectionRecipe:
+def plasticity_injection(
+  apply_fn: Callable[..., Any], optimizer: optax.GradientTransformation, paths: str | Sequence[str]
+) -> InjectionRecipe:
   """Plasticity injection (Nikishin et al., NeurIPS 2023) of the layers under ``paths``, as one recipe.
 
   Bundles `injectable`, `injection_apply`, `injection_optimizer` and `inject`
@@ -285,9 +300,10 @@ def plasticity_injection(apply_fn: Callable[..., Any], optimizer: optax.Gradient
   """
   names = [paths] if isinstance(paths, str) else list(paths)
   if not names or not all(isinstance(n, str) and n.strip("/") for n in names):
-    raise ValueError(
-        f"plasticity_injection: paths must be non-empty strings like 'Dense_2', got {paths!r}")
-  return InjectionRecipe(prepare=lambda params: injectable(params, names),
-                         apply=injection_apply(apply_fn),
-                         optimizer=injection_optimizer(optimizer),
-                         inject=inject)
+    raise ValueError(f"plasticity_injection: paths must be non-empty strings like 'Dense_2', got {paths!r}")
+  return InjectionRecipe(
+    prepare=lambda params: injectable(params, names),
+    apply=injection_apply(apply_fn),
+    optimizer=injection_optimizer(optimizer),
+    inject=inject,
+  )

@@ -14,6 +14,7 @@ from cbp_jax import validation
 
 class L2InitState(NamedTuple):
   """State of `l2_init`: a copy of the parameters it was initialised with."""
+
   initial_params: Any
 
 
@@ -60,8 +61,7 @@ def l2_init(weight_decay: float | jax.Array) -> optax.GradientTransformation:
         return None
       return (g + weight_decay * (p - p0)).astype(g.dtype)
 
-    updates = jax.tree.map(pull, updates, params, state.initial_params,
-                           is_leaf=lambda x: x is None)
+    updates = jax.tree.map(pull, updates, params, state.initial_params, is_leaf=lambda x: x is None)
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -74,5 +74,5 @@ def _copy(params: Any) -> Any:
   `optax.tree_utils.tree_map_params` (it calls ``init`` on a placeholder).
   """
   return jax.tree.map(
-      lambda p: jnp.array(p, copy=True) if isinstance(p, (jax.Array, np.ndarray)) else p,
-      params)
+    lambda p: jnp.array(p, copy=True) if isinstance(p, (jax.Array, np.ndarray)) else p, params
+  )

@@ -7,21 +7,20 @@ import jax.numpy as jnp
 import optax
 
 from cbp_jax import graph as graph_lib
-from cbp_jax import metrics
+from cbp_jax import metrics, validation
 from cbp_jax import reset as reset_lib
-from cbp_jax import validation
 from cbp_jax.methods import _scored_reset as scored_reset
 
 
 def redo(
-    graph: graph_lib.LayerGraph,
-    *,
-    key: jax.Array | int,
-    tau: float | jax.Array = 0.0,
-    period: int | jax.Array = 1000,
-    init: str = "kaiming",
-    optimizer: optax.GradientTransformation | None = None,
-    next_bias_correction: bool = False,
+  graph: graph_lib.LayerGraph,
+  *,
+  key: jax.Array | int,
+  tau: float | jax.Array = 0.0,
+  period: int | jax.Array = 1000,
+  init: str = "kaiming",
+  optimizer: optax.GradientTransformation | None = None,
+  next_bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """ReDo (Sokar et al. 2023): recycle tau-dormant units every ``period`` steps.
 
@@ -109,5 +108,5 @@ def redo(
     return scored_reset.Scored(selections, means if next_bias_correction else None, {})
 
   return scored_reset.unit_reset_transform(
-      "redo", graph, key=key, init=init, optimizer=optimizer, select=select,
-      needs_activations=True)
+    "redo", graph, key=key, init=init, optimizer=optimizer, select=select, needs_activations=True
+  )

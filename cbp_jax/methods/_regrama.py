@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from cbp_jax import graph as graph_lib
-from cbp_jax import metrics
+from cbp_jax import metrics, validation
 from cbp_jax import reset as reset_lib
-from cbp_jax import validation
 from cbp_jax.methods import _scored_reset as scored_reset
 
 
@@ -39,13 +38,13 @@ def gradient_scores(kernel_grad: jax.Array) -> jax.Array:
 
 
 def regrama(
-    graph: graph_lib.LayerGraph,
-    *,
-    key: jax.Array | int,
-    tau: float | jax.Array = 0.0,
-    period: int | jax.Array = 1000,
-    init: str = "kaiming",
-    optimizer: optax.GradientTransformation | None = None,
+  graph: graph_lib.LayerGraph,
+  *,
+  key: jax.Array | int,
+  tau: float | jax.Array = 0.0,
+  period: int | jax.Array = 1000,
+  init: str = "kaiming",
+  optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ReGraMa (Liu et al. 2025): every ``period`` steps, reset units of small incoming gradient.
 
@@ -113,5 +112,5 @@ def regrama(
     return scored_reset.Scored(selections, None, {})
 
   return scored_reset.unit_reset_transform(
-      "regrama", graph, key=key, init=init, optimizer=optimizer, select=select,
-      needs_activations=False)
+    "regrama", graph, key=key, init=init, optimizer=optimizer, select=select, needs_activations=False
+  )

@@ -10,18 +10,17 @@ that reset nothing, is here once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from cbp_jax import graph as graph_lib
-from cbp_jax import initializers
-from cbp_jax import prng
+from cbp_jax import initializers, prng, validation
 from cbp_jax import reset as reset_lib
 from cbp_jax import transform as transform_lib
-from cbp_jax import validation
 
 
 class RedoState(NamedTuple):
@@ -36,6 +35,7 @@ class RedoState(NamedTuple):
     inner_state: the wrapped optimizer's state (``optimizer=`` form), else
       ``optax.EmptyState()``.
   """
+
   count: jax.Array
   key: jax.Array
   replaced_total: dict[str, jax.Array]
@@ -54,6 +54,7 @@ class SnrState(NamedTuple):
     streak: per layer, float32 ``(width,)``: examples since the unit last
       fired (its current inactivity streak).
   """
+
   count: jax.Array
   key: jax.Array
   replaced_total: dict[str, jax.Array]
@@ -65,7 +66,7 @@ class SnrState(NamedTuple):
 
 
 # SnrState's per-unit statistics: its fields beyond RedoState's.
-_STATS_FIELDS = SnrState._fields[len(RedoState._fields):]
+_STATS_FIELDS = SnrState._fields[len(RedoState._fields) :]
 
 # The states that resolve a layer graph against real parameters in `init`.
 _UNIT_RESET_STATES = (transform_lib.CbpState, RedoState, SnrState)
@@ -75,14 +76,19 @@ _UNIT_RESET_STATES = (transform_lib.CbpState, RedoState, SnrState)
 # restarting that optimizer's statistics calls its init on optax's parameter
 # placeholder, which theirs cannot take (they resolve the layer graph against
 # the real parameters).
-_COMPOSE = ("wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
-           "optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))")
+_COMPOSE = (
+  "wrap a plain optax optimizer in one of them and chain the other after it, e.g. "
+  "optax.chain(cbp(graph, ..., optimizer=optax.adam(lr)), redo(graph, ...))"
+)
 
 
 def unit_reset_states(opt_state: Any) -> list[Any]:
   """The `cbp`, `redo`, `regrama` and `snr` states anywhere in ``opt_state``."""
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _UNIT_RESET_STATES))
-          if isinstance(s, _UNIT_RESET_STATES)]
+  return [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _UNIT_RESET_STATES))
+    if isinstance(s, _UNIT_RESET_STATES)
+  ]
 
 
 def replaced_total(opt_state: Any) -> jax.Array:
@@ -114,22 +120,23 @@ class Scored(NamedTuple):
     stats: the method's own per-unit statistics after this step (before the
       reset; `unit_reset_transform` restarts those of reset units).
   """
+
   selections: dict[str, reset_lib.Selection]
   means: dict[str, jax.Array] | None
   stats: dict[str, dict[str, jax.Array]]
 
 
 def unit_reset_transform(
-    who: str,
-    graph: graph_lib.LayerGraph,
-    *,
-    key: jax.Array | int,
-    init: str,
-    optimizer: optax.GradientTransformation | None,
-    select: Callable[..., Scored],
-    needs_activations: bool,
-    init_stats: Callable[[Any], dict[str, dict[str, jax.Array]]] | None = None,
-    restart_stats: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
+  who: str,
+  graph: graph_lib.LayerGraph,
+  *,
+  key: jax.Array | int,
+  init: str,
+  optimizer: optax.GradientTransformation | None,
+  select: Callable[..., Scored],
+  needs_activations: bool,
+  init_stats: Callable[[Any], dict[str, dict[str, jax.Array]]] | None = None,
+  restart_stats: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A unit-reset transform: ``select`` picks units, the shared kernel resets them.
 
@@ -159,9 +166,10 @@ def unit_reset_transform(
   def init_fn(params):
     if not jax.tree.leaves(params):
       raise ValueError(
-          f"{who}: init needs the parameters, got a tree without arrays (as "
-          "optax.tree_utils.tree_map_params passes when it is another transform's "
-          f"optimizer=, which is not supported: {_COMPOSE})")
+        f"{who}: init needs the parameters, got a tree without arrays (as "
+        "optax.tree_utils.tree_map_params passes when it is another transform's "
+        f"optimizer=, which is not supported: {_COMPOSE})"
+      )
     layers, _, _ = graph_lib.resolve(graph, params)
     if inner is not None:
       inner_state = inner.init(params)
@@ -171,11 +179,12 @@ def unit_reset_transform(
     else:
       inner_state = optax.EmptyState()
     common = dict(
-        count=jnp.zeros((), jnp.int32),
-        key=key,
-        replaced_total={l.name: jnp.zeros((), jnp.int32) for l in layers},
-        last_replaced={l.name: jnp.zeros((l.width,), bool) for l in layers},
-        inner_state=inner_state)
+      count=jnp.zeros((), jnp.int32),
+      key=key,
+      replaced_total={l.name: jnp.zeros((), jnp.int32) for l in layers},
+      last_replaced={l.name: jnp.zeros((l.width,), bool) for l in layers},
+      inner_state=inner_state,
+    )
     if init_stats is None:
       return RedoState(**common)
     return SnrState(**common, **init_stats(layers))
@@ -201,8 +210,8 @@ def unit_reset_transform(
     def reset(operands):
       updates, inner_state = operands
       new_updates = reset_lib.reset_units(
-          updates, params, layers, selections, reinit_key, init=init,
-          mean_activation=scored.means)
+        updates, params, layers, selections, reinit_key, init=init, mean_activation=scored.means
+      )
       if inner is not None:
         new_params = optax.apply_updates(params, new_updates)
         touched = reset_lib.touched_slices(layers, selections)
@@ -216,10 +225,10 @@ def unit_reset_transform(
     # cost analysis of the 784-2000x3 MLP's ReDo step at batch 1 without the
     # cond: 766M flops against plain SGD's 61M, the threefry draw of 9.6M
     # weights).
-    any_replaced = jnp.any(jnp.stack(
-        [selections[l.name].count(l.width) > 0 for l in layers]))
+    any_replaced = jnp.any(jnp.stack([selections[l.name].count(l.width) > 0 for l in layers]))
     updates, inner_state = jax.lax.cond(
-        any_replaced, reset, lambda operands: operands, (updates, inner_state))
+      any_replaced, reset, lambda operands: operands, (updates, inner_state)
+    )
 
     replaced_total, last_replaced = {}, {}
     new_stats = {f: {} for f in scored.stats}
@@ -232,8 +241,13 @@ def unit_reset_transform(
         restarted = restart_stats({f: scored.stats[f][name] for f in scored.stats}, mask)
         for f in scored.stats:
           new_stats[f][name] = restarted[f]
-    common = dict(count=count, key=key, replaced_total=replaced_total,
-                  last_replaced=last_replaced, inner_state=inner_state)
+    common = dict(
+      count=count,
+      key=key,
+      replaced_total=replaced_total,
+      last_replaced=last_replaced,
+      inner_state=inner_state,
+    )
     if init_stats is None:
       return updates, RedoState(**common)
     return updates, SnrState(**common, **new_stats)

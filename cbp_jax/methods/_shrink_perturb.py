@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cbp_jax import prng
-from cbp_jax import validation
+from cbp_jax import prng, validation
 
 
 class ShrinkPerturbState(NamedTuple):
@@ -19,16 +18,17 @@ class ShrinkPerturbState(NamedTuple):
     count: steps taken (int32).
     key: PRNG key of the noise; split every step.
   """
+
   count: jax.Array
   key: jax.Array
 
 
 def shrink_and_perturb(
-    shrink: float | jax.Array,
-    noise_scale: float | jax.Array,
-    *,
-    key: jax.Array | int,
-    every: int | jax.Array = 1,
+  shrink: float | jax.Array,
+  noise_scale: float | jax.Array,
+  *,
+  key: jax.Array | int,
+  every: int | jax.Array = 1,
 ) -> optax.GradientTransformation:
   """Shrink and Perturb (Ash & Adams 2020), placed last in a chain.
 
@@ -89,8 +89,7 @@ def shrink_and_perturb(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(
-          "shrink_and_perturb: update needs params (tx.update(grads, state, params))")
+      raise ValueError("shrink_and_perturb: update needs params (tx.update(grads, state, params))")
     count = state.count + 1
     key, noise_key = prng.split(state.key)
 
@@ -104,8 +103,7 @@ def shrink_and_perturb(
           out.append(ui)
           continue
         noise = prng.normal(k, ui.shape)
-        new = ((shrink - 1.0) * pi.astype(jnp.float32) + shrink * ui.astype(jnp.float32)
-               + noise_scale * noise)
+        new = (shrink - 1.0) * pi.astype(jnp.float32) + shrink * ui.astype(jnp.float32) + noise_scale * noise
         out.append(new.astype(ui.dtype))
       return jax.tree.unflatten(treedef, out)
 

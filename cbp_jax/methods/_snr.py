@@ -33,8 +33,9 @@ def streak_log_probability(firing_rate: jax.Array, streak: jax.Array) -> jax.Arr
   return jnp.where(streak > 0, streak * safe, 0.0)
 
 
-def update_firing(firing_rate: jax.Array, seen: jax.Array, streak: jax.Array,
-                  h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def update_firing(
+  firing_rate: jax.Array, seen: jax.Array, streak: jax.Array, h: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One step's update of a layer's firing statistics from its activations ``h``.
 
   Every non-unit axis of ``h`` counts as examples (batch, and a conv layer's
@@ -55,12 +56,12 @@ def update_firing(firing_rate: jax.Array, seen: jax.Array, streak: jax.Array,
 
 
 def snr(
-    graph: graph_lib.LayerGraph,
-    *,
-    key: jax.Array | int,
-    eta: float | jax.Array = 0.01,
-    init: str = "kaiming",
-    optimizer: optax.GradientTransformation | None = None,
+  graph: graph_lib.LayerGraph,
+  *,
+  key: jax.Array | int,
+  eta: float | jax.Array = 0.01,
+  init: str = "kaiming",
+  optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SNR (Farias & Jozefiak, ICLR 2025): reset a unit when its silence is improbable under its own rate.
 
@@ -126,8 +127,8 @@ def snr(
     for layer in layers:
       name = layer.name
       rate, seen, streak = update_firing(
-          stats["firing_rate"][name], stats["seen"][name], stats["streak"][name],
-          activations[name])
+        stats["firing_rate"][name], stats["seen"][name], stats["streak"][name], activations[name]
+      )
       logp = streak_log_probability(rate, streak)
       eligible = logp < log_eta
       n = jnp.sum(eligible).astype(jnp.int32)
@@ -141,5 +142,13 @@ def snr(
     return {f: jnp.where(mask, 0.0, x) for f, x in stats.items()}
 
   return scored_reset.unit_reset_transform(
-      "snr", graph, key=key, init=init, optimizer=optimizer, select=select,
-      needs_activations=True, init_stats=init_stats, restart_stats=restart)
+    "snr",
+    graph,
+    key=key,
+    init=init,
+    optimizer=optimizer,
+    select=select,
+    needs_activations=True,
+    init_stats=init_stats,
+    restart_stats=restart,
+  )

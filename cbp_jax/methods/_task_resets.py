@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
@@ -30,8 +31,9 @@ def _leaves_under(index: dict[str, int], paths: list[str], fn: str) -> set[int]:
     if not hits:
       known = sorted({name.rsplit("/", 1)[0] for name in index} | set(index))
       raise ValueError(
-          f"{fn}: no parameter at or under path '{path}' (known paths: "
-          f"{', '.join(known[:16])}{' ...' if len(known) > 16 else ''})")
+        f"{fn}: no parameter at or under path '{path}' (known paths: "
+        f"{', '.join(known[:16])}{' ...' if len(known) > 16 else ''})"
+      )
     chosen.update(hits)
   return chosen
 
@@ -76,18 +78,21 @@ def reset_layers(params: Any, fresh_params: Any, paths: str | Sequence[str]) -> 
   _, fresh, fresh_def = tree_paths.flatten_by_path(fresh_params)
   if treedef != fresh_def:
     raise ValueError(
-        "reset_layers: fresh_params must have the structure of params, got "
-        f"{fresh_def} vs {treedef}")
+      f"reset_layers: fresh_params must have the structure of params, got {fresh_def} vs {treedef}"
+    )
   names = {i: name for name, i in index.items()}
   out = list(leaves)
   for i in sorted(_leaves_under(index, paths, "reset_layers")):
     old, new = leaves[i], fresh[i]
     if (getattr(old, "shape", None), getattr(old, "dtype", None)) != (
-        getattr(new, "shape", None), getattr(new, "dtype", None)):
+      getattr(new, "shape", None),
+      getattr(new, "dtype", None),
+    ):
       raise ValueError(
-          f"reset_layers: '{names[i]}' has shape/dtype {getattr(old, 'shape', None)}/"
-          f"{getattr(old, 'dtype', None)} in params but {getattr(new, 'shape', None)}/"
-          f"{getattr(new, 'dtype', None)} in fresh_params")
+        f"reset_layers: '{names[i]}' has shape/dtype {getattr(old, 'shape', None)}/"
+        f"{getattr(old, 'dtype', None)} in params but {getattr(new, 'shape', None)}/"
+        f"{getattr(new, 'dtype', None)} in fresh_params"
+      )
     out[i] = new
   return jax.tree.unflatten(treedef, out)
 
@@ -108,10 +113,10 @@ def _mirror_positions(positions: Any, params_def: Any, chosen: set[int]) -> set[
 
 
 def reset_optimizer_for(
-    tx: optax.GradientTransformation,
-    opt_state: Any,
-    new_params: Any,
-    paths: str | Sequence[str],
+  tx: optax.GradientTransformation,
+  opt_state: Any,
+  new_params: Any,
+  paths: str | Sequence[str],
 ) -> Any:
   """Restarts ``tx``'s per-parameter statistics of the parameters under ``paths``.
 
@@ -171,8 +176,9 @@ def reset_optimizer_for(
   fresh, fresh_def = jax.tree.flatten(tx.init(new_params))
   if fresh_def != state_def:
     raise ValueError(
-        "reset_optimizer_for: opt_state does not have the structure of "
-        f"tx.init(new_params): {state_def} vs {fresh_def}")
+      "reset_optimizer_for: opt_state does not have the structure of "
+      f"tx.init(new_params): {state_def} vs {fresh_def}"
+    )
   out = list(state_leaves)
   for pos in hits:
     if getattr(fresh[pos], "shape", None) == getattr(out[pos], "shape", None):

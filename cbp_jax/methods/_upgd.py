@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cbp_jax import prng
-from cbp_jax import validation
+from cbp_jax import prng, validation
 
 _ORDERS = (1, 2)
 
@@ -44,6 +43,7 @@ class ScaleByUpgdState(NamedTuple):
     utility: per weight, the running average of the utility (not bias
       corrected), a tree like the parameters.
   """
+
   count: jax.Array
   key: jax.Array
   utility: Any
@@ -64,8 +64,11 @@ def utilities(grads: Any, params: Any, hessian_diag: Any | None = None) -> Any:
   if hessian_diag is None:
     return first
   return jax.tree.map(
-      lambda u, h, w: u + 0.5 * h.astype(jnp.float32) * jnp.square(w.astype(jnp.float32)),
-      first, hessian_diag, params)
+    lambda u, h, w: u + 0.5 * h.astype(jnp.float32) * jnp.square(w.astype(jnp.float32)),
+    first,
+    hessian_diag,
+    params,
+  )
 
 
 def scaled_utilities(utility: Any, count: jax.Array, beta_utility: Any) -> Any:
@@ -92,11 +95,11 @@ def scaled_utilities(utility: Any, count: jax.Array, beta_utility: Any) -> Any:
 
 
 def scale_by_upgd(
-    *,
-    key: jax.Array | int,
-    beta_utility: float | jax.Array = 0.999,
-    sigma: float | jax.Array = 0.01,
-    order: int = 1,
+  *,
+  key: jax.Array | int,
+  beta_utility: float | jax.Array = 0.999,
+  sigma: float | jax.Array = 0.01,
+  order: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """UPGD's direction ``(g + sigma * N(0, 1)) * (1 - s)`` (Elsayed & Mahmood, ICLR 2024).
 
@@ -136,8 +139,10 @@ def scale_by_upgd(
 
   def init_fn(params):
     return ScaleByUpgdState(
-        count=jnp.zeros((), jnp.int32), key=key,
-        utility=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+      count=jnp.zeros((), jnp.int32),
+      key=key,
+      utility=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+    )
 
   def update_fn(updates, state, params=None, *, hessian_diag=None, **extra_args):
     del extra_args
@@ -145,12 +150,12 @@ def scale_by_upgd(
       raise ValueError("upgd: update needs params (tx.update(grads, state, params))")
     if order == 2 and hessian_diag is None:
       raise ValueError(
-          "upgd(order=2): update needs the keyword argument hessian_diag (a tree like the "
-          "params of diagonal Hessian estimates)")
+        "upgd(order=2): update needs the keyword argument hessian_diag (a tree like the "
+        "params of diagonal Hessian estimates)"
+      )
     count = state.count + 1
     u = utilities(updates, params, hessian_diag if order == 2 else None)
-    utility = jax.tree.map(lambda avg, x: beta_utility * avg + (1.0 - beta_utility) * x,
-                           state.utility, u)
+    utility = jax.tree.map(lambda avg, x: beta_utility * avg + (1.0 - beta_utility) * x, state.utility, u)
     gates = scaled_utilities(utility, count, beta_utility)
     key, noise_key = prng.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
@@ -159,23 +164,23 @@ def scale_by_upgd(
     sizes = [math.prod(g.shape) for g in leaves]
     noise = prng.normal(noise_key, (sum(sizes),))
     offsets = itertools.accumulate(sizes, initial=0)
-    out = [((g.astype(jnp.float32) + sigma * noise[o:o + n].reshape(g.shape)) * (1.0 - s)
-            ).astype(g.dtype)
-           for g, s, n, o in zip(leaves, jax.tree.leaves(gates), sizes, offsets)]
-    return (jax.tree.unflatten(treedef, out),
-            ScaleByUpgdState(count=count, key=key, utility=utility))
+    out = [
+      ((g.astype(jnp.float32) + sigma * noise[o : o + n].reshape(g.shape)) * (1.0 - s)).astype(g.dtype)
+      for g, s, n, o in zip(leaves, jax.tree.leaves(gates), sizes, offsets)
+    ]
+    return (jax.tree.unflatten(treedef, out), ScaleByUpgdState(count=count, key=key, utility=utility))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def upgd(
-    learning_rate: float | jax.Array | optax.Schedule,
-    *,
-    key: jax.Array | int,
-    beta_utility: float | jax.Array = 0.999,
-    sigma: float | jax.Array = 0.01,
-    weight_decay: float | jax.Array = 0.0,
-    order: int = 1,
+  learning_rate: float | jax.Array | optax.Schedule,
+  *,
+  key: jax.Array | int,
+  beta_utility: float | jax.Array = 0.999,
+  sigma: float | jax.Array = 0.01,
+  weight_decay: float | jax.Array = 0.0,
+  order: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """UPGD (Elsayed & Mahmood, ICLR 2024) as a complete optimizer.
 
@@ -220,6 +225,7 @@ def upgd(
     validation.check_nonnegative("learning_rate", learning_rate)
   validation.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
-      scale_by_upgd(key=key, beta_utility=beta_utility, sigma=sigma, order=order),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate))
+    scale_by_upgd(key=key, beta_utility=beta_utility, sigma=sigma, order=order),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
+  )

@@ -20,8 +20,7 @@ from experiments.runner.seeds import seed_keys
 def check_metrics(metrics: Any, points_per_chunk: int) -> None:
   """Raises ValueError unless ``metrics`` is ``{label: {name: array(..., points_per_chunk)}}``."""
   if not isinstance(metrics, Mapping):
-    raise ValueError(
-        f"chunk must return metrics as {{label: {{name: array}}}}, got {type(metrics).__name__}")
+    raise ValueError(f"chunk must return metrics as {{label: {{name: array}}}}, got {type(metrics).__name__}")
   for label, named in metrics.items():
     if not isinstance(named, Mapping):
       raise ValueError(f"metrics[{label!r}] must be a dict of arrays, got {type(named).__name__}")
@@ -29,8 +28,9 @@ def check_metrics(metrics: Any, points_per_chunk: int) -> None:
       shape = getattr(leaf, "shape", None)
       if shape is None or len(shape) < 1 or shape[-1] != points_per_chunk:
         raise ValueError(
-            f"metrics[{label!r}][{name!r}] has shape {shape}; the last axis must be the "
-            f"chunk's {points_per_chunk} points")
+          f"metrics[{label!r}][{name!r}] has shape {shape}; the last axis must be the "
+          f"chunk's {points_per_chunk} points"
+        )
 
 
 def count_points(parts: list) -> int:
@@ -60,8 +60,9 @@ def compile_chunk(chunk_fn: Callable, carry: Any, args: tuple = ()) -> tuple[Any
   return compiled, time.perf_counter() - start
 
 
-def time_chunks(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *,
-                chunks: int = 2) -> tuple[float, float]:
+def time_chunks(
+  make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *, chunks: int = 2
+) -> tuple[float, float]:
   """``(compile_seconds, median seconds per chunk)`` of an experiment's compiled chunk.
 
   ``init, chunk = make_batched(config)``; the chunk is compiled ahead of time
@@ -88,10 +89,12 @@ def scan_points(point: Callable, points_per_chunk: int) -> Callable:
   Points get their index in the whole run (a task, a bin), from which they
   derive their own keys, so any chunk computes what the uninterrupted run does.
   """
+
   def chunk(carry, chunk_index, *args):
     first = chunk_index.astype(jnp.int32) * points_per_chunk
-    return jax.lax.scan(lambda c, i: point(c, i, *args), carry,
-                        first + jnp.arange(points_per_chunk, dtype=jnp.int32))
+    return jax.lax.scan(
+      lambda c, i: point(c, i, *args), carry, first + jnp.arange(points_per_chunk, dtype=jnp.int32)
+    )
 
   return chunk
 
@@ -103,9 +106,11 @@ def whole_run(init: Callable, chunk: Callable, num_chunks: int, *args: Any) -> C
   from ``init(key)`` and returns the metrics with the points of all chunks on
   one axis. ``args`` are closed over: constants of the program.
   """
+
   def train(key):
-    _, metrics = jax.lax.scan(lambda c, i: chunk(c, i, *args), init(key),
-                              jnp.arange(num_chunks, dtype=jnp.int32))
+    _, metrics = jax.lax.scan(
+      lambda c, i: chunk(c, i, *args), init(key), jnp.arange(num_chunks, dtype=jnp.int32)
+    )
     return jax.tree.map(lambda a: a.reshape(-1), metrics)
 
   return train

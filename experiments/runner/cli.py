@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from experiments.runner.configs import merge_config
-from experiments.runner.errors import (ConfigMismatchError, CorruptCheckpointError,
-                                       OutputLockedError, OutputWriteError)
+from experiments.runner.errors import (
+  ConfigMismatchError,
+  CorruptCheckpointError,
+  OutputLockedError,
+  OutputWriteError,
+)
 from experiments.runner.locking import output_lock
 from experiments.runner.run_loop import RunResult
 from experiments.runner.statistics import format_statistics
@@ -22,15 +26,21 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
   """The flags every experiment's CLI has: ``--out``, ``--checkpoint-every``,
   ``--resume``, ``--fresh``, ``--no-plot``, ``--shard-seeds`` (see `run_from_cli`)."""
   parser.add_argument("--out", default=out, help=f"output directory (default {out})")
-  parser.add_argument("--checkpoint-every", type=int, default=1,
-                      help="save an orbax checkpoint in OUT/checkpoints every this many chunks "
-                           "(0: never)")
+  parser.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=1,
+    help="save an orbax checkpoint in OUT/checkpoints every this many chunks (0: never)",
+  )
   parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
   parser.add_argument("--fresh", action="store_true", help="delete OUT/checkpoints first")
   parser.add_argument("--no-plot", action="store_true")
-  parser.add_argument("--shard-seeds", action="store_true",
-                      help="lay the seeds over all devices (jax.sharding; seeds must be a "
-                           "multiple of the device count); the results do not change")
+  parser.add_argument(
+    "--shard-seeds",
+    action="store_true",
+    help="lay the seeds over all devices (jax.sharding; seeds must be a "
+    "multiple of the device count); the results do not change",
+  )
 
 
 def add_presets(parser: argparse.ArgumentParser, **helps: str) -> None:
@@ -38,12 +48,12 @@ def add_presets(parser: argparse.ArgumentParser, **helps: str) -> None:
   flags still override a preset's entries (see `preset_overrides`)."""
   group = parser.add_mutually_exclusive_group()
   for name, text in helps.items():
-    group.add_argument(f"--{name}", action="store_true",
-                       help=f"{text} (other flags still override)")
+    group.add_argument(f"--{name}", action="store_true", help=f"{text} (other flags still override)")
 
 
-def preset_overrides(args: argparse.Namespace, defaults: Mapping[str, Any],
-                     **presets: Mapping[str, Any]) -> dict:
+def preset_overrides(
+  args: argparse.Namespace, defaults: Mapping[str, Any], **presets: Mapping[str, Any]
+) -> dict:
   """The config of the preset flag given (`add_presets`), merged over
   ``defaults``; ``{}`` when none is."""
   for name, over in presets.items():
@@ -73,8 +83,7 @@ def split_names(text: str) -> list[str]:
   return [m.strip() for m in text.split(",") if m.strip()]
 
 
-def overrides_from_args(args: argparse.Namespace, keys: tuple[str, ...] = (),
-                        **renamed: str) -> dict:
+def overrides_from_args(args: argparse.Namespace, keys: tuple[str, ...] = (), **renamed: str) -> dict:
   """Config entries given on the command line: ``keys`` (the flag's dest is the
   entry's name) and ``renamed`` (entry = dest), those not None; ``--methods``
   split at commas."""
@@ -98,16 +107,18 @@ def split_assignment(text: str, flag: str, methods: tuple[str, ...]) -> tuple[st
   return method, name, rhs
 
 
-def parse_hparam_sets(texts: list[str], defaults: Mapping[str, Mapping[str, Any]],
-                      flag: str = "--set") -> dict[str, dict]:
+def parse_hparam_sets(
+  texts: list[str], defaults: Mapping[str, Mapping[str, Any]], flag: str = "--set"
+) -> dict[str, dict]:
   """``--set METHOD.HPARAM=VALUE`` flags as ``{method: {hparam: value}}`` (every method
   of ``defaults`` present), values typed like the defaults' (bool, str or number)."""
   out: dict[str, dict] = {m: {} for m in defaults}
   for text in texts:
     method, name, value = split_assignment(text, flag, tuple(defaults))
     if name not in defaults[method]:
-      raise ValueError(f"{flag} {text!r}: {method} has no hyperparameter {name!r} "
-                       f"({sorted(defaults[method])})")
+      raise ValueError(
+        f"{flag} {text!r}: {method} has no hyperparameter {name!r} ({sorted(defaults[method])})"
+      )
     default = defaults[method][name]
     if isinstance(default, bool):
       out[method][name] = value.lower() in ("1", "true", "yes")
@@ -124,8 +135,13 @@ def cli_error(e: BaseException) -> int:
   return 2
 
 
-def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResult], *,
-                 summary: Callable[[dict], str], plots: tuple[str, ...] = ()) -> int:
+def run_from_cli(
+  args: argparse.Namespace,
+  run_experiment: Callable[..., RunResult],
+  *,
+  summary: Callable[[dict], str],
+  plots: tuple[str, ...] = (),
+) -> int:
   """Runs an experiment from its CLI; returns the exit status.
 
   Calls ``run_experiment(out_dir=, checkpoint_dir=, checkpoint_every=, resume=,
@@ -146,12 +162,20 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
     with output_lock(out):  # Taken before --fresh deletes anything; `run` re-enters it.
       if args.fresh and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
-      result = run_experiment(out_dir=out, checkpoint_dir=ckpt,
-                              checkpoint_every=max(1, args.checkpoint_every), resume=args.resume,
-                              plot=not args.no_plot, shard_seeds=args.shard_seeds)
+      result = run_experiment(
+        out_dir=out,
+        checkpoint_dir=ckpt,
+        checkpoint_every=max(1, args.checkpoint_every),
+        resume=args.resume,
+        plot=not args.no_plot,
+        shard_seeds=args.shard_seeds,
+      )
   except KeyboardInterrupt:
-    print(f"interrupted: partial results in {out}/results.json"
-          + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""), file=sys.stderr)
+    print(
+      f"interrupted: partial results in {out}/results.json"
+      + (f"; continue with --resume (checkpoints in {ckpt})" if ckpt else ""),
+      file=sys.stderr,
+    )
     return 130
   except FileExistsError as e:
     return cli_error(f"{e}; or pass --fresh to discard it")
@@ -159,8 +183,10 @@ def run_from_cli(args: argparse.Namespace, run_experiment: Callable[..., RunResu
     return cli_error(e)
   print(summary(result.results))
   print(format_statistics(result.results))
-  line = (f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, "
-          f"total {time.perf_counter() - tic:.1f} s; results {out}/results.json")
+  line = (
+    f"compile {result.compile_seconds:.1f} s, run {sum(result.chunk_seconds):.1f} s, "
+    f"total {time.perf_counter() - tic:.1f} s; results {out}/results.json"
+  )
   if plots and not args.no_plot:
     line += (", plot " if len(plots) == 1 else ", plots ") + ", ".join(f"{out}/{p}" for p in plots)
   print(line)

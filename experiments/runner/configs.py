@@ -9,8 +9,9 @@ from typing import Any
 from experiments.runner.results_file import normalize_config
 
 
-def merge_config(base: Mapping[str, Any], over: Mapping[str, Any], *,
-                 replace: tuple[str, ...] = (), path: str = "") -> dict:
+def merge_config(
+  base: Mapping[str, Any], over: Mapping[str, Any], *, replace: tuple[str, ...] = (), path: str = ""
+) -> dict:
   """``base`` updated with ``over``: nested dicts merge, other values (lists too) are replaced.
 
   Args:
@@ -34,9 +35,14 @@ def merge_config(base: Mapping[str, Any], over: Mapping[str, Any], *,
   return out
 
 
-def build_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None,
-                 kwargs: Mapping[str, Any], *, validate: Callable[[dict], None],
-                 replace: tuple[str, ...] = ()) -> dict:
+def build_config(
+  defaults: Mapping[str, Any],
+  overrides: Mapping[str, Any] | None,
+  kwargs: Mapping[str, Any],
+  *,
+  validate: Callable[[dict], None],
+  replace: tuple[str, ...] = (),
+) -> dict:
   """An experiment's ``make_config``: ``defaults`` merged with ``overrides``, then
   ``kwargs`` (`merge_config`), as plain JSON data (`normalize_config`), validated."""
   config = merge_config(defaults, overrides or {}, replace=replace)
@@ -55,13 +61,16 @@ def require_positive_ints(config: Mapping[str, Any], keys: tuple[str, ...]) -> N
   """Raises ValueError naming the first of ``keys`` whose entry is not an int >= 1."""
   for k in keys:
     v = config[k]
-    require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-            f"{k} must be a positive int, got {v!r}")
+    require(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{k} must be a positive int, got {v!r}"
+    )
 
 
 def require_methods(methods: Any, known: tuple[str, ...]) -> None:
   """Raises ValueError unless ``methods`` is a non-empty list of ``known`` names without repeats."""
-  require(isinstance(methods, list) and len(methods) > 0 and len(set(methods)) == len(methods),
-          f"methods must be a non-empty list without repeats, got {methods}")
+  require(
+    isinstance(methods, list) and len(methods) > 0 and len(set(methods)) == len(methods),
+    f"methods must be a non-empty list without repeats, got {methods}",
+  )
   for m in methods:
     require(m in known, f"unknown method {m!r}; expected some of {known}")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from experiments.runner.errors import OutputLockedError, OutputWriteError
 
-
 LOCK_NAME = ".cbp_jax_run.lock"
 # Locks this process holds: resolved folder -> [file descriptor, depth].
 _held_locks: dict[Path, list[int]] = {}
@@ -27,8 +26,9 @@ def _lock_holder(lock_path: Path) -> str:
     info = {}
   if not info:
     return "another process (it has not written its pid yet)"
-  return (f"process {info.get('pid')} on host {info.get('host')} (since {info.get('since')}: "
-          f"{info.get('command')})")
+  return (
+    f"process {info.get('pid')} on host {info.get('host')} (since {info.get('since')}: {info.get('command')})"
+  )
 
 
 @contextlib.contextmanager
@@ -58,20 +58,21 @@ def output_lock(directory: str | os.PathLike):
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
-    raise OutputWriteError(
-        e.errno, f"cannot use {directory} as an output folder: {e.strerror or e}") from e
+    raise OutputWriteError(e.errno, f"cannot use {directory} as an output folder: {e.strerror or e}") from e
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     os.close(fd)
     raise OutputLockedError(
-        f"{directory} is in use by {_lock_holder(lock_path)}. Two runs writing the same results "
-        "and checkpoints would corrupt each other: wait for that run to finish or stop it, or "
-        "use another output folder.") from None
+      f"{directory} is in use by {_lock_holder(lock_path)}. Two runs writing the same results "
+      "and checkpoints would corrupt each other: wait for that run to finish or stop it, or "
+      "use another output folder."
+    ) from None
   try:
-    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since,
-                         "command": " ".join(sys.argv)}).encode()
+    since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    holder = json.dumps(
+      {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": " ".join(sys.argv)}
+    ).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder, 0)
   except OSError:

@@ -13,15 +13,14 @@ import numpy as np
 from experiments.runner.results_file import load_results
 from experiments.runner.statistics import BAND_LABEL, curve_with_ci
 
-
 METRIC_TITLES = {
-    "error": "squared error (binned)",
-    "accuracy": "accuracy",
-    "dead_fraction": "dead units (fraction)",
-    "effective_rank": "effective rank",
-    "weight_magnitude": "mean |w|",
-    "trainability": "trainability (fresh-task loss removed)",
-    "hessian_top_eigenvalue": "top Hessian eigenvalue",
+  "error": "squared error (binned)",
+  "accuracy": "accuracy",
+  "dead_fraction": "dead units (fraction)",
+  "effective_rank": "effective rank",
+  "weight_magnitude": "mean |w|",
+  "trainability": "trainability (fresh-task loss removed)",
+  "hessian_top_eigenvalue": "top Hessian eigenvalue",
 }
 
 
@@ -42,13 +41,13 @@ def mean_and_stderr(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_results(
-    results: Mapping[str, Any] | str | os.PathLike,
-    path: str | os.PathLike,
-    *,
-    metrics: tuple[str, ...] | None = None,
-    labels: tuple[str, ...] | None = None,
-    title: str | None = None,
-    band: str = "iqm_ci",
+  results: Mapping[str, Any] | str | os.PathLike,
+  path: str | os.PathLike,
+  *,
+  metrics: tuple[str, ...] | None = None,
+  labels: tuple[str, ...] | None = None,
+  title: str | None = None,
+  band: str = "iqm_ci",
 ) -> Path:
   """Plots each run label's curve over seeds with a shaded band; one panel per metric.
 
@@ -70,6 +69,7 @@ def plot_results(
     The path written.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -77,13 +77,13 @@ def plot_results(
     raise ValueError(f"band must be 'iqm_ci' or 'mean_se', got {band!r}")
   if not isinstance(results, Mapping):
     results = load_results(results)
-  data = {k: {n: np.array(v, dtype=np.float64) for n, v in named.items()}
-          for k, named in results["metrics"].items()}
+  data = {
+    k: {n: np.array(v, dtype=np.float64) for n, v in named.items()} for k, named in results["metrics"].items()
+  }
   labels = tuple(labels or data)
   if metrics is None:
     present = {n for named in data.values() for n in named}
-    metrics = tuple(n for n in METRIC_TITLES if n in present) + tuple(
-        sorted(present - set(METRIC_TITLES)))
+    metrics = tuple(n for n in METRIC_TITLES if n in present) + tuple(sorted(present - set(METRIC_TITLES)))
   x = np.asarray(results["x"], dtype=np.float64)
   panels = max(1, len(metrics))
   width = 4.0 * panels
@@ -107,20 +107,22 @@ def plot_results(
         center, se = mean_and_stderr(values)
         low, high = center - se, center + se
       xs = x[: center.shape[0]]
-      line, = ax.plot(xs, center, color=colors[label], label=label, linewidth=1.3)
+      (line,) = ax.plot(xs, center, color=colors[label], label=label, linewidth=1.3)
       ax.fill_between(xs, low, high, color=colors[label], alpha=0.25, linewidth=0)
       shown.setdefault(label, line)
     ax.set_title(METRIC_TITLES.get(name, name), fontsize=10)
     ax.set_xlabel(results.get("x_label", "x"))
     ax.grid(alpha=0.3)
   seeds = max((v.shape[0] for named in data.values() for v in named.values()), default=0)
-  fig.suptitle(title or f"{results.get('experiment', '')} ({results.get('status', '')}, "
-               f"{BAND_LABEL if band == 'iqm_ci' else 'mean +- s.e.'} over {seeds} seeds)",
-               fontsize=10)
+  fig.suptitle(
+    title
+    or f"{results.get('experiment', '')} ({results.get('status', '')}, "
+    f"{BAND_LABEL if band == 'iqm_ci' else 'mean +- s.e.'} over {seeds} seeds)",
+    fontsize=10,
+  )
   fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
   if shown:
-    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=ncol, fontsize=8,
-               frameon=False)
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)

@@ -26,8 +26,14 @@ class Progress:
     stream: where to write (default stderr); None silences it.
   """
 
-  def __init__(self, name: str, num_chunks: int, work_per_chunk: float | None = None,
-               work_label: str = "steps", stream: Any = "stderr"):
+  def __init__(
+    self,
+    name: str,
+    num_chunks: int,
+    work_per_chunk: float | None = None,
+    work_label: str = "steps",
+    stream: Any = "stderr",
+  ):
     self.name, self.num_chunks = name, num_chunks
     self.work_per_chunk, self.work_label = work_per_chunk, work_label
     self.stream = sys.stderr if stream == "stderr" else stream

@@ -19,7 +19,6 @@ import numpy as np
 from experiments.runner.errors import OutputWriteError
 from experiments.runner.statistics import run_statistics
 
-
 SCHEMA = "cbp_jax.experiments.results/1"
 STATUSES = ("running", "complete", "interrupted")
 
@@ -68,7 +67,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     try:
       view = memoryview(text)
       while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
       os.fsync(fd)
     finally:
       os.close(fd)
@@ -77,8 +76,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise OutputWriteError(
-        e.errno, f"cannot write {path}: {e.strerror or e}; the previous {path.name} (if any) "
-                 "is unchanged") from e
+      e.errno, f"cannot write {path}: {e.strerror or e}; the previous {path.name} (if any) is unchanged"
+    ) from e
   _fsync_directory(path.parent)
 
 
@@ -107,9 +106,18 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def results_dict(
-    *, experiment: str, config: Mapping[str, Any], status: str, chunks_done: int,
-    num_chunks: int, points_per_chunk: int, x_step: float, x_label: str,
-    runs: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> dict:
+  *,
+  experiment: str,
+  config: Mapping[str, Any],
+  status: str,
+  chunks_done: int,
+  num_chunks: int,
+  points_per_chunk: int,
+  x_step: float,
+  x_label: str,
+  runs: Mapping[str, Any] | None,
+  metrics: Mapping[str, Any] | None,
+) -> dict:
   """Builds the results-file dict (see the module docstring for the schema)."""
   if status not in STATUSES:
     raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
@@ -119,16 +127,16 @@ def results_dict(
     order = [k for k in runs if k in metrics] + [k for k in metrics if k not in runs]
     metrics = {k: metrics[k] for k in order}
   return {
-      "schema": SCHEMA,
-      "experiment": experiment,
-      "status": status,
-      "config": normalize_config(config),
-      "chunks_done": chunks_done,
-      "num_chunks": num_chunks,
-      "points_per_chunk": points_per_chunk,
-      "x_label": x_label,
-      "x": [float(x_step * (i + 1)) for i in range(points)],
-      "runs": _to_json(dict(runs or {})),
-      "metrics": _to_json(metrics),
-      "statistics": _to_json(run_statistics(metrics)),
+    "schema": SCHEMA,
+    "experiment": experiment,
+    "status": status,
+    "config": normalize_config(config),
+    "chunks_done": chunks_done,
+    "num_chunks": num_chunks,
+    "points_per_chunk": points_per_chunk,
+    "x_label": x_label,
+    "x": [float(x_step * (i + 1)) for i in range(points)],
+    "runs": _to_json(dict(runs or {})),
+    "metrics": _to_json(metrics),
+    "statistics": _to_json(run_statistics(metrics)),
   }

@@ -36,6 +36,7 @@ class RunResult:
     chunk_seconds: wall time of every chunk run in this call (after compiling).
     resumed_from: chunk index the run resumed from (0 for a fresh run).
   """
+
   carry: Any
   metrics: dict
   results: dict
@@ -47,25 +48,25 @@ class RunResult:
 
 
 def run(
-    chunk_fn: Callable[..., tuple[Any, Any]],
-    init_carry: Any,
-    *,
-    args: tuple = (),
-    num_chunks: int,
-    config: Mapping[str, Any],
-    experiment: str,
-    points_per_chunk: int,
-    x_step: float = 1.0,
-    x_label: str = "points",
-    runs: Mapping[str, Any] | None = None,
-    out_dir: str | os.PathLike | None = None,
-    results_name: str = "results.json",
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 1,
-    resume: bool = False,
-    progress: Progress | None = None,
-    on_chunk: Callable[[int, dict], None] | None = None,
-    place: Callable[[Any], Any] | None = None,
+  chunk_fn: Callable[..., tuple[Any, Any]],
+  init_carry: Any,
+  *,
+  args: tuple = (),
+  num_chunks: int,
+  config: Mapping[str, Any],
+  experiment: str,
+  points_per_chunk: int,
+  x_step: float = 1.0,
+  x_label: str = "points",
+  runs: Mapping[str, Any] | None = None,
+  out_dir: str | os.PathLike | None = None,
+  results_name: str = "results.json",
+  checkpoint_dir: str | os.PathLike | None = None,
+  checkpoint_every: int = 1,
+  resume: bool = False,
+  progress: Progress | None = None,
+  on_chunk: Callable[[int, dict], None] | None = None,
+  place: Callable[[Any], Any] | None = None,
 ) -> RunResult:
   """Runs ``chunk_fn`` ``num_chunks`` times, writing results after every chunk.
 
@@ -120,16 +121,48 @@ def run(
     for directory in dict.fromkeys(d for d in (out_dir, checkpoint_dir) if d is not None):
       locks.enter_context(output_lock(directory))
     return _run_locked(
-        chunk_fn, init_carry, args=args, num_chunks=num_chunks, config=config,
-        experiment=experiment, points_per_chunk=points_per_chunk, x_step=x_step,
-        x_label=x_label, runs=runs, out_dir=out_dir, results_name=results_name,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-        progress=progress, on_chunk=on_chunk, place=place)
+      chunk_fn,
+      init_carry,
+      args=args,
+      num_chunks=num_chunks,
+      config=config,
+      experiment=experiment,
+      points_per_chunk=points_per_chunk,
+      x_step=x_step,
+      x_label=x_label,
+      runs=runs,
+      out_dir=out_dir,
+      results_name=results_name,
+      checkpoint_dir=checkpoint_dir,
+      checkpoint_every=checkpoint_every,
+      resume=resume,
+      progress=progress,
+      on_chunk=on_chunk,
+      place=place,
+    )
 
 
-def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, points_per_chunk,
-                x_step, x_label, runs, out_dir, results_name, checkpoint_dir, checkpoint_every,
-                resume, progress, on_chunk, place) -> RunResult:
+def _run_locked(
+  chunk_fn,
+  init_carry,
+  *,
+  args,
+  num_chunks,
+  config,
+  experiment,
+  points_per_chunk,
+  x_step,
+  x_label,
+  runs,
+  out_dir,
+  results_name,
+  checkpoint_dir,
+  checkpoint_every,
+  resume,
+  progress,
+  on_chunk,
+  place,
+) -> RunResult:
   """`run`'s body, with its folders locked."""
   if num_chunks < 1:
     raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
@@ -149,8 +182,9 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
     if latest is not None and not resume:
       checkpoints.close()
       raise FileExistsError(
-          f"{checkpoint_dir} already holds a checkpoint (chunk {latest}); pass resume=True "
-          "(--resume) to continue it, or remove the directory to start afresh")
+        f"{checkpoint_dir} already holds a checkpoint (chunk {latest}); pass resume=True "
+        "(--resume) to continue it, or remove the directory to start afresh"
+      )
     if latest is not None:
       try:
         checkpoints.check(latest, init_carry)  # Also the carry's structure: before compiling.
@@ -178,17 +212,24 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
 
   def write(status: str, chunks_done: int) -> dict:
     res = results_dict(
-        experiment=experiment, config=config, status=status, chunks_done=chunks_done,
-        num_chunks=num_chunks, points_per_chunk=points_per_chunk, x_step=x_step,
-        x_label=x_label, runs=runs, metrics=concat_points(parts) if parts else {})
+      experiment=experiment,
+      config=config,
+      status=status,
+      chunks_done=chunks_done,
+      num_chunks=num_chunks,
+      points_per_chunk=points_per_chunk,
+      x_step=x_step,
+      x_label=x_label,
+      runs=runs,
+      metrics=concat_points(parts) if parts else {},
+    )
     if results_path is not None:
       write_json_atomic(results_path, res)
     return res
 
   def stopped(e: OutputWriteError, chunks_done: int, written: int, saved: int | None):
     """``e`` with where the run stopped and where it can resume from."""
-    where = (f"{results_path} holds chunk {written}" if results_path is not None
-             else "no results file")
+    where = f"{results_path} holds chunk {written}" if results_path is not None else "no results file"
     if checkpoints is None:
       todo = "rerun (there are no checkpoints to resume from)"
     elif saved is None:
@@ -196,8 +237,10 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
     else:
       todo = f"resume (--resume) from the checkpoint of chunk {saved} in {checkpoint_dir}"
     return OutputWriteError(
-        e.errno, f"{e.strerror or e}. The run stopped after chunk {chunks_done}/{num_chunks}; "
-                 f"{where}. Free space or fix the folder's permissions, then {todo}.")
+      e.errno,
+      f"{e.strerror or e}. The run stopped after chunk {chunks_done}/{num_chunks}; "
+      f"{where}. Free space or fix the folder's permissions, then {todo}.",
+    )
 
   chunk_seconds: list[float] = []
   chunks_done, written, saved = start, start, latest
@@ -220,8 +263,7 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
       try:
         results = write("complete" if chunks_done == num_chunks else "running", chunks_done)
         written = chunks_done
-        if checkpoints is not None and (
-            chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
+        if checkpoints is not None and (chunks_done % checkpoint_every == 0 or chunks_done == num_chunks):
           checkpoints.save(chunks_done, carry, parts[0])
           saved = chunks_done
       except OutputWriteError as e:
@@ -241,20 +283,45 @@ def _run_locked(chunk_fn, init_carry, *, args, num_chunks, config, experiment, p
     if checkpoints is not None:
       checkpoints.close()
   if results_path is not None:
-    write_json_atomic(results_path.with_name("timing.json"), {
-        "compile_seconds": compile_seconds, "chunk_seconds": chunk_seconds,
-        "resumed_from": start, "chunks_done": chunks_done})
+    write_json_atomic(
+      results_path.with_name("timing.json"),
+      {
+        "compile_seconds": compile_seconds,
+        "chunk_seconds": chunk_seconds,
+        "resumed_from": start,
+        "chunks_done": chunks_done,
+      },
+    )
   return RunResult(
-      carry=carry, metrics=parts[0] if parts else {}, results=results,
-      chunks_done=chunks_done, status="complete", compile_seconds=compile_seconds,
-      chunk_seconds=chunk_seconds, resumed_from=start)
+    carry=carry,
+    metrics=parts[0] if parts else {},
+    results=results,
+    chunks_done=chunks_done,
+    status="complete",
+    compile_seconds=compile_seconds,
+    chunk_seconds=chunk_seconds,
+    resumed_from=start,
+  )
 
 
-def run_seeds(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mapping[str, Any], *,
-              experiment: str, name: str, num_chunks: int, points_per_chunk: int,
-              x_step: float, x_label: str, runs: Mapping[str, Any], args: tuple = (),
-              work_per_run_chunk: float | None = None, work_label: str = "run-steps",
-              progress: bool = True, shard_seeds: bool = False, **run_kwargs: Any) -> RunResult:
+def run_seeds(
+  make_batched: Callable[[Mapping[str, Any]], tuple],
+  config: Mapping[str, Any],
+  *,
+  experiment: str,
+  name: str,
+  num_chunks: int,
+  points_per_chunk: int,
+  x_step: float,
+  x_label: str,
+  runs: Mapping[str, Any],
+  args: tuple = (),
+  work_per_run_chunk: float | None = None,
+  work_label: str = "run-steps",
+  progress: bool = True,
+  shard_seeds: bool = False,
+  **run_kwargs: Any,
+) -> RunResult:
   """Runs every seed of an experiment with `run`.
 
   The carry is ``init(seed_keys(config))`` with ``init, chunk =
@@ -271,8 +338,21 @@ def run_seeds(make_batched: Callable[[Mapping[str, Any]], tuple], config: Mappin
   keys = seed_keys(config)
   carry = init(keys if place is None else place(keys))
   work = None if work_per_run_chunk is None else work_per_run_chunk * config["seeds"] * len(runs)
-  prog = Progress(name, num_chunks, work_per_chunk=work, work_label=work_label,
-                  stream="stderr" if progress else None)
-  return run(chunk, carry, args=args, num_chunks=num_chunks, config=config, experiment=experiment,
-             points_per_chunk=points_per_chunk, x_step=x_step, x_label=x_label, runs=runs,
-             progress=prog, place=place, **run_kwargs)
+  prog = Progress(
+    name, num_chunks, work_per_chunk=work, work_label=work_label, stream="stderr" if progress else None
+  )
+  return run(
+    chunk,
+    carry,
+    args=args,
+    num_chunks=num_chunks,
+    config=config,
+    experiment=experiment,
+    points_per_chunk=points_per_chunk,
+    x_step=x_step,
+    x_label=x_label,
+    runs=runs,
+    progress=prog,
+    place=place,
+    **run_kwargs,
+  )

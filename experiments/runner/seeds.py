@@ -45,8 +45,15 @@ def map_leading(fn: Callable, n: int, in_axes: tuple) -> Callable:
   return call
 
 
-def batch_over_seeds(init: Callable, chunk: Callable, seeds: int, *, seed_axis: str = "vmap",
-                     num_args: int = 0, squeeze_single: bool = True) -> tuple[Callable, Callable]:
+def batch_over_seeds(
+  init: Callable,
+  chunk: Callable,
+  seeds: int,
+  *,
+  seed_axis: str = "vmap",
+  num_args: int = 0,
+  squeeze_single: bool = True,
+) -> tuple[Callable, Callable]:
   """Jitted ``init(keys)`` and ``chunk(carry, index, *args)`` over all seeds, from the
   per-seed ``init(key)`` and ``chunk(carry, index, *args)``.
 
@@ -65,6 +72,7 @@ def batch_over_seeds(init: Callable, chunk: Callable, seeds: int, *, seed_axis: 
     raise ValueError(f"seed_axis must be 'vmap' or 'map', got {seed_axis!r}")
   in_axes = (0, None) + (None,) * num_args
   if seed_axis == "map" and seeds > 1:
+
     def batched_chunk(carry, index, *args):
       return jax.lax.map(lambda c: chunk(c, index, *args), carry)
   elif squeeze_single:
@@ -83,6 +91,7 @@ def cache_per_config(*, ignore: tuple[str, ...] = (), maxsize: int = 8):
   ``ignore`` names top-level entries that do not change what ``build`` makes
   (e.g. the base seed, which only enters through the keys in the carry).
   """
+
   def decorator(build: Callable[[dict], Any]) -> Callable[[Mapping[str, Any]], Any]:
     cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
@@ -104,9 +113,14 @@ def cache_per_config(*, ignore: tuple[str, ...] = (), maxsize: int = 8):
   return decorator
 
 
-def batched_per_config(make_chunked: Callable, *, make_config: Callable[..., dict],
-                       num_args: int = 0, squeeze_single: bool = True,
-                       ignore: tuple[str, ...] = ()) -> Callable[[Mapping[str, Any]], tuple]:
+def batched_per_config(
+  make_chunked: Callable,
+  *,
+  make_config: Callable[..., dict],
+  num_args: int = 0,
+  squeeze_single: bool = True,
+  ignore: tuple[str, ...] = (),
+) -> Callable[[Mapping[str, Any]], tuple]:
   """An experiment's ``make_batched(config) -> (init(keys), chunk(carry, index, *args))``.
 
   ``make_chunked(config)`` gives the per-seed ``init`` and ``chunk``;
@@ -116,12 +130,18 @@ def batched_per_config(make_chunked: Callable, *, make_config: Callable[..., dic
   ``ignore`` as there): running a config again in one process (a resume, a
   test) does not compile again.
   """
+
   @cache_per_config(ignore=ignore)
   def batched(config: dict) -> tuple:
     init, chunk = make_chunked(config)
-    return batch_over_seeds(init, chunk, config["seeds"],
-                            seed_axis=config.get("seed_axis", "vmap"), num_args=num_args,
-                            squeeze_single=squeeze_single)
+    return batch_over_seeds(
+      init,
+      chunk,
+      config["seeds"],
+      seed_axis=config.get("seed_axis", "vmap"),
+      num_args=num_args,
+      squeeze_single=squeeze_single,
+    )
 
   def make_batched(config: Mapping[str, Any]) -> tuple:
     return batched(make_config(config))
@@ -141,6 +161,7 @@ def seed_placement(seeds: int) -> Callable[[Any], Any]:
   mesh = sharding.make_mesh("seeds")
   if seeds % mesh.size:
     raise ValueError(
-        f"shard_seeds: {seeds} seeds cannot be split evenly over {mesh.size} devices; "
-        f"use a multiple of {mesh.size} seeds")
+      f"shard_seeds: {seeds} seeds cannot be split evenly over {mesh.size} devices; "
+      f"use a multiple of {mesh.size} seeds"
+    )
   return lambda carry: sharding.shard_leading_axis(carry, mesh)

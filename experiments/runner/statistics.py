@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-
 BOOTSTRAP_REPS = 2000
 CONFIDENCE = 0.95
 # A fixed seed: the intervals are a deterministic function of the results, so
@@ -38,7 +37,8 @@ def interquartile_mean(values: np.ndarray, axis: int | tuple[int, ...] = 0) -> n
   rest = [a for a in range(values.ndim) if a not in axes]
   # Pooled values on the last axis, contiguous: sorting along it is the cost.
   pooled = np.ascontiguousarray(values.transpose(tuple(rest) + axes)).reshape(
-      tuple(values.shape[a] for a in rest) + (-1,))
+    tuple(values.shape[a] for a in rest) + (-1,)
+  )
   ordered = np.sort(pooled, axis=-1)  # NaN last.
   finite = np.sum(np.isfinite(pooled), axis=-1, keepdims=True)
   cut = finite // 4
@@ -49,9 +49,13 @@ def interquartile_mean(values: np.ndarray, axis: int | tuple[int, ...] = 0) -> n
 
 
 def stratified_bootstrap_ci(
-    scores: np.ndarray, statistic: Callable[..., np.ndarray] | None = None, *,
-    reps: int = BOOTSTRAP_REPS, confidence: float = CONFIDENCE,
-    seed: int = BOOTSTRAP_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  scores: np.ndarray,
+  statistic: Callable[..., np.ndarray] | None = None,
+  *,
+  reps: int = BOOTSTRAP_REPS,
+  confidence: float = CONFIDENCE,
+  seed: int = BOOTSTRAP_SEED,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """A statistic of runs and its percentile confidence interval by stratified bootstrap.
 
   ``scores[run, task, ...]``: within each task (stratum) the runs are
@@ -92,8 +96,11 @@ def stratified_bootstrap_ci(
   replicates = np.asarray(statistic(resampled, axis=(1, 2)))
   tail = 100 * (1 - confidence) / 2
   with np.errstate(invalid="ignore"):
-    low, high = np.nanpercentile(replicates, [tail, 100 - tail], axis=0) if np.isfinite(
-        replicates).any() else (np.full(replicates.shape[1:], np.nan),) * 2
+    low, high = (
+      np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
+      if np.isfinite(replicates).any()
+      else (np.full(replicates.shape[1:], np.nan),) * 2
+    )
   return np.asarray(statistic(scores, axis=(0, 1))), np.asarray(low), np.asarray(high)
 
 
@@ -136,8 +143,8 @@ def run_statistics(metrics: Mapping[str, Mapping[str, Any]]) -> dict:
       if values.shape[-1] == 0:
         continue
       out.setdefault(label, {})[name] = {
-          "auc": _interval(*stratified_bootstrap_ci(area_under_curve(values))),
-          "final": _interval(*stratified_bootstrap_ci(values[:, -1])),
+        "auc": _interval(*stratified_bootstrap_ci(area_under_curve(values))),
+        "final": _interval(*stratified_bootstrap_ci(values[:, -1])),
       }
   return out
 
@@ -165,8 +172,9 @@ def format_statistics(results: Mapping[str, Any], name: str | None = None) -> st
     return ""
   present = [n for named in stats.values() for n in named]
   name = name or next((n for n in MAIN_METRICS if n in present), present[0])
-  seeds = max((np.shape(v)[0] for named in results.get("metrics", {}).values()
-               for v in named.values()), default=0)
+  seeds = max(
+    (np.shape(v)[0] for named in results.get("metrics", {}).values() for v in named.values()), default=0
+  )
   width = max(len(label) for label in stats)
   lines = [f"{name}: IQM over {seeds} seeds [95% stratified-bootstrap CI]"]
 
@@ -177,6 +185,8 @@ def format_statistics(results: Mapping[str, Any], name: str | None = None) -> st
 
   for label, named in stats.items():
     if name in named:
-      lines.append(f"  {label:<{width}}  area under curve {fmt(named[name]['auc'])}, "
-                   f"last point {fmt(named[name]['final'])}")
+      lines.append(
+        f"  {label:<{width}}  area under curve {fmt(named[name]['auc'])}, "
+        f"last point {fmt(named[name]['final'])}"
+      )
   return "\n".join(lines)
