@@ -50,8 +50,11 @@ def main(dist):
     before = frozen(python)
     run(python, "-m", "pip", "install", "--quiet", wheel, "-r", tmp / "pins.txt")
     after = frozen(python)
-    changed = {name: (before.get(name), line) for name, line in after.items()
-               if name != "cbp-jax" and before.get(name) != line}
+    changed = {
+      name: (before.get(name), line)
+      for name, line in after.items()
+      if name != "cbp-jax" and before.get(name) != line
+    }
     if changed or "cbp-jax" not in after:
       raise SystemExit(f"installing the wheel changed the user's environment: {changed}")
     print("pins kept:", ", ".join(before[p.split("==")[0].lower()] for p in pins))
@@ -66,7 +69,9 @@ def main(dist):
       raise SystemExit(f"cbp_jax was imported from {location}, not from the installed wheel")
     run(python, "-m", "pip", "install", "--quiet", "pytest")
     print(run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_readme.py", cwd=work))
-    print(f"ok: {wheel.name} installs next to the floor pins without replacing them and runs README's example")
+    print(
+      f"ok: {wheel.name} installs next to the floor pins without replacing them and runs README's example"
+    )
 
 
 if __name__ == "__main__":
