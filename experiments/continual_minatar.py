@@ -157,21 +157,7 @@ def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(
-    c,
-    (
-      "total_steps",
-      "num_envs",
-      "rollout_len",
-      "epochs",
-      "minibatches",
-      "episode_length",
-      "change_every",
-      "updates_per_point",
-      "points_per_chunk",
-      "permutations",
-    ),
-  )
+  runner.require_positive_ints(c, learner_lib.LEARNER_INTS + ("permutations",))
   need(
     isinstance(c["games"], (list, tuple)) and len(c["games"]) >= 1 and all(g in GAMES for g in c["games"]),
     f"games must be a non-empty list from {list(GAMES)}, got {c['games']}",

@@ -202,24 +202,25 @@ PAPER_OVERRIDES: dict[str, Any] = {
 # ---------------------------------------------------------------------------
 
 
+# The PPO learner's entries that count something (continual MinAtar checks them too).
+LEARNER_INTS = (
+  "total_steps",
+  "num_envs",
+  "rollout_len",
+  "epochs",
+  "minibatches",
+  "episode_length",
+  "change_every",
+  "updates_per_point",
+  "points_per_chunk",
+)
+
+
 def validate_config(c: Mapping[str, Any]) -> None:
   """Raises ValueError naming the first inconsistent entry (the common entries
   are checked by the protocol)."""
   need = runner.require
-  runner.require_positive_ints(
-    c,
-    (
-      "total_steps",
-      "num_envs",
-      "rollout_len",
-      "epochs",
-      "minibatches",
-      "episode_length",
-      "change_every",
-      "updates_per_point",
-      "points_per_chunk",
-    ),
-  )
+  runner.require_positive_ints(c, LEARNER_INTS)
   lo, hi = c["friction_range"]
   need(0 < lo <= hi, f"friction_range must be 0 < low <= high, got {c['friction_range']}")
   validate_learner(c, HPARAMS)
