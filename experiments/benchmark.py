@@ -145,6 +145,15 @@ def nets() -> dict[str, Net]:
     init="kaiming",
     accumulate=False,
   )
+  # The continual-ImageNet ConvNet's CBP settings, for both convolutions.
+  conv_cbp = dict(
+    replacement_rate=3e-4,
+    maturity_threshold=100,
+    decay_rate=0.99,
+    utility="adaptable_contribution",
+    init="default",
+    count_basis="layer",
+  )
   mnist_cbp = dict(
     replacement_rate=1e-4,
     maturity_threshold=100,
@@ -179,14 +188,7 @@ def nets() -> dict[str, Net]:
       "xent",
       0.01,
       0.9,
-      dict(
-        replacement_rate=3e-4,
-        maturity_threshold=100,
-        decay_rate=0.99,
-        utility="adaptable_contribution",
-        init="default",
-        count_basis="layer",
-      ),
+      conv_cbp,
       True,
       20,
       4,
@@ -203,14 +205,7 @@ def nets() -> dict[str, Net]:
       "xent",
       0.01,
       0.9,
-      dict(
-        replacement_rate=3e-4,
-        maturity_threshold=100,
-        decay_rate=0.99,
-        utility="adaptable_contribution",
-        init="default",
-        count_basis="layer",
-      ),
+      conv_cbp,
       True,
       20,
       4,
