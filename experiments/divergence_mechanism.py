@@ -45,10 +45,6 @@ NEVER = np.iinfo(np.int32).max  # A cut after the last step: every reset enabled
 KICK_EVERY_RESET = -2  # perturb_at: every reset replaced by a random change of its size.
 
 
-def _norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
 def make_config(**overrides: Any) -> dict:
   """Permuted MNIST's reduced config (784-100x3-10, SGD at batch 1, CBP last in the chain)."""
   return permuted_mnist.make_config(permuted_mnist.REDUCED_OVERRIDES, **overrides)
@@ -119,7 +115,7 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
       # What the reset changed: the updates minus plain SGD's.
       plain, _ = sgd.update(grads, opt_state[0], params)
       delta = jax.tree.map(jnp.subtract, updates, plain)
-      change = _norm(delta)
+      change = optax.tree.norm(delta)
       flat = {
         "/".join(str(getattr(k, "key", k)) for k in path): d
         for path, d in jax.tree_util.tree_flatten_with_path(delta)[0]
@@ -130,7 +126,7 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
       keys = jax.random.split(jax.random.fold_in(perturb_key, t), len(leaves))
       noise = [jnp.where(d != 0, jax.random.normal(k, d.shape), 0.0) for k, d in zip(keys, leaves)]
       noise = jax.tree.unflatten(treedef, noise)
-      scale = change / jnp.maximum(_norm(noise), 1e-30)
+      scale = change / jnp.maximum(optax.tree.norm(noise), 1e-30)
       control = jax.tree.map(lambda p, n: p + scale * n, plain, noise)
       kick = (t == perturb_at) | ((perturb_at == KICK_EVERY_RESET) & (change > 0))
       updates = jax.tree.map(lambda u, ctl: jnp.where(kick, ctl, u), updates, control)
@@ -142,7 +138,7 @@ def make_run(config: Mapping[str, Any], data: Mapping[str, jax.Array], step_size
         "change": change,
         "bias_shift": bias_shift,
         "active": active.astype(jnp.float32),
-        "grad_norm": _norm(grads),
+        "grad_norm": optax.tree.norm(grads),
       }
       return (optax.apply_updates(params, updates), new_state), record
 
