@@ -50,7 +50,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   start = time.perf_counter()
-  config = scr.make_config({**DEMO, "seeds": args.seeds, "steps": args.steps})
+  try:
+    config = scr.make_config({**DEMO, "seeds": args.seeds, "steps": args.steps})
+  except ValueError as e:  # Refused before compiling: one line, as every experiment CLI.
+    return runner.cli_error(e)
   out = Path(args.out)
   print(
     f"Slowly-changing regression demo: {config['seeds']} seeds x {config['steps']:,} "

@@ -242,3 +242,13 @@ def test_cli_resume_after_sigkill_is_bit_for_bit(tmp_path):
   assert_resume_after_sigkill_is_bit_for_bit(
     [sys.executable, "-m", "experiments.slowly_changing_regression"] + args, tmp_path
   )
+
+
+def test_demo_refuses_bad_flags_in_one_line(tmp_path, capsys):
+  from experiments import demo
+
+  assert demo.main(["--steps", "20000", "--out", str(tmp_path / "demo")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: steps (20000) must be a multiple of bin_size")
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "demo").exists()  # Refused before any work.
