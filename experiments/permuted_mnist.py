@@ -757,25 +757,7 @@ EXPERIMENT = protocol.Experiment(
       type=runner.parse_floats,
       help="Adam step size(s), comma-separated",
     ),
-    protocol.flag(
-      "--cbp-rate", "hparams.cbp.replacement_rate", type=float, help="CBP replacement rate (default 1e-6)"
-    ),
-    protocol.flag(
-      "--cbp-maturity",
-      "hparams.cbp.maturity_threshold",
-      type=int,
-      help="CBP maturity threshold (default 100)",
-    ),
-    protocol.flag("--l2", "hparams.l2.weight_decay", type=float, help="L2 weight decay (default 1e-4)"),
-    protocol.flag(
-      "--snp-weight-decay",
-      "hparams.snp.weight_decay",
-      type=float,
-      help="S&P weight decay: shrink = 1 - lr * wd",
-    ),
-    protocol.flag(
-      "--snp-noise", "hparams.snp.noise_scale", type=float, help="S&P noise standard deviation (default 1e-5)"
-    ),
+    *protocol.method_flags("--cbp-rate", "--cbp-maturity", "--l2", "--snp-weight-decay", "--snp-noise"),
     protocol.flag(
       "--injection-task",
       "hparams.injection.at_task",

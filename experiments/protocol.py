@@ -217,6 +217,49 @@ def flag(name: str, key: str, methods: tuple[str, ...] | None = None, **kwargs: 
   return Flag(name, key, kwargs, methods)
 
 
+# The per-method flags that several experiments share; `method_flags` picks them
+# by name. Each flag's help gets the experiment's default appended (`Experiment.parser`).
+METHOD_FLAGS: dict[str, Flag] = {
+  f.name: f
+  for f in (
+    flag("--cbp-rate", "hparams.cbp.replacement_rate", type=float, help="CBP replacement rate"),
+    flag("--cbp-maturity", "hparams.cbp.maturity_threshold", type=int, help="CBP maturity threshold"),
+    flag("--l2", "hparams.l2.weight_decay", type=float, help="L2 weight decay"),
+    flag(
+      "--snp-weight-decay",
+      "hparams.snp.weight_decay",
+      type=float,
+      help="S&P weight decay: shrink = 1 - step_size * wd",
+    ),
+    flag("--snp-noise", "hparams.snp.noise_scale", type=float, help="S&P noise standard deviation"),
+  )
+}
+
+
+def method_flags(*names: str) -> tuple[Flag, ...]:
+  """The shared flags ``names`` (e.g. ``"--l2"``), from `METHOD_FLAGS`."""
+  unknown = [n for n in names if n not in METHOD_FLAGS]
+  if unknown:
+    raise ValueError(f"unknown method flags {unknown}; known: {sorted(METHOD_FLAGS)}")
+  return tuple(METHOD_FLAGS[n] for n in names)
+
+
+def _help_with_default(f: Flag, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """``f.kwargs`` with ``(default X)`` appended to the help of a one-method
+  hyperparameter flag, X read from ``defaults`` (so no help text restates it)."""
+  path = f.key.split(".")
+  help_text = f.kwargs.get("help", "")
+  if (
+    path[0] != "hparams" or path[1] == "*" or not help_text or "default" in help_text or "action" in f.kwargs
+  ):
+    return dict(f.kwargs)  # No help, a default said in words, or an on/off switch.
+  value = defaults.get("hparams", {}).get(path[1], {}).get(path[2])
+  if value is None:
+    return dict(f.kwargs)
+  shown = f"{value:g}" if isinstance(value, float) else str(value)
+  return {**f.kwargs, "help": f"{help_text} (default {shown})"}
+
+
 def _set_path(tree: dict, path: list[str], value: Any) -> None:
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
@@ -452,7 +495,7 @@ class Experiment:
     if self.load_data is not None:
       p.add_argument("--data-dir", help="root of the data sets (default $CBP_JAX_DATA_DIR or ../shared/data)")
     for f in self.flags:
-      p.add_argument(f.name, **f.kwargs)
+      p.add_argument(f.name, **_help_with_default(f, d))
     p.add_argument(
       "--set",
       action="append",

@@ -570,9 +570,7 @@ EXPERIMENT = protocol.Experiment(
     protocol.flag(
       "--step-size", "hparams.*.step_size", type=float, help="step size of every method (default 0.01)"
     ),
-    protocol.flag(
-      "--cbp-rate", "hparams.cbp.replacement_rate", type=float, help="CBP replacement rate (default 1e-4)"
-    ),
+    *protocol.method_flags("--cbp-rate"),
     protocol.flag(
       "--cbp-accumulate",
       "hparams.cbp.accumulate",
@@ -580,16 +578,7 @@ EXPERIMENT = protocol.Experiment(
       const=True,
       help="accumulate fractional replacements (default: probabilistic, as the reference)",
     ),
-    protocol.flag("--l2", "hparams.l2.weight_decay", type=float, help="L2 weight decay (default 1e-2)"),
-    protocol.flag(
-      "--snp-weight-decay",
-      "hparams.snp.weight_decay",
-      type=float,
-      help="S&P weight decay, shrink = 1 - lr * wd (default 1e-2)",
-    ),
-    protocol.flag(
-      "--snp-noise", "hparams.snp.noise_scale", type=float, help="S&P noise standard deviation (default 1e-4)"
-    ),
+    *protocol.method_flags("--l2", "--snp-weight-decay", "--snp-noise"),
   ),
   describe=lambda c, _: (
     f"slowly-changing regression: {c['seeds']} seeds x {c['steps']:,} "

@@ -150,6 +150,24 @@ def test_command_line_flags_set_and_sweep_the_config():
   assert exp.main(["--tasks", "0"]) == 2  # A bad config is a CLI error, before any work.
 
 
+def test_shared_method_flags_set_the_config_and_show_the_experiments_default():
+  exp, _ = _experiment(
+    flags=(
+      *protocol.method_flags("--cbp-rate"),
+      protocol.flag("--util", "hparams.cbp.utility", help="utility, default: contribution"),
+      protocol.flag("--lr", "hparams.*.step_size", type=float, help="every method's step size"),
+    )
+  )
+  c = exp.config_from_args(exp.parse_args(["--cbp-rate", "0.25"]))
+  assert c["hparams"]["cbp"]["replacement_rate"] == 0.25
+  helps = {a.dest: a.help for a in exp.parser()._actions}
+  assert helps["cbp_rate"] == "CBP replacement rate (default 0.001)"  # DEFAULTS' 1e-3, not the flag's text.
+  assert helps["util"] == "utility, default: contribution"  # A default said in words is kept as is.
+  assert helps["lr"] == "every method's step size"  # Several methods: no single default to show.
+  with pytest.raises(ValueError, match=r"unknown method flags \['--cbp-rat'\]"):
+    protocol.method_flags("--cbp-rat")
+
+
 def test_a_command_of_the_experiments_own_runs_instead_of_the_run(capsys):
   def add(p):
     p.add_argument("--hello", action="store_true")
