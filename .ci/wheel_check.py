@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".ci"))
@@ -39,6 +40,14 @@ def main(dist):
   if len(wheels) != 1:
     raise SystemExit(f"expected one cbp_jax wheel in {dist}, found {[w.name for w in wheels]}")
   wheel = wheels[0].resolve()
+  # The declared license ships as text, as Apache-2.0 requires of anyone who redistributes the package.
+  with zipfile.ZipFile(wheel) as z:
+    licenses = [n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+    if not licenses or z.read(licenses[0]) != (ROOT / "LICENSE").read_bytes():
+      raise SystemExit(f"{wheel.name} does not carry LICENSE as dist-info/licenses/LICENSE")
+    metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    if "License-Expression: Apache-2.0" not in metadata:
+      raise SystemExit(f"{wheel.name}: METADATA lacks License-Expression: Apache-2.0")
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   pins = floor_pins(project["dependencies"])
   with tempfile.TemporaryDirectory() as tmp:
